@@ -1,0 +1,98 @@
+"""Text conditioning and the VAE's latent space: the shared front and back ends of pipeline and training.
+
+Prompts longer than the tokenizer's window are encoded in chunks of that
+window (each wrapped in its own start/end tokens) and concatenated along the
+sequence, as long-prompt users of Stable Diffusion expect; tokenizers with no
+start token (T5) are truncated with a warning instead.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Sequence
+
+import torch
+
+
+def _window(tokenizer) -> int:
+    """Tokens per chunk, start and end tokens included (77 for CLIP)."""
+    return int(min(tokenizer.model_max_length, 4096))
+
+
+def _body_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt without special tokens."""
+    return tokenizer(list(prompts), add_special_tokens=False, truncation=False, verbose=False).input_ids
+
+
+def count_chunks(tokenizer, prompts: Sequence[str]) -> int:
+    """How many windows the longest prompt needs (at least one)."""
+    if tokenizer.bos_token_id is None:
+        return 1
+    per_chunk = _window(tokenizer) - 2
+    return max(1, *(math.ceil(len(ids) / per_chunk) for ids in _body_ids(tokenizer, prompts)))
+
+
+def tokenize_prompts(tokenizer, prompts: Sequence[str], num_chunks: Optional[int] = None) -> torch.Tensor:
+    """(B, num_chunks, window) token ids, each chunk `<start> … <end> <pad>…`; T5-style tokenizers give (B, 1, window)."""
+    window = _window(tokenizer)
+    if tokenizer.bos_token_id is None:
+        return _tokenize_truncating(tokenizer, prompts, window)
+    num_chunks = num_chunks or count_chunks(tokenizer, prompts)
+    per_chunk = window - 2
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    for ids in _body_ids(tokenizer, prompts):
+        if len(ids) > per_chunk * num_chunks:
+            warnings.warn(f"prompt of {len(ids)} tokens truncated to {per_chunk * num_chunks}", stacklevel=3)
+        chunks = []
+        for k in range(num_chunks):
+            body = ids[k * per_chunk : (k + 1) * per_chunk]
+            chunk = [tokenizer.bos_token_id, *body, tokenizer.eos_token_id]
+            chunks.append(chunk + [pad] * (window - len(chunk)))
+        rows.append(chunks)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _tokenize_truncating(tokenizer, prompts: Sequence[str], window: int) -> torch.Tensor:
+    full = _body_ids(tokenizer, prompts)
+    if any(len(ids) + 1 > window for ids in full):
+        warnings.warn(f"prompt longer than the tokenizer's {window} tokens was truncated", stacklevel=3)
+    ids = tokenizer(list(prompts), padding="max_length", max_length=window, truncation=True, return_tensors="pt")
+    return ids.input_ids[:, None, :]
+
+
+def encode_tokens(text_encoder, token_ids: torch.Tensor) -> torch.Tensor:
+    """(B, K, L) ids -> (B, K·L, D) last hidden states; all chunks go through the encoder as one batch."""
+    batch, chunks, length = token_ids.shape
+    flat = token_ids.reshape(batch * chunks, length).to(text_encoder.device)
+    hidden = text_encoder(flat)[0]  # (B·K, L, D)
+    return hidden.reshape(batch, chunks * length, hidden.shape[-1])
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], num_chunks: Optional[int] = None) -> torch.Tensor:
+    """Prompts -> (B, K·L, D) conditioning for the UNet's cross-attention."""
+    return encode_tokens(text_encoder, tokenize_prompts(tokenizer, prompts, num_chunks))
+
+
+def latent_scale(vae) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) of the VAE's config: z_unet = (z_vae − shift) · scale (no magic 0.18215)."""
+    return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent cell along a side: 2^(number of down blocks − 1)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def encode_images(vae, pixels: torch.Tensor, generator: Optional[torch.Generator] = None, sample: bool = True) -> torch.Tensor:
+    """(B, 3, H, W) pixels in [-1, 1] -> (B, C, H/f, W/f) scaled latents, sampled from the posterior or its mean."""
+    scale, shift = latent_scale(vae)
+    dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    z = dist.sample(generator) if sample else dist.mean
+    return (z - shift) * scale
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) scaled latents -> (B, 3, h·f, w·f) pixels in [-1, 1] (not clamped)."""
+    scale, shift = latent_scale(vae)
+    return vae.decode(latents.to(vae.dtype) / scale + shift).sample

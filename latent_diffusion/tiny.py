@@ -1,0 +1,81 @@
+"""Tiny Stable-Diffusion components built from config, for tests, benchmarks and examples.
+
+Everything here is random-initialised and offline: a UNet of a few thousand
+parameters runs a whole sampling loop in well under a second on a CPU.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .text import train_clip_tokenizer
+
+TINY_CORPUS = (
+    "a red circle above a blue square",
+    "an orange triangle on the left on a gray background",
+    "a small green square at the top",
+    "a large purple circle in the center on a white background",
+    "a yellow triangle to the right of a red circle",
+    "a blue square below a green triangle on a black background",
+    "a cat on a sofa",
+)
+
+
+def tiny_unet_config(cross_attention_dim: int = 32, sample_size: int = 16) -> dict[str, Any]:
+    return dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+
+
+def tiny_components(seed: int = 0, prediction_type: str = "epsilon", scheduler: str = "ddim") -> dict[str, Any]:
+    """unet, vae, text_encoder, tokenizer and scheduler of a tiny SD model (VAE factor 2, 32×32 images)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = train_clip_tokenizer(TINY_CORPUS * 4, vocab_size=120)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_unet_config())
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    scheduler_cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "pndm": PNDMScheduler}[scheduler]
+    # from_config drops the keys a scheduler class does not take, as an SD folder's config does.
+    sched = scheduler_cls.from_config(dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    ))
+    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, scheduler=sched)
