@@ -1,0 +1,4 @@
+"""The text-to-image pipeline, built on the `latent_diffusion` library."""
+from .text2img import LatentDiffusionPipeline, LatentDiffusionPipelineOutput
+
+__all__ = ["LatentDiffusionPipeline", "LatentDiffusionPipelineOutput"]

@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny Stable Diffusion folders built from config, offline."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+def save_sd_folder(path, prediction_type="epsilon", scheduler="pndm"):
+    """A diffusers StableDiffusionPipeline folder of tiny components, as a real SD checkpoint is laid out."""
+    from diffusers import StableDiffusionPipeline
+
+    from latent_diffusion.tiny import tiny_components
+
+    components = tiny_components(prediction_type=prediction_type, scheduler=scheduler)
+    pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory):
+    return save_sd_folder(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def sd_folder_v(tmp_path_factory):
+    return save_sd_folder(tmp_path_factory.mktemp("tiny-sd-v"), prediction_type="v_prediction")

@@ -1,0 +1,39 @@
+"""The `latent-diffusion generate` command: files, metadata, seeds, errors."""
+import json
+
+import numpy as np
+from PIL import Image
+
+from latent_diffusion.cli import main
+
+
+def run_generate(folder, out, *extra):
+    return main(["generate", "a red circle above a blue square", "-o", str(out), "--model", str(folder),
+                 "--steps", "3", "--quiet", *extra])
+
+
+def test_generate_writes_png_with_metadata(sd_folder, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    assert run_generate(sd_folder, out, "--seed", "7", "--sampler", "ddim", "--guidance", "4") == 0
+    assert str(out) in capsys.readouterr().out
+    image = Image.open(out)
+    assert image.size == (32, 32)
+    meta = image.text
+    assert meta["prompt"] == "a red circle above a blue square"
+    assert (meta["seed"], meta["sampler"], meta["steps"], meta["guidance"]) == ("7", "ddim", "3", "4.0")
+    assert (meta["height"], meta["width"]) == ("32", "32")
+    assert meta["model"] == str(sd_folder) and meta["negative_prompt"] == ""
+    assert {"torch", "diffusers", "transformers", "latent_diffusion"} <= set(json.loads(meta["versions"]))
+
+
+def test_image_k_of_a_batch_reproduces_with_seed_plus_k(sd_folder, tmp_path):
+    assert run_generate(sd_folder, tmp_path / "batch.png", "--seed", "10", "--n", "2") == 0
+    assert run_generate(sd_folder, tmp_path / "single.png", "--seed", "11") == 0
+    second = np.asarray(Image.open(tmp_path / "batch-1.png"))
+    assert Image.open(tmp_path / "batch-1.png").text["seed"] == "11"
+    assert np.array_equal(second, np.asarray(Image.open(tmp_path / "single.png")))
+
+
+def test_bad_size_is_a_clear_error(sd_folder, tmp_path, capsys):
+    assert run_generate(sd_folder, tmp_path / "x.png", "--height", "30") == 2
+    assert "height" in capsys.readouterr().err

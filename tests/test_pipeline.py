@@ -1,0 +1,196 @@
+"""LatentDiffusionPipeline: interop with diffusers, reproducibility, outputs and input checks."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+)
+
+from latent_diffusion import LatentDiffusionPipeline
+
+DIFFUSERS_SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
+PROMPTS = ["a red circle above a blue square", "a cat on a sofa"]
+
+
+def load_ours(folder):
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_theirs(folder, sampler):
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DIFFUSERS_SCHEDULERS[sampler].from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, seed=0, **kwargs):
+    kwargs = {"num_inference_steps": 8, "guidance_scale": 7.5, "output_type": "np", **kwargs}
+    return pipe(kwargs.pop("prompt", PROMPTS[0]), generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+def test_matches_diffusers_stable_diffusion(sd_folder, sampler):
+    ours, theirs = load_ours(sd_folder), load_theirs(sd_folder, sampler)
+    kwargs = dict(prompt=PROMPTS, negative_prompt=["", "blurry"], num_images_per_prompt=2)
+    a = generate(ours, sampler=sampler, **kwargs)
+    b = generate(theirs, **kwargs)
+    assert a.shape == b.shape == (4, 32, 32, 3)
+    assert np.abs(a - b).max() <= 1 / 255
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+def test_matches_diffusers_v_prediction_with_rescale(sd_folder_v, sampler):
+    ours, theirs = load_ours(sd_folder_v), load_theirs(sd_folder_v, sampler)
+    a = generate(ours, sampler=sampler, guidance_rescale=0.7)
+    b = generate(theirs, guidance_rescale=0.7)
+    assert np.abs(a - b).max() <= 1 / 255
+
+
+def test_ddim_eta_matches_diffusers(sd_folder):
+    ours, theirs = load_ours(sd_folder), load_theirs(sd_folder, "ddim")
+    assert np.abs(generate(ours, sampler="ddim", eta=0.5) - generate(theirs, eta=0.5)).max() <= 1 / 255
+
+
+def test_saved_folder_loads_in_diffusers(sd_folder, tmp_path):
+    ours = load_ours(sd_folder)
+    ours.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    for loader in (StableDiffusionPipeline, DiffusionPipeline):
+        theirs = loader.from_pretrained(tmp_path)
+        assert isinstance(theirs, StableDiffusionPipeline)
+    theirs.scheduler = DDIMScheduler.from_config(theirs.scheduler.config)
+    theirs.set_progress_bar_config(disable=True)
+    assert np.abs(generate(ours, sampler="ddim") - generate(theirs)).max() <= 1 / 255
+    again = load_ours(tmp_path)
+    assert again.generation_defaults == ours.generation_defaults
+
+
+def test_seed_reproduces_exactly(sd_folder):
+    pipe = load_ours(sd_folder)
+    first, second = generate(pipe, seed=3), generate(pipe, seed=3)
+    assert np.array_equal(first, second)
+    assert not np.array_equal(first, generate(pipe, seed=4))
+
+
+def test_list_of_generators_gives_each_image_its_own_seed(sd_folder):
+    pipe = load_ours(sd_folder)
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    pair = pipe([PROMPTS[0]] * 2, num_inference_steps=4, generator=gens, output_type="np").images
+    single = generate(pipe, seed=6, num_inference_steps=4)
+    assert np.abs(pair[1] - single[0]).max() < 1e-5
+
+
+def test_output_types(sd_folder):
+    pipe = load_ours(sd_folder)
+    kw = dict(num_inference_steps=2)
+    assert generate(pipe, output_type="pil", **kw)[0].size == (32, 32)
+    assert generate(pipe, output_type="pt", **kw).shape == (1, 3, 32, 32)
+    assert generate(pipe, output_type="latent", **kw).shape == (1, 4, 16, 16)
+    images = generate(pipe, height=48, width=64, **kw)
+    assert images.shape == (1, 48, 64, 3) and images.min() >= 0 and images.max() <= 1
+
+
+def test_guidance_one_runs_conditional_branch_only(sd_folder):
+    pipe = load_ours(sd_folder)
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        generate(pipe, guidance_scale=1.0, num_inference_steps=3)
+        generate(pipe, guidance_scale=3.0, num_inference_steps=3)
+    finally:
+        hook.remove()
+    assert calls == [1, 1, 1, 2, 2, 2]
+
+
+def test_callback_sees_every_step_and_can_replace_latents(sd_folder):
+    pipe = load_ours(sd_folder)
+    seen = []
+
+    def callback(p, i, t, kwargs):
+        seen.append((i, int(t)))
+        return {"latents": torch.zeros_like(kwargs["latents"])} if i == 4 else {}
+
+    zeroed = generate(pipe, num_inference_steps=5, sampler="ddim", callback_on_step_end=callback, output_type="latent")
+    assert [i for i, _ in seen] == [0, 1, 2, 3, 4]
+    assert torch.count_nonzero(zeroed) == 0
+
+
+def test_progress_bar_shows_and_can_be_disabled(sd_folder, capfd):
+    pipe = LatentDiffusionPipeline.from_pretrained(sd_folder)
+    generate(pipe, num_inference_steps=3)
+    assert "3/3" in capfd.readouterr().err
+    pipe.set_progress_bar_config(disable=True)
+    generate(pipe, num_inference_steps=3)
+    assert "3/3" not in capfd.readouterr().err
+
+
+def test_long_prompt_is_encoded_in_chunks(sd_folder):
+    pipe = load_ours(sd_folder)
+    long_prompt = " ".join(["a red circle above a blue square on a gray background"] * 12)
+    embeds = pipe.encode_prompt([long_prompt], [""])
+    assert embeds.shape[1] == 2 * 77  # both halves padded to the longer prompt's chunk count
+    images = generate(pipe, prompt=long_prompt, num_inference_steps=2)
+    assert np.isfinite(images).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        (dict(height=30), "height"),
+        (dict(width=8), "width"),
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(guidance_scale=-1.0), "guidance_scale"),
+        (dict(sampler="euler"), "sampler"),
+        (dict(output_type="jpeg"), "output_type"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+        (dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), "negative_prompt"),
+        (dict(prompt=[]), "prompt"),
+        (dict(latents=torch.zeros(1, 4, 8, 8)), "latents"),
+    ],
+)
+def test_bad_input_names_the_argument(sd_folder, kwargs, argument):
+    pipe = load_ours(sd_folder)
+    with pytest.raises(ValueError, match=argument):
+        generate(pipe, **kwargs)
+
+
+def test_folder_missing_a_component_is_named(sd_folder, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(sd_folder, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(ValueError, match="vae"):
+        LatentDiffusionPipeline.from_pretrained(broken)
+
+
+def test_t5_text_encoder_folder(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    from latent_diffusion.tiny import tiny_components
+
+    words = sorted({w for p in PROMPTS for w in p.split()})
+    tok = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}},
+                                     unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                        model_max_length=16)
+    torch.manual_seed(0)
+    encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                      num_heads=4, pad_token_id=0, eos_token_id=1))
+    parts = {k: v for k, v in tiny_components().items() if k in ("unet", "vae", "scheduler")}
+    LatentDiffusionPipeline(text_encoder=encoder, tokenizer=tokenizer, **parts).save_pretrained(tmp_path)
+    pipe = load_ours(tmp_path)
+    assert type(pipe.text_encoder).__name__ == "T5EncoderModel"
+    with pytest.warns(UserWarning, match="truncated"):
+        images = generate(pipe, prompt=" ".join(["a cat on a sofa"] * 8), num_inference_steps=2)
+    assert images.shape == (1, 32, 32, 3)
