@@ -74,8 +74,20 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                     "text-to-image folder holds model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
                 )
         pipe = super().from_pretrained(path, **kwargs)
+        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+            pipe.upcast_half_components()
         pipe.generation_defaults.update(_read_generation_config(local))
         return pipe
+
+    def upcast_half_components(self) -> None:
+        """Bring fp16/bf16-stored weights to float32 (the default dtype unless the caller asks for another).
+
+        diffusers upcasts its models on load but transformers keeps a checkpoint's own dtype, so a
+        half-precision folder would otherwise run with a float16 text encoder on the CPU.
+        """
+        for module in (self.unet, self.vae, self.text_encoder):
+            if module.dtype in (torch.float16, torch.bfloat16):
+                module.to(torch.float32)
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs):
         """Save as a standard StableDiffusionPipeline folder (loadable by diffusers), plus our generation defaults."""

@@ -147,7 +147,7 @@ def test_long_prompt_is_encoded_in_chunks(sd_folder):
     "kwargs, argument",
     [
         (dict(height=30), "height"),
-        (dict(width=8), "width"),
+        (dict(width=10), "width"),
         (dict(num_inference_steps=0), "num_inference_steps"),
         (dict(guidance_scale=-1.0), "guidance_scale"),
         (dict(sampler="euler"), "sampler"),

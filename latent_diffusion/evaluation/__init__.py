@@ -1,0 +1,45 @@
+"""Evaluation measures: FID (and FD-CLIP), CLIP score, and speed / peak memory.
+
+    frechet      d² = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^{1/2}), stable, float64
+    inception    the FID Inception-v3 in plain torch; weights from a local file only
+    fid          FID / FD-CLIP between generated and reference images (folders, arrays, or saved statistics)
+    clip_score   CLIP-S = 100 · max(cos(E_I, E_C), 0), averaged
+    resources    median seconds per call and peak memory
+    images       the image inputs every measure accepts
+
+transformers is imported only when a CLIP model is loaded.
+"""
+from .clip_score import CLIPImageEmbedder, CLIPScorer, clip_score
+from .fid import (
+    compute_fd_clip,
+    compute_fid,
+    fd_clip_extractor,
+    image_features,
+    load_reference_statistics,
+    measure_name,
+    save_reference_statistics,
+)
+from .frechet import feature_statistics, frechet_distance
+from .inception import WEIGHTS_ENV_VAR, FIDInception, FIDWeightsNotFoundError, load_fid_inception
+from .resources import Measurement, measure
+
+__all__ = [
+    "CLIPImageEmbedder",
+    "CLIPScorer",
+    "FIDInception",
+    "FIDWeightsNotFoundError",
+    "Measurement",
+    "WEIGHTS_ENV_VAR",
+    "clip_score",
+    "compute_fd_clip",
+    "compute_fid",
+    "fd_clip_extractor",
+    "feature_statistics",
+    "frechet_distance",
+    "image_features",
+    "load_fid_inception",
+    "load_reference_statistics",
+    "measure",
+    "measure_name",
+    "save_reference_statistics",
+]
