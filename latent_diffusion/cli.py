@@ -15,7 +15,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latent-diffusion", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate(commands)
+    _add_shapes_export(commands)
     return parser
+
+
+def _add_shapes_export(commands) -> None:
+    p = commands.add_parser("shapes-export", help="write N captioned Shapes images as an imagefolder (metadata.jsonl)")
+    p.add_argument("out_dir")
+    p.add_argument("--n", type=int, default=1000, help="number of (image, caption) pairs")
+    p.add_argument("--size", type=int, default=64, help="canvas side: a multiple of 8 from 32 to 512")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="train", help="train (no held-out pairs), heldout or all")
+    p.add_argument("--full-captions", action="store_true", help="keep every optional caption part")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in out_dir")
+    p.set_defaults(run=run_shapes_export)
+
+
+def run_shapes_export(args: argparse.Namespace) -> list[Path]:
+    from latent_diffusion.shapes import export_imagefolder
+
+    folder = export_imagefolder(args.out_dir, args.n, size=args.size, seed=args.seed, split=args.split,
+                                drop_optional=not args.full_captions, overwrite=args.overwrite)
+    return [folder]
 
 
 def _add_generate(commands) -> None:
@@ -77,7 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         written = args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"latent-diffusion {args.command}: error: {error}", file=sys.stderr)
         return 2
     for path in written or []:

@@ -189,5 +189,6 @@ class CaptionImageDataset(torch.utils.data.Dataset):
         image = decode_image(row[self.image_column])
         if image is None:
             raise ValueError(f"image {index} of the dataset could not be read")
+        pixels = self.transform(image, generator)  # draws crop, flip, then the caption: as `CachedSamples` does
         caption = pick_caption(caption_variants(row[self.caption_column]), generator, self.caption_dropout)
-        return {"pixels": self.transform(image, generator), "caption": caption, "index": int(index)}
+        return {"pixels": pixels, "caption": caption, "index": int(index)}

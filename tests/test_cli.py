@@ -37,3 +37,14 @@ def test_image_k_of_a_batch_reproduces_with_seed_plus_k(sd_folder, tmp_path):
 def test_bad_size_is_a_clear_error(sd_folder, tmp_path, capsys):
     assert run_generate(sd_folder, tmp_path / "x.png", "--height", "30") == 2
     assert "height" in capsys.readouterr().err
+
+
+def test_shapes_export_writes_an_imagefolder(tmp_path):
+    import datasets
+
+    out = tmp_path / "shapes"
+    assert main(["shapes-export", str(out), "--n", "6", "--size", "32", "--seed", "3"]) == 0
+    ds = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
+    assert len(ds) == 6 and ds[0]["image"].size == (32, 32) and ds[0]["text"].startswith("a")
+    assert main(["shapes-export", str(out), "--n", "2"]) == 2  # refuses to overwrite without --overwrite
+    assert main(["shapes-export", str(tmp_path / "bad"), "--size", "30"]) == 2

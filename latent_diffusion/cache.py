@@ -1,0 +1,282 @@
+"""A cache of VAE latents and text embeddings: encode a caption dataset once, train from tensors after.
+
+Layout of one cache, `cache_dir/<key>/`:
+
+    shard-00000-of-00002.safetensors   one per process that built it:
+        indices        (n,)             dataset rows it holds (readable images only)
+        unreadable     (u,)             dataset rows whose image could not be read
+        latent_mean    (n, 2, C, h, w)  scaled posterior mean of the VAE, [unflipped, flipped]
+        latent_std     (n, 2, C, h, w)  scaled posterior std, so every step draws a fresh z like the on-the-fly path
+        text_embeds    (m, L, D)        every caption variant of those rows, in row order
+        caption_counts (n,)             variants per row
+    empty.safetensors                   embedding of the empty caption (L, D), for caption dropout
+    manifest.json                       written last: the cache is complete when it exists
+
+The key hashes the VAE and text-encoder weights, the tokenizer, the
+resolution, the crop mode and the dataset fingerprint, so a change to any of
+them selects a fresh folder and the cache is rebuilt. Images are cropped
+once: centred with `center_crop`, else at a fixed random offset per image.
+
+Sharding takes plain `rank`, `world_size` and a `barrier` callable; the
+library does not know about accelerate.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .conditioning import encode_prompts, latent_scale
+from .data import ImageTransform, caption_variants, decode_image, draw_flip, pick_caption_index, sample_generator
+
+CACHE_FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+def fingerprint_module(module: torch.nn.Module) -> str:
+    """sha256 of a module's state: names, dtypes, shapes and bytes of every tensor."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def fingerprint_tokenizer(tokenizer) -> str:
+    """sha256 of a tokenizer's class, vocabulary and window."""
+    payload = json.dumps(
+        [type(tokenizer).__name__, tokenizer.model_max_length, sorted(tokenizer.get_vocab().items())]
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def cache_key(vae, text_encoder, tokenizer, *, resolution: int, center_crop: bool, dataset_fingerprint: str,
+              image_column: str = "image", caption_column: str = "text") -> str:
+    """A short hex key naming everything the cached tensors depend on."""
+    parts = dict(
+        format=CACHE_FORMAT,
+        vae=fingerprint_module(vae),
+        text_encoder=fingerprint_module(text_encoder),
+        tokenizer=fingerprint_tokenizer(tokenizer),
+        resolution=int(resolution),
+        center_crop=bool(center_crop),
+        dataset=str(dataset_fingerprint),
+        columns=[image_column, caption_column],
+    )
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+@torch.no_grad()
+def encode_latent_moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, H, W) pixels -> scaled posterior (mean, std), each (B, C, H/f, W/f): z = mean + std · ε."""
+    scale, shift = latent_scale(vae)
+    dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return (dist.mean - shift) * scale, dist.std * scale
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """z ~ N(mean, std²) reparameterised: z = mean + std · ε (the VAE posterior, already scaled)."""
+    return mean + std * noise
+
+
+@torch.no_grad()
+def encode_captions(tokenizer, text_encoder, captions: Sequence[str]) -> torch.Tensor:
+    """Captions -> (B, L, D) embeddings of one tokenizer window (longer captions are truncated with a warning)."""
+    return encode_prompts(tokenizer, text_encoder, list(captions), num_chunks=1)
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+@dataclass
+class LatentCache:
+    """Cached tensors of every readable row, in row order of `indices`."""
+
+    indices: torch.Tensor  # (N,) dataset rows
+    unreadable: torch.Tensor  # (U,) dataset rows skipped
+    latent_mean: torch.Tensor  # (N, 2, C, h, w)
+    latent_std: torch.Tensor  # (N, 2, C, h, w)
+    text_embeds: torch.Tensor  # (M, L, D)
+    caption_offsets: torch.Tensor  # (N + 1,) row i's variants are text_embeds[offsets[i]:offsets[i+1]]
+    empty_embed: torch.Tensor  # (L, D)
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+
+def build_or_load_cache(
+    cache_dir: str,
+    key: str,
+    dataset,
+    *,
+    vae,
+    text_encoder,
+    tokenizer,
+    transform: ImageTransform,
+    image_column: str,
+    caption_column: str,
+    batch_size: int = 16,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+    progress: Optional[Callable[[int], Any]] = None,
+) -> tuple[LatentCache, bool]:
+    """(cache, hit): load `cache_dir/key`, or build it first with each rank encoding rows rank::world_size.
+
+    Every rank must call this (it holds barriers). `progress(n)` is called as rows are encoded.
+    """
+    folder = os.path.join(cache_dir, key)
+    hit = os.path.exists(os.path.join(folder, MANIFEST))
+    if not hit:
+        os.makedirs(folder, exist_ok=True)
+        shard = f"shard-{rank:05d}-of-{world_size:05d}.safetensors"
+        rows = range(rank, len(dataset), world_size)
+        tensors = _encode_rows(dataset, rows, vae, text_encoder, tokenizer, transform, image_column,
+                               caption_column, batch_size, progress)
+        _save_atomic(tensors, os.path.join(folder, shard))
+        if rank == 0:
+            empty = encode_captions(tokenizer, text_encoder, [""])[0].cpu()
+            _save_atomic({"empty_embed": empty.contiguous()}, os.path.join(folder, "empty.safetensors"))
+        barrier()
+        if rank == 0:
+            shards = [f"shard-{r:05d}-of-{world_size:05d}.safetensors" for r in range(world_size)]
+            manifest = dict(format=CACHE_FORMAT, key=key, rows=len(dataset), shards=shards)
+            _write_text_atomic(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=2))
+        barrier()
+    return load_cache(folder), hit
+
+
+def load_cache(folder: str) -> LatentCache:
+    """Read a complete cache folder (any shard count) into one `LatentCache`, rows sorted by dataset index."""
+    with open(os.path.join(folder, MANIFEST)) as f:
+        manifest = json.load(f)
+    shards = [load_file(os.path.join(folder, name)) for name in manifest["shards"]]
+    indices = torch.cat([s["indices"] for s in shards])
+    order = torch.argsort(indices)
+    counts = torch.cat([s["caption_counts"] for s in shards])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # offsets in concatenated order
+    embeds = torch.cat([s["text_embeds"] for s in shards])
+    text_embeds = torch.cat([embeds[starts[i]:starts[i + 1]] for i in order.tolist()]) if len(order) else embeds
+    return LatentCache(
+        indices=indices[order],
+        unreadable=torch.sort(torch.cat([s["unreadable"] for s in shards])).values,
+        latent_mean=torch.cat([s["latent_mean"] for s in shards])[order],
+        latent_std=torch.cat([s["latent_std"] for s in shards])[order],
+        text_embeds=text_embeds,
+        caption_offsets=torch.cat([torch.zeros(1, dtype=torch.long), counts[order].cumsum(0)]),
+        empty_embed=load_file(os.path.join(folder, "empty.safetensors"))["empty_embed"],
+    )
+
+
+def _encode_rows(dataset, rows, vae, text_encoder, tokenizer, transform, image_column, caption_column,
+                 batch_size, progress) -> dict[str, torch.Tensor]:
+    fixed_crop = ImageTransform(transform.resolution, transform.center_crop, random_flip=False)
+    kept, unreadable, means, stds, embeds, counts = [], [], [], [], [], []
+    rows = list(rows)
+    for start in range(0, len(rows), batch_size):
+        pixels, captions = [], []
+        for index in rows[start:start + batch_size]:
+            row = dataset[index]
+            image = decode_image(row[image_column])
+            if image is None:
+                unreadable.append(index)
+                continue
+            variants = caption_variants(row[caption_column])
+            pixels.append(fixed_crop(image, sample_generator(0, index, epoch=-1)))  # one crop per image
+            captions.extend(variants)
+            counts.append(len(variants))
+            kept.append(index)
+        if pixels:
+            batch = torch.stack(pixels)  # (b, 3, H, W)
+            mean, std = encode_latent_moments(vae, torch.cat([batch, batch.flip(-1)]))  # (2b, C, h, w)
+            means.append(torch.stack(mean.float().cpu().chunk(2), dim=1))  # (b, 2, C, h, w)
+            stds.append(torch.stack(std.float().cpu().chunk(2), dim=1))
+            embeds.append(encode_captions(tokenizer, text_encoder, captions).cpu())
+        if progress is not None:
+            progress(len(rows[start:start + batch_size]))
+    if not kept:  # an empty shard still has the right trailing shapes
+        means = stds = [_empty_latents(vae, transform.resolution)]
+        embeds = [encode_captions(tokenizer, text_encoder, [""]).cpu()[:0]]
+    return {
+        "indices": torch.tensor(kept, dtype=torch.long),
+        "unreadable": torch.tensor(unreadable, dtype=torch.long),
+        "latent_mean": torch.cat(means).contiguous(),
+        "latent_std": torch.cat(stds).contiguous(),
+        "text_embeds": torch.cat(embeds).contiguous(),
+        "caption_counts": torch.tensor(counts, dtype=torch.long),
+    }
+
+
+def _empty_latents(vae, resolution: int) -> torch.Tensor:
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return torch.zeros(0, 2, vae.config.latent_channels, resolution // factor, resolution // factor)
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp)
+    os.replace(tmp, path)
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- training samples
+
+
+class CachedSamples(torch.utils.data.Dataset):
+    """Training samples from a cache: items (dataset index, epoch) -> latent moments and a text embedding.
+
+    Per sample, a generator seeded by (seed, epoch, index) draws the flip and
+    the caption variant (or the empty caption, with probability `caption_dropout`).
+    `__getitems__` gathers a whole batch at once, so use it with `collate_fn=identity`.
+    """
+
+    def __init__(self, cache: LatentCache, random_flip: bool = False, caption_dropout: float = 0.0, seed: int = 0):
+        self.cache, self.random_flip, self.caption_dropout, self.seed = cache, random_flip, caption_dropout, seed
+        self.row_of = {int(index): row for row, index in enumerate(cache.indices.tolist())}
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, item):
+        return self.__getitems__([item])
+
+    def __getitems__(self, items) -> dict[str, torch.Tensor]:
+        rows, sides, embeds = [], [], []
+        for index, epoch in items:
+            row = self.row_of[int(index)]
+            generator = sample_generator(self.seed, index, epoch)
+            sides.append(int(draw_flip(generator, self.random_flip)))
+            first, last = self.cache.caption_offsets[row : row + 2].tolist()
+            choice = pick_caption_index(last - first, generator, self.caption_dropout)
+            embeds.append(self.cache.empty_embed if choice is None else self.cache.text_embeds[first + choice])
+            rows.append(row)
+        rows_t, sides_t = torch.tensor(rows), torch.tensor(sides)
+        return {
+            "latent_mean": self.cache.latent_mean[rows_t, sides_t],  # (B, C, h, w)
+            "latent_std": self.cache.latent_std[rows_t, sides_t],
+            "text_embeds": torch.stack(embeds),  # (B, L, D)
+            "index": torch.tensor([int(i) for i, _ in items]),
+        }
+
+
+def identity(batch):
+    """collate_fn for datasets whose `__getitems__` already returns a batch."""
+    return batch

@@ -1,0 +1,136 @@
+"""Command-line flags of train_text2img.py (names follow diffusers' train_text_to_image.py where the feature is the same)."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional, Sequence
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train (or fine-tune) the UNet of a latent text-to-image model.")
+    add = p.add_argument
+
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="diffusers folder or Hub id with unet, vae, text_encoder, tokenizer and scheduler")
+    g.add_argument("--unet_config", default=None,
+                   help="JSON file of a UNet2DConditionModel config: train this UNet from scratch instead")
+    g.add_argument("--revision", default=None, help="Hub revision of the pretrained model")
+    g.add_argument("--variant", default=None, help="weights variant of the pretrained model, e.g. fp16")
+    g.add_argument("--prediction_type", default=None, choices=("epsilon", "v_prediction", "sample"),
+                   help="what the UNet learns to predict; default: the scheduler's. Saved into the output scheduler")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_name", default=None, help="Hub dataset id or a local path load_dataset understands")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--train_data_dir", default=None, help="imagefolder with images and a metadata.jsonl of captions")
+    g.add_argument("--image_column", default="image")
+    g.add_argument("--caption_column", default="text", help="a caption, or a list of captions (one is drawn per step)")
+    g.add_argument("--max_train_samples", type=int, default=None)
+    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--center_crop", action="store_true", help="centre crop (default: random crop)")
+    g.add_argument("--random_flip", action="store_true", help="flip images horizontally at random")
+    g.add_argument("--caption_dropout", type=float, default=0.0,
+                   help="probability of training on the empty caption (for classifier-free guidance)")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--no_cache", action="store_true", help="encode images and captions every step (no latent cache)")
+    g.add_argument("--cache_dir", default=None,
+                   help="where the latent/embedding cache lives (default: OUTPUT_DIR/latent_cache); "
+                        "also passed to datasets as its cache folder")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=16, help="per process")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
+    g.add_argument("--num_train_epochs", type=int, default=100)
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--scale_lr", action="store_true",
+                   help="multiply the learning rate by processes × batch size × accumulation steps")
+    g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
+    g.add_argument("--lr_warmup_steps", type=int, default=500)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (needs bitsandbytes)")
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--snr_gamma", type=float, default=None, help="min-SNR-γ loss weighting; 5.0 is usual")
+    g.add_argument("--noise_offset", type=float, default=0.0, help="scale of per-channel offset noise")
+    g.add_argument("--use_ema", action="store_true", help="keep an EMA of the UNet; the saved pipeline holds it")
+    g.add_argument("--ema_decay", type=float, default=0.9999)
+    g.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
+                   help="default: accelerate's config or launch flag")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("checkpoints, logging, validation, output")
+    g.add_argument("--output_dir", default="sd-model-finetuned")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder')
+    g.add_argument("--logging_dir", default="logs", help="tracker folder, relative to --output_dir")
+    g.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none"')
+    g.add_argument("--tracker_project_name", default="text2image-fine-tune")
+    g.add_argument("--validation_prompts", nargs="+", default=None)
+    g.add_argument("--validation_steps", type=int, default=500)
+    g.add_argument("--validation_metrics", nargs="*", default=[],
+                   help="names of registered validation metrics (training.validation.VALIDATION_METRICS)")
+    g.add_argument("--num_validation_inference_steps", type=int, default=25)
+    g.add_argument("--validation_guidance_scale", type=float, default=7.5)
+    g.add_argument("--sample_index_log", default=None,
+                   help="append each step's dataset indices per rank to this file (rank number appended)")
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--push_checkpoints_to_hub", action="store_true", help="also upload each checkpoint's weights")
+    g.add_argument("--hub_model_id", default=None)
+    g.add_argument("--hub_token", default=None)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse and check the flags; a bad value ends with argparse's error naming the flag."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problems = check_args(args)
+    if problems:
+        parser.error("; ".join(problems))
+    return args
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """Every problem found in the flags, each naming its flag (checks that need no model or data)."""
+    problems = []
+    if (args.dataset_name is None) == (args.train_data_dir is None):
+        problems.append("give exactly one of --dataset_name or --train_data_dir")
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        problems.append(f"--train_data_dir {args.train_data_dir!r} is not a folder")
+    if args.unet_config is not None and not os.path.isfile(args.unet_config):
+        problems.append(f"--unet_config {args.unet_config!r} is not a file")
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "resolution", "checkpointing_steps",
+                 "validation_steps", "num_train_epochs", "num_validation_inference_steps"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            problems.append(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not 0.0 <= args.caption_dropout <= 1.0:
+        problems.append(f"--caption_dropout must be in [0, 1], got {args.caption_dropout}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        problems.append(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        problems.append(f"--snr_gamma must be > 0, got {args.snr_gamma}")
+    if args.lr_warmup_steps < 0 or args.dataloader_num_workers < 0 or args.noise_offset < 0:
+        problems.append("--lr_warmup_steps, --dataloader_num_workers and --noise_offset must be >= 0")
+    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
+        problems.append(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist "
+                        "(give a checkpoint folder or 'latest')")
+    if (args.push_to_hub or args.push_checkpoints_to_hub) and not args.hub_model_id:
+        problems.append("--push_to_hub and --push_checkpoints_to_hub need --hub_model_id")
+    from .validation import VALIDATION_METRICS
+
+    for name in args.validation_metrics:
+        if name not in VALIDATION_METRICS:
+            problems.append(f"--validation_metrics: unknown metric {name!r}; registered: {sorted(VALIDATION_METRICS)}")
+    return problems

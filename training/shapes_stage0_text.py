@@ -1,0 +1,359 @@
+"""Stage 0 of the Shapes recipe: a tokenizer and a small CLIP text encoder, trained contrastively on Shapes.
+
+    python training/shapes_stage0_text.py --output_dir /work/runs/shapes/stage0 --max_train_steps 1500
+
+1. A CLIP-format BPE tokenizer (`latent_diffusion.text.train_clip_tokenizer`)
+   is trained on Shapes training captions, full and with optional parts
+   dropped, plus one line of every lower-case letter, digit and punctuation
+   mark so that prompts outside the Shapes world never hit the unknown token.
+2. A small transformers `CLIPModel` (text tower and a ViT on 64 px images,
+   patch 8) is trained with the symmetric InfoNCE loss and a learnable
+   temperature on (image, caption) pairs streamed from the Shapes generator.
+   Each image also meets a *hard negative*: its caption with one thing
+   changed (a colour, a shape, the position, the size, the background, the
+   relation or the order of the two objects). Random batches almost never
+   hold such near-misses, and without them a text encoder can pass the
+   contrastive test while mixing up which colour goes with which shape,
+   the very thing the denoiser later needs from it.
+3. The text tower is saved as `text_encoder/` (`CLIPTextModel`) next to
+   `tokenizer/`, and caption->image retrieval is measured on images of
+   seeds never trained on: top-1 among `--retrieval_candidates` images, with
+   full and with training-style captions, plus the share of images that
+   score their own caption above its hard negative.
+
+Checkpoints (safetensors) go to OUTPUT_DIR/checkpoints every
+`--checkpointing_steps`; rerunning the same command resumes from the latest.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import string
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from latent_diffusion.conditioning import tokenize_prompts
+from latent_diffusion.shapes import (
+    BACKGROUNDS,
+    HELD_OUT_PAIRS,
+    OBJECT_COLOURS,
+    POSITIONS,
+    RELATIONS,
+    SHAPES,
+    SIZE_CLASSES,
+    caption,
+    format_prompt,
+    full_caption,
+    parse_prompt,
+    sample_scene,
+)
+from latent_diffusion.text import train_clip_tokenizer
+from latent_diffusion.training.shapes_common import (
+    ComputeClock,
+    RunCheckpoints,
+    seed_everything_for_step,
+    set_lr,
+    shapes_batch,
+    warmup_cosine_lr,
+    write_json,
+)
+
+EXTRA_CHARACTERS = " ".join(string.ascii_lowercase + string.digits + string.punctuation)
+OPPOSITE_RELATION = {"above": "below", "below": "above", "to the left of": "to the right of",
+                     "to the right of": "to the left of"}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--seed", type=int, default=0, help="training stream seed")
+    p.add_argument("--eval_seed", type=int, default=1_000_003, help="seed of the retrieval test images (never trained on)")
+    p.add_argument("--resolution", type=int, default=64)
+    # tokenizer
+    p.add_argument("--tokenizer_corpus_size", type=int, default=50_000, help="scenes whose captions train the BPE")
+    p.add_argument("--vocab_size", type=int, default=256)
+    p.add_argument("--model_max_length", type=int, default=32)
+    # model
+    p.add_argument("--text_hidden_size", type=int, default=128)
+    p.add_argument("--text_layers", type=int, default=4)
+    p.add_argument("--text_heads", type=int, default=4)
+    p.add_argument("--vision_hidden_size", type=int, default=128)
+    p.add_argument("--vision_layers", type=int, default=4)
+    p.add_argument("--vision_heads", type=int, default=4)
+    p.add_argument("--patch_size", type=int, default=8)
+    p.add_argument("--projection_dim", type=int, default=128)
+    # optimisation
+    p.add_argument("--train_batch_size", type=int, default=128)
+    p.add_argument("--max_train_steps", type=int, default=1500)
+    p.add_argument("--learning_rate", type=float, default=5e-4)
+    p.add_argument("--lr_warmup_steps", type=int, default=200)
+    p.add_argument("--adam_weight_decay", type=float, default=0.05)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--hard_negatives", type=int, default=1, choices=(0, 1), help="add one hard-negative caption per image")
+    p.add_argument("--checkpointing_steps", type=int, default=250)
+    # evaluation
+    p.add_argument("--retrieval_candidates", type=int, default=100)
+    p.add_argument("--retrieval_groups", type=int, default=10)
+    p.add_argument("--num_threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--stop_after_steps", type=int, default=None,
+                   help="end this invocation after that many steps (checkpointed; rerun to go on)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def caption_corpus(num_scenes: int, seed: int) -> list[str]:
+    """Full and dropped training captions of `num_scenes` train-split scenes, and one line of extra characters."""
+    rng = np.random.default_rng((seed, 17))
+    corpus = [EXTRA_CHARACTERS]
+    for _ in range(num_scenes):
+        scene = sample_scene(rng, "train")
+        corpus += [full_caption(scene), caption(scene, rng)]
+    return corpus
+
+
+def build_tokenizer(args, folder: Path):
+    """Train the tokenizer (or load it when a previous run saved it) and check every Shapes caption fits its window."""
+    from transformers import CLIPTokenizer
+
+    if (folder / "tokenizer_config.json").is_file():
+        return CLIPTokenizer.from_pretrained(str(folder))
+    corpus = caption_corpus(args.tokenizer_corpus_size, args.seed)
+    tokenizer = train_clip_tokenizer(corpus, vocab_size=args.vocab_size, model_max_length=args.model_max_length)
+    longest = max(len(ids) for ids in tokenizer(corpus[1:], add_special_tokens=True).input_ids)
+    if longest > args.model_max_length:
+        raise ValueError(f"--model_max_length {args.model_max_length} is shorter than the longest caption ({longest} tokens)")
+    tokenizer.save_pretrained(str(folder))
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+# ---------------------------------------------------------------- hard negatives
+
+
+def _allowed(colour: str, shape: str) -> bool:
+    return (colour, shape) not in HELD_OUT_PAIRS
+
+
+def hard_negative(text: str, rng: np.random.Generator) -> str:
+    """The caption with one stated thing changed, so that it is false of the image it describes.
+
+    Never introduces a held-out colour-shape pair, and keeps two objects different.
+    """
+    spec = parse_prompt(text)
+    objects = list(spec.objects)
+    edits: dict[str, list] = {}  # kind of edit -> the captions it can make; a kind is drawn first, then a caption
+
+    def replaced(i: int, **change) -> str:
+        new = list(objects)
+        new[i] = dataclasses.replace(objects[i], **change)
+        return format_prompt(dataclasses.replace(spec, objects=tuple(new)))
+
+    for i, obj in enumerate(objects):
+        taken = {(o.colour, o.shape) for j, o in enumerate(objects) if j != i}
+        edits[f"colour{i}"] = [replaced(i, colour=c) for c in OBJECT_COLOURS
+                               if c != obj.colour and _allowed(c, obj.shape) and (c, obj.shape) not in taken]
+        edits[f"shape{i}"] = [replaced(i, shape=s) for s in SHAPES
+                              if s != obj.shape and _allowed(obj.colour, s) and (obj.colour, s) not in taken]
+        if obj.size is not None:
+            edits[f"size{i}"] = [replaced(i, size=s) for s in SIZE_CLASSES if s != obj.size]
+    if spec.position is not None:
+        edits["position"] = [format_prompt(dataclasses.replace(spec, position=p)) for p in POSITIONS if p != spec.position]
+    if spec.background is not None:
+        edits["background"] = [format_prompt(dataclasses.replace(spec, background=b))
+                               for b in BACKGROUNDS if b != spec.background]
+    if spec.relation is not None:
+        edits["relation"] = [format_prompt(dataclasses.replace(spec, relation=OPPOSITE_RELATION[spec.relation]))]
+        a, b = objects
+        if a.colour != b.colour and _allowed(b.colour, a.shape) and _allowed(a.colour, b.shape):
+            swapped = (dataclasses.replace(a, colour=b.colour), dataclasses.replace(b, colour=a.colour))
+            edits["swap_colours"] = [format_prompt(dataclasses.replace(spec, objects=swapped))]
+    kinds = sorted(kind for kind, options in edits.items() if options)
+    options = edits[kinds[int(rng.integers(len(kinds)))]]
+    return options[int(rng.integers(len(options)))]
+
+
+# ---------------------------------------------------------------- model
+
+
+def build_clip(args, tokenizer):
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=args.text_hidden_size,
+        intermediate_size=4 * args.text_hidden_size,
+        num_hidden_layers=args.text_layers,
+        num_attention_heads=args.text_heads,
+        max_position_embeddings=args.model_max_length,
+        projection_dim=args.projection_dim,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=args.vision_hidden_size,
+        intermediate_size=4 * args.vision_hidden_size,
+        num_hidden_layers=args.vision_layers,
+        num_attention_heads=args.vision_heads,
+        image_size=args.resolution,
+        patch_size=args.patch_size,
+        projection_dim=args.projection_dim,
+    )
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=args.projection_dim)
+    torch.manual_seed(args.seed)
+    return CLIPModel(config)
+
+
+def text_embeddings(model, tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """(N, P) unit-norm projected text embeddings, tokenised exactly as the pipeline tokenises prompts."""
+    ids = tokenize_prompts(tokenizer, texts, num_chunks=1)[:, 0]  # (N, L)
+    pooled = model.text_model(input_ids=ids).pooler_output  # (N, D)
+    return F.normalize(model.text_projection(pooled), dim=-1)
+
+
+def image_embeddings(model, pixels: torch.Tensor) -> torch.Tensor:
+    """(N, P) unit-norm projected image embeddings of (N, 3, S, S) pixels in [-1, 1]."""
+    pooled = model.vision_model(pixel_values=pixels).pooler_output  # (N, D)
+    return F.normalize(model.visual_projection(pooled), dim=-1)
+
+
+def contrastive_loss(model, tokenizer, pixels, captions, negatives: Optional[list[str]]) -> tuple[torch.Tensor, float]:
+    """Symmetric InfoNCE; image->text also ranks each image's hard negative caption. Returns (loss, batch accuracy)."""
+    batch = pixels.shape[0]
+    texts = list(captions) + (list(negatives) if negatives else [])
+    t = text_embeddings(model, tokenizer, texts)  # (B or 2B, P)
+    v = image_embeddings(model, pixels)  # (B, P)
+    scale = model.logit_scale.exp().clamp(max=100.0)
+    logits = scale * v @ t.T  # (B, B or 2B)
+    target = torch.arange(batch)
+    loss_image = F.cross_entropy(logits, target)
+    loss_text = F.cross_entropy(logits[:, :batch].T, target)
+    accuracy = (logits[:, :batch].argmax(dim=1) == target).float().mean().item()
+    return (loss_image + loss_text) / 2, accuracy
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, args, split: str = "train") -> dict:
+    """Caption->image top-1 retrieval among `retrieval_candidates` unseen images, and hard-negative accuracy."""
+    model.eval()
+    top1_full, top1_train, hard = [], [], []
+    for group in range(args.retrieval_groups):
+        data = shapes_batch(args.eval_seed, group, args.retrieval_candidates, args.resolution, split)
+        v = image_embeddings(model, data.pixels)
+        rng = np.random.default_rng((args.eval_seed, group, 1))
+        negatives = [hard_negative(c, rng) for c in data.full_captions]
+        target = torch.arange(len(data.captions))
+        for texts, out in ((data.full_captions, top1_full), (data.captions, top1_train)):
+            sims = text_embeddings(model, tokenizer, texts) @ v.T  # (N texts, N images)
+            out.append((sims.argmax(dim=1) == target).float().mean().item())
+        pos = (text_embeddings(model, tokenizer, data.full_captions) * v).sum(-1)
+        neg = (text_embeddings(model, tokenizer, negatives) * v).sum(-1)
+        hard.append((pos > neg).float().mean().item())
+    model.train()
+    return {
+        "retrieval_top1_full_captions": float(np.mean(top1_full)),
+        "retrieval_top1_training_captions": float(np.mean(top1_train)),
+        "hard_negative_accuracy": float(np.mean(hard)),
+        "candidates": args.retrieval_candidates,
+        "queries": args.retrieval_groups * args.retrieval_candidates,
+        "split": split,
+    }
+
+
+def export_text_encoder(model, tokenizer, output_dir: Path) -> None:
+    """Save the text tower as a standalone `CLIPTextModel` under output_dir/text_encoder."""
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel(model.config.text_config)
+    text_encoder.load_state_dict(model.text_model.state_dict())
+    text_encoder.save_pretrained(str(output_dir / "text_encoder"), safe_serialization=True)
+
+
+# ---------------------------------------------------------------- main
+
+
+def train(args, model, tokenizer, checkpoints: RunCheckpoints) -> float:
+    """The training loop, resumed from the latest checkpoint; returns the compute seconds of the whole stage."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    step, compute = 0, 0.0
+    latest = checkpoints.latest()
+    if latest is not None:
+        state = checkpoints.load(latest, model, optimizer)
+        step, compute = state["step"], state["compute_s"]
+        print(f"resumed from {latest} (step {step})", flush=True)
+    clock = ComputeClock(compute)
+    model.train()
+    progress = tqdm(range(step, args.max_train_steps), initial=step, total=args.max_train_steps, desc="stage 0 CLIP",
+                    mininterval=10)
+    for step in progress:
+        set_lr(optimizer, warmup_cosine_lr(step, args.max_train_steps, args.learning_rate, args.lr_warmup_steps))
+        seed_everything_for_step(args.seed, step)
+        data = shapes_batch(args.seed, step, args.train_batch_size, args.resolution)
+        negatives = None
+        if args.hard_negatives:
+            rng = np.random.default_rng((args.seed, step, 3))
+            negatives = [hard_negative(c, rng) for c in data.captions]
+        loss, accuracy = contrastive_loss(model, tokenizer, data.pixels, data.captions, negatives)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.2f}", T=f"{model.logit_scale.exp().item():.1f}", refresh=False)
+        done = step + 1
+        pause = args.stop_after_steps is not None and done >= args.stop_after_steps
+        if done % args.checkpointing_steps == 0 or done == args.max_train_steps or pause:
+            checkpoints.save(model, optimizer, {"step": done, "compute_s": clock.seconds, "loss": loss.item()})
+        if pause:
+            break
+    return clock.seconds
+
+
+def finished(args, checkpoints: RunCheckpoints) -> bool:
+    latest = checkpoints.latest()
+    return latest is not None and int(latest.name.split("-")[1]) >= args.max_train_steps
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
+    """Train (resuming), export and measure; returns the metrics, or None when paused before the last step."""
+    args = parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(args, output_dir / "tokenizer")
+    model = build_clip(args, tokenizer)
+    checkpoints = RunCheckpoints(output_dir / "checkpoints")
+    compute_s = train(args, model, tokenizer, checkpoints)
+    if not finished(args, checkpoints):  # paused by --stop_after_steps
+        return None
+    export_text_encoder(model, tokenizer, output_dir)
+    metrics = {
+        "stage": "text",
+        "max_train_steps": args.max_train_steps,
+        "train_batch_size": args.train_batch_size,
+        "compute_s": compute_s,
+        "parameters_text": sum(p.numel() for p in model.text_model.parameters()),
+        "parameters_total": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "model_max_length": tokenizer.model_max_length,
+        "eval": evaluate(model, tokenizer, args),
+        "eval_heldout_pairs": evaluate(model, tokenizer, args, split="heldout"),
+        "args": vars(args),
+    }
+    write_json(output_dir / "metrics.json", metrics)
+    print(metrics["eval"], metrics["eval_heldout_pairs"], flush=True)
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,264 @@
+"""Stage 1 of the Shapes recipe: a small `AutoencoderKL` trained on Shapes renders, and its latent scaling factor.
+
+    python training/shapes_stage1_vae.py --output_dir /work/runs/shapes/stage1 --max_train_steps 3000
+
+The VAE is a diffusers `AutoencoderKL` with 4 latent channels; the number of
+entries in `--block_out_channels` sets the downsampling factor
+(2^(n - 1): four entries give 8, so 64 px images become 8×8 latents).
+Loss: L1 + L2 reconstruction on pixels in [-1, 1] plus `--kl_weight` times
+the KL divergence to N(0, I), small enough that the KL term only keeps the
+latents bounded and smooth rather than costing detail.
+
+After training, `scaling_factor` = 1 / std of posterior samples of
+`--scale_images` training images is written into the VAE's config (no magic
+0.18215), and the VAE is saved as OUTPUT_DIR/vae. Then it is measured on
+images of seeds never trained on: PSNR of reconstructions (posterior mean),
+the Shapes scorer's accuracy on reconstructions judged against the full
+captions of their ground-truth scenes (and on the ground truth itself, which
+must be 1.0), the same after a float16 round trip of the weights (the
+embedded model ships in fp16), and encode/decode times of one image.
+
+Checkpoints (safetensors) go to OUTPUT_DIR/checkpoints every
+`--checkpointing_steps`; rerunning the same command resumes from the latest.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from latent_diffusion.shapes import score_images
+from latent_diffusion.training.shapes_common import (
+    ComputeClock,
+    RunCheckpoints,
+    seed_everything_for_step,
+    set_lr,
+    shapes_batch,
+    to_uint8_images,
+    warmup_cosine_lr,
+    write_json,
+)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--seed", type=int, default=1, help="training stream seed")
+    p.add_argument("--eval_seed", type=int, default=2_000_003, help="seed of the test images (never trained on)")
+    p.add_argument("--resolution", type=int, default=64)
+    # model
+    p.add_argument("--block_out_channels", default="16,32,64,64",
+                   help="comma-separated widths; n entries downsample by 2^(n-1)")
+    p.add_argument("--layers_per_block", type=int, default=1)
+    p.add_argument("--latent_channels", type=int, default=4)
+    p.add_argument("--norm_num_groups", type=int, default=16)
+    # optimisation
+    p.add_argument("--train_batch_size", type=int, default=16)
+    p.add_argument("--max_train_steps", type=int, default=3000)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--lr_warmup_steps", type=int, default=200)
+    p.add_argument("--adam_weight_decay", type=float, default=0.0)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--kl_weight", type=float, default=1e-6)
+    p.add_argument("--checkpointing_steps", type=int, default=250)
+    # measurement
+    p.add_argument("--scale_images", type=int, default=4096, help="training images whose latents set scaling_factor")
+    p.add_argument("--eval_images", type=int, default=1000)
+    p.add_argument("--eval_batch_size", type=int, default=100)
+    p.add_argument("--num_threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--stop_after_steps", type=int, default=None,
+                   help="end this invocation after that many steps (checkpointed; rerun to go on)")
+    return p.parse_args(argv)
+
+
+def build_vae(args):
+    from diffusers import AutoencoderKL
+
+    widths = tuple(int(w) for w in args.block_out_channels.split(","))
+    torch.manual_seed(args.seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(widths),
+        up_block_types=("UpDecoderBlock2D",) * len(widths),
+        block_out_channels=widths,
+        layers_per_block=args.layers_per_block,
+        latent_channels=args.latent_channels,
+        norm_num_groups=args.norm_num_groups,
+        sample_size=args.resolution,
+    )
+
+
+def vae_loss(vae, pixels: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, dict]:
+    """L1 + L2 reconstruction of a posterior sample's decoding, plus kl_weight · KL(q(z|x) ‖ N(0, I)) per image."""
+    posterior = vae.encode(pixels).latent_dist
+    reconstruction = vae.decode(posterior.sample()).sample  # (B, 3, S, S)
+    l1 = F.l1_loss(reconstruction, pixels)
+    l2 = F.mse_loss(reconstruction, pixels)
+    kl = posterior.kl().mean()
+    return l1 + l2 + kl_weight * kl, {"l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
+
+
+# ---------------------------------------------------------------- measurement
+
+
+@torch.no_grad()
+def latent_statistics(vae, args) -> dict:
+    """Mean and std of posterior samples of `scale_images` training images, overall and per channel."""
+    latents = []
+    for step in range(0, args.scale_images, args.eval_batch_size):
+        count = min(args.eval_batch_size, args.scale_images - step)
+        pixels = shapes_batch(args.seed + 7919, step, count, args.resolution).pixels
+        generator = torch.Generator().manual_seed(step)
+        latents.append(vae.encode(pixels).latent_dist.sample(generator))
+    z = torch.cat(latents)  # (N, C, h, w)
+    return {
+        "mean": z.mean().item(),
+        "std": z.std().item(),
+        "channel_mean": z.mean(dim=(0, 2, 3)).tolist(),
+        "channel_std": z.std(dim=(0, 2, 3)).tolist(),
+        "latent_shape": list(z.shape[1:]),
+        "images": int(z.shape[0]),
+    }
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean per-image PSNR (dB) of uint8 image batches (B, H, W, 3)."""
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
+    return float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))))
+
+
+@torch.no_grad()
+def reconstruction_report(vae, args) -> dict:
+    """PSNR and scorer accuracy of posterior-mean reconstructions of unseen images, with the full captions."""
+    psnrs, originals, reconstructions, captions = [], [], [], []
+    for group in range(0, args.eval_images, args.eval_batch_size):
+        count = min(args.eval_batch_size, args.eval_images - group)
+        data = shapes_batch(args.eval_seed, group, count, args.resolution)
+        z = vae.encode(data.pixels).latent_dist.mean
+        truth = to_uint8_images(data.pixels)
+        recon = to_uint8_images(vae.decode(z).sample)
+        psnrs.append(psnr(recon, truth) * count)
+        originals += [Image.fromarray(a) for a in truth]
+        reconstructions += [Image.fromarray(a) for a in recon]
+        captions += data.full_captions
+    recon_score = score_images(reconstructions, captions)
+    truth_score = score_images(originals, captions)
+    return {
+        "psnr_db": float(np.sum(psnrs) / args.eval_images),
+        "scorer_accuracy_reconstructions": recon_score["overall"],
+        "scorer_accuracy_ground_truth": truth_score["overall"],
+        "per_category_reconstructions": {k: recon_score[k] for k in ("single", "position", "two_objects", "background")},
+        "failures": recon_score["failures"][:20],
+        "images": args.eval_images,
+    }
+
+
+@torch.no_grad()
+def timing(vae, args, repeats: int = 5) -> dict:
+    """Median seconds to encode and to decode one image (batch 1, float32, this machine's threads)."""
+    pixels = shapes_batch(args.eval_seed, 0, 1, args.resolution).pixels
+    z = vae.encode(pixels).latent_dist.mean
+    encode, decode = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        vae.encode(pixels)
+        t1 = time.perf_counter()
+        vae.decode(z)
+        encode.append(t1 - t0)
+        decode.append(time.perf_counter() - t1)
+    return {"encode_s": float(np.median(encode)), "decode_s": float(np.median(decode)), "threads": torch.get_num_threads()}
+
+
+def fp16_round_trip(vae):
+    """A float32 copy of the VAE whose weights went through float16, as the shipped model's do."""
+    return copy.deepcopy(vae).half().float()
+
+
+# ---------------------------------------------------------------- main
+
+
+def train(args, vae, checkpoints: RunCheckpoints) -> float:
+    """The training loop, resumed from the latest checkpoint; returns the compute seconds of the whole stage."""
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    step, compute = 0, 0.0
+    latest = checkpoints.latest()
+    if latest is not None:
+        state = checkpoints.load(latest, vae, optimizer)
+        step, compute = state["step"], state["compute_s"]
+        print(f"resumed from {latest} (step {step})", flush=True)
+    clock = ComputeClock(compute)
+    vae.train()
+    progress = tqdm(range(step, args.max_train_steps), initial=step, total=args.max_train_steps, desc="stage 1 VAE",
+                    mininterval=10)
+    for step in progress:
+        set_lr(optimizer, warmup_cosine_lr(step, args.max_train_steps, args.learning_rate, args.lr_warmup_steps))
+        seed_everything_for_step(args.seed, step)
+        pixels = shapes_batch(args.seed, step, args.train_batch_size, args.resolution).pixels
+        loss, parts = vae_loss(vae, pixels, args.kl_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), args.max_grad_norm)
+        optimizer.step()
+        progress.set_postfix(l1=f"{parts['l1']:.4f}", kl=f"{parts['kl']:.0f}", refresh=False)
+        done = step + 1
+        pause = args.stop_after_steps is not None and done >= args.stop_after_steps
+        if done % args.checkpointing_steps == 0 or done == args.max_train_steps or pause:
+            checkpoints.save(vae, optimizer, {"step": done, "compute_s": clock.seconds, **parts})
+        if pause:
+            break
+    return clock.seconds
+
+
+def finished(args, checkpoints: RunCheckpoints) -> bool:
+    latest = checkpoints.latest()
+    return latest is not None and int(latest.name.split("-")[1]) >= args.max_train_steps
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
+    """Train (resuming), set the scaling factor, save and measure; returns the metrics, or None when paused."""
+    args = parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    vae = build_vae(args)
+    checkpoints = RunCheckpoints(output_dir / "checkpoints")
+    compute_s = train(args, vae, checkpoints)
+    if not finished(args, checkpoints):  # paused by --stop_after_steps
+        return None
+    vae.eval()
+    stats = latent_statistics(vae, args)
+    vae.register_to_config(scaling_factor=1.0 / stats["std"])
+    vae.save_pretrained(str(output_dir / "vae"), safe_serialization=True)
+    metrics = {
+        "stage": "vae",
+        "max_train_steps": args.max_train_steps,
+        "train_batch_size": args.train_batch_size,
+        "compute_s": compute_s,
+        "parameters": sum(p.numel() for p in vae.parameters()),
+        "downsampling_factor": 2 ** (len(vae.config.block_out_channels) - 1),
+        "scaling_factor": 1.0 / stats["std"],
+        "latents": stats,
+        "eval": reconstruction_report(vae, args),
+        "eval_fp16_weights": reconstruction_report(fp16_round_trip(vae), args),
+        "timing_one_image": timing(vae, args),
+        "args": vars(args),
+    }
+    write_json(output_dir / "metrics.json", metrics)
+    summary = {k: metrics["eval"][k] for k in ("psnr_db", "scorer_accuracy_reconstructions", "scorer_accuracy_ground_truth")}
+    print(summary, "scaling_factor", metrics["scaling_factor"], flush=True)
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

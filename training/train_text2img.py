@@ -1,0 +1,462 @@
+"""Train the UNet of a latent text-to-image model (DDPM Algorithm 1 in a VAE's latent space, text-conditioned).
+
+One process (CPU or one GPU):
+
+    python training/train_text2img.py --pretrained_model_name_or_path PATH \\
+        --train_data_dir DIR --resolution 512 --train_batch_size 4 --max_train_steps 1000 --output_dir OUT
+
+Any number of GPUs or nodes (see training/README.md and training/configs/):
+
+    accelerate launch --config_file training/configs/multi_gpu.yaml training/train_text2img.py ...
+
+Only the UNet learns; the VAE and text encoder are frozen. By default the
+VAE latents and text embeddings of the whole dataset are computed once and
+cached (`--no_cache` encodes every step instead). Checkpoints go to
+OUT/checkpoint-N and `--resume_from_checkpoint latest` continues exactly where
+a run stopped; the trained pipeline is saved to OUT in diffusers format.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, gather_object
+from tqdm.auto import tqdm
+
+from latent_diffusion.cache import (CachedSamples, build_or_load_cache, cache_key, encode_captions,
+                                    encode_latent_moments, identity, sample_latents)
+from latent_diffusion.conditioning import vae_scale_factor
+from latent_diffusion.data import CaptionImageDataset, ImageTransform, load_caption_dataset, readable_indices
+from latent_diffusion.losses import DenoisingLoss
+from latent_diffusion.schedules import NoiseSchedule
+from latent_diffusion.utils import gather, randn
+from latent_diffusion.training.args import parse_args
+from latent_diffusion.training.batches import epoch_batches, step_groups, steps_per_epoch
+from latent_diffusion.training.components import load_components
+from latent_diffusion.training.checkpointing import (TrainingState, checkpoint_weights, load_checkpoint,
+                                                     resolve_checkpoint, save_checkpoint)
+from latent_diffusion.training.ema import EMA
+from latent_diffusion.training.validation import run_validation
+
+logger = get_logger(__name__)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    accelerator = make_accelerator(args)
+    models = load_models(args, accelerator)  # the UNet learns; VAE and text encoder are frozen
+    data = load_training_data(args, accelerator, models)  # cached latents, or images encoded on the fly
+    max_steps = args.max_train_steps or args.num_train_epochs * data.steps_per_epoch
+    optimizer, lr_scheduler = make_optimizer(args, accelerator, models.unet, max_steps)
+    unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
+    ema = EMA(accelerator.unwrap_model(unet), args.ema_decay) if args.use_ema else None
+    state = resume(args, accelerator, ema)  # a fresh TrainingState when not resuming
+    start_trackers(args, accelerator)
+    state = train(args, accelerator, models, data, unet, optimizer, lr_scheduler, ema, state, max_steps)
+    save_pipeline(args, accelerator, models, unet, ema, state.global_step)  # diffusers folder, model card, upload
+    accelerator.end_training()
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    """The Accelerator: mixed precision, accumulation, trackers; the LR schedule steps once per optimizer step."""
+    project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir))
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=project,
+        step_scheduler_with_optimizer=False,
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    return accelerator
+
+
+@dataclass
+class Models:
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any  # the diffusers scheduler config that will be saved with the pipeline
+    schedule: NoiseSchedule  # ᾱ_t and the prediction type the loss uses
+    weight_dtype: torch.dtype
+
+
+def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
+    """Components from --pretrained_model_name_or_path; a fresh UNet from --unet_config if given."""
+    from diffusers import UNet2DConditionModel
+
+    parts = load_components(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                            cache_dir=args.cache_dir, skip=("unet",) if args.unet_config else ())
+    if args.unet_config is not None:
+        parts["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(args.unet_config))
+    unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
+    scheduler = parts["scheduler"]
+    if args.prediction_type is not None:  # the saved scheduler carries the trained prediction type
+        scheduler = type(scheduler).from_config(scheduler.config, prediction_type=args.prediction_type)
+    check_model_fits(args, unet, vae, text_encoder)
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for frozen in (vae, text_encoder):
+        frozen.requires_grad_(False)
+        frozen.eval()
+        frozen.to(accelerator.device, dtype=weight_dtype)
+    unet.requires_grad_(True)
+    unet.train()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return Models(unet, vae, text_encoder, parts["tokenizer"], scheduler, NoiseSchedule.from_config(scheduler.config),
+                  weight_dtype)
+
+
+def check_model_fits(args: argparse.Namespace, unet, vae, text_encoder) -> None:
+    """The resolution and the UNet must fit the VAE and the text encoder (errors name the flag)."""
+    multiple = vae_scale_factor(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
+    if args.resolution % multiple:
+        raise ValueError(f"--resolution {args.resolution} must be a multiple of {multiple} "
+                         f"(VAE factor {vae_scale_factor(vae)} × the UNet's downsampling)")
+    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+        raise ValueError(f"--unet_config: cross_attention_dim {unet.config.cross_attention_dim} differs from the "
+                         f"text encoder's hidden size {text_encoder.config.hidden_size}")
+    if unet.config.in_channels != vae.config.latent_channels:
+        raise ValueError(f"--unet_config: in_channels {unet.config.in_channels} differs from the VAE's "
+                         f"{vae.config.latent_channels} latent channels")
+
+
+@dataclass
+class TrainingData:
+    samples: torch.utils.data.Dataset  # items (row, epoch) -> a training sample
+    rows: list[int]  # usable dataset rows (readable images)
+    steps_per_epoch: int
+    cached: bool
+    collate_fn: Any
+    num_workers: int
+    name: str
+
+
+def load_training_data(args: argparse.Namespace, accelerator: Accelerator, models: Models) -> TrainingData:
+    """The dataset, its unreadable images skipped (and counted), served from the cache or decoded on the fly."""
+    with accelerator.main_process_first():
+        dataset = load_caption_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir,
+                                       args.image_column, args.caption_column, args.max_train_samples, args.cache_dir)
+    transform = ImageTransform(args.resolution, args.center_crop, args.random_flip)
+    if args.no_cache:
+        rows, unreadable = find_readable_rows(accelerator, dataset, args.image_column)
+        samples = CaptionImageDataset(dataset, args.image_column, args.caption_column, transform,
+                                      args.caption_dropout, args.seed)
+        collate_fn, workers = None, args.dataloader_num_workers
+    else:
+        cache = build_cache(args, accelerator, models, dataset, transform)
+        rows, unreadable = cache.indices.tolist(), cache.unreadable.tolist()
+        samples = CachedSamples(cache, args.random_flip, args.caption_dropout, args.seed)
+        collate_fn, workers = identity, 0  # tensors in memory: worker processes would only add overhead
+    if unreadable:
+        logger.warning(f"skipped {len(unreadable)} unreadable image(s) of {len(dataset)}: rows {unreadable[:20]}")
+    steps = steps_per_epoch(len(rows), world_size=accelerator.num_processes, batch_size=args.train_batch_size,
+                            accumulation=args.gradient_accumulation_steps)
+    if steps < 1:
+        raise ValueError(f"{len(rows)} usable images cannot fill one step of --train_batch_size "
+                         f"{args.train_batch_size} × --gradient_accumulation_steps {args.gradient_accumulation_steps} "
+                         f"× {accelerator.num_processes} process(es)")
+    logger.info(f"{len(rows)} images, {steps} steps per epoch, {len(unreadable)} unreadable skipped")
+    name = args.dataset_name or os.path.basename(os.path.normpath(args.train_data_dir))
+    return TrainingData(samples, rows, steps, not args.no_cache, collate_fn, workers, name)
+
+
+def find_readable_rows(accelerator: Accelerator, dataset, image_column: str) -> tuple[list[int], list[int]]:
+    """Decode every image once, split across processes: (readable rows, unreadable rows)."""
+    mine = range(accelerator.process_index, len(dataset), accelerator.num_processes)
+    readable, unreadable = readable_indices(dataset, image_column, mine)
+    everyone = gather_object([(readable, unreadable)])
+    return sorted(r for ok, _ in everyone for r in ok), sorted(r for _, bad in everyone for r in bad)
+
+
+def build_cache(args, accelerator: Accelerator, models: Models, dataset, transform):
+    """Latents and embeddings of every row, computed once (rows split across processes), then loaded everywhere."""
+    key = cache_key(models.vae, models.text_encoder, models.tokenizer, resolution=args.resolution,
+                    center_crop=args.center_crop, dataset_fingerprint=dataset._fingerprint,
+                    image_column=args.image_column, caption_column=args.caption_column)
+    root = os.path.join(args.cache_dir or args.output_dir, "latent_cache")
+    bar = tqdm(total=math.ceil(len(dataset) / accelerator.num_processes), desc="caching latents",
+               disable=not accelerator.is_local_main_process)
+    cache, hit = build_or_load_cache(
+        root, key, dataset, vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
+        transform=transform, image_column=args.image_column, caption_column=args.caption_column,
+        batch_size=args.train_batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        barrier=accelerator.wait_for_everyone, progress=bar.update,
+    )
+    bar.close()
+    logger.info(f"latent cache {'hit' if hit else 'built'}: {os.path.join(root, key)}")
+    return cache
+
+
+def make_optimizer(args: argparse.Namespace, accelerator: Accelerator, unet, max_steps: int):
+    """AdamW (8-bit with --use_8bit_adam) and the LR schedule, counted in optimizer steps."""
+    from diffusers.optimization import get_scheduler
+
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    adamw = torch.optim.AdamW
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from err
+        adamw = bnb.optim.AdamW8bit
+    optimizer = adamw([p for p in unet.parameters() if p.requires_grad], lr=lr,
+                      betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                      eps=args.adam_epsilon)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=max_steps)
+    return optimizer, lr_scheduler
+
+
+def resume(args: argparse.Namespace, accelerator: Accelerator, ema: Optional[EMA]) -> TrainingState:
+    """Load the checkpoint named by --resume_from_checkpoint (weights, optimizer, LR, EMA, data position)."""
+    path = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if path is None:
+        if args.resume_from_checkpoint == "latest":
+            logger.info("--resume_from_checkpoint latest: no checkpoint yet, starting fresh")
+        return TrainingState()
+    state = load_checkpoint(accelerator, path, ema)
+    logger.info(f"resumed from {path} at step {state.global_step} (epoch {state.epoch}, step {state.step_in_epoch})")
+    return state
+
+
+def start_trackers(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+    accelerator.init_trackers(args.tracker_project_name, config=config)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train(args, accelerator: Accelerator, models: Models, data: TrainingData, unet, optimizer, lr_scheduler,
+          ema: Optional[EMA], state: TrainingState, max_steps: int) -> TrainingState:
+    """Run optimizer steps until `max_steps`, checkpointing and validating on the way."""
+    loss_fn = DenoisingLoss(models.schedule.prediction_type, args.snr_gamma)
+    bar = tqdm(total=max_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    while state.global_step < max_steps:
+        last = time.perf_counter()
+        for micro_batches in step_groups(epoch_loader(args, accelerator, data, state), args.gradient_accumulation_steps):
+            generator = step_generator(args.seed, state.global_step, accelerator.process_index)
+            loss = train_step(args, accelerator, models, unet, optimizer, lr_scheduler, loss_fn, micro_batches,
+                              generator)
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(unet))
+            state.global_step += 1
+            state.step_in_epoch += 1
+            log_step(args, accelerator, state, loss, lr_scheduler, micro_batches, time.perf_counter() - last)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if state.step_in_epoch == data.steps_per_epoch:
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            if state.global_step % args.checkpointing_steps == 0 or state.global_step == max_steps:
+                checkpoint(args, accelerator, state, ema)
+            if args.validation_prompts and state.global_step % args.validation_steps == 0:
+                validate(args, accelerator, models, unet, ema, state.global_step)
+            if state.global_step >= max_steps:
+                break
+            last = time.perf_counter()  # samples/s counts data loading and the step, not checkpoints or validation
+    bar.close()
+    if args.sample_index_log:  # lets a test check that every rank ends with the same weights
+        from latent_diffusion.cache import fingerprint_module
+
+        with open(f"{args.sample_index_log}.rank{accelerator.process_index}", "a") as f:
+            f.write(f"weights {fingerprint_module(accelerator.unwrap_model(unet))}\n")
+    return state
+
+
+def epoch_loader(args, accelerator: Accelerator, data: TrainingData, state: TrainingState):
+    """The rest of the current epoch's batches for this process, from the saved position on."""
+    batches = epoch_batches(data.rows, epoch=state.epoch, seed=args.seed, rank=accelerator.process_index,
+                            world_size=accelerator.num_processes, batch_size=args.train_batch_size,
+                            accumulation=args.gradient_accumulation_steps)
+    remaining = batches[state.step_in_epoch * args.gradient_accumulation_steps :]
+    return torch.utils.data.DataLoader(data.samples, batch_sampler=remaining, collate_fn=data.collate_fn,
+                                       num_workers=data.num_workers)
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The generator of one optimizer step on one process: timesteps, noise and latent samples come from it."""
+    return torch.Generator().manual_seed(hash((int(seed), int(step), int(rank), 7)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def train_step(args, accelerator: Accelerator, models: Models, unet, optimizer, lr_scheduler, loss_fn,
+               micro_batches: list, generator: torch.Generator) -> float:
+    """One optimizer step over the accumulated micro-batches; returns the mean loss over processes."""
+    losses = []
+    for batch in micro_batches:
+        with accelerator.accumulate(unet):
+            latents, context = batch_inputs(batch, models, accelerator.device, generator)
+            loss = denoising_loss(unet, latents, context, models.schedule, loss_fn, generator, args.noise_offset)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+            optimizer.step()
+            if accelerator.sync_gradients:
+                lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return accelerator.gather(torch.stack(losses).mean()[None]).mean().item()
+
+
+def batch_inputs(batch: dict, models: Models, device, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """z_0 (B, C, h, w), drawn from the VAE posterior, and the text embeddings (B, L, D), from the cache or encoded now."""
+    if "latent_mean" in batch:
+        mean, std, context = batch["latent_mean"], batch["latent_std"], batch["text_embeds"]
+    else:
+        mean, std = encode_latent_moments(models.vae, batch["pixels"])
+        context = encode_captions(models.tokenizer, models.text_encoder, batch["caption"])
+    mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
+    z0 = sample_latents(mean, std, randn(tuple(mean.shape), generator, torch.float32, device))
+    return z0, context.to(device, torch.float32)
+
+
+def denoising_loss(unet, z0: torch.Tensor, context: torch.Tensor, schedule: NoiseSchedule, loss_fn: DenoisingLoss,
+                   generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
+    """Algorithm 1 of DDPM in latent space.
+
+    t ~ U{0..T−1}, ε ~ N(0, I), z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε, loss = w(t) ‖target − UNet(z_t, t, c)‖².
+    """
+    from latent_diffusion.gaussian import q_sample
+
+    batch = z0.shape[0]
+    t = torch.randint(0, schedule.num_train_timesteps, (batch,), generator=generator).to(z0.device)  # (B,)
+    noise = randn(tuple(z0.shape), generator, z0.dtype, z0.device)  # (B, C, h, w)
+    if noise_offset:  # offset noise: a per-channel constant shift (Guttenberg 2023)
+        noise = noise + noise_offset * randn((batch, z0.shape[1], 1, 1), generator, z0.dtype, z0.device)
+    alpha_bar = gather(schedule.alphas_cumprod, t.cpu(), z0)  # (B, 1, 1, 1)
+    z_t = q_sample(z0, noise, alpha_bar)
+    model_output = unet(z_t, t, encoder_hidden_states=context).sample
+    return loss_fn(model_output, z0, noise, alpha_bar)
+
+
+def log_step(args, accelerator: Accelerator, state: TrainingState, loss: float, lr_scheduler, micro_batches,
+             seconds: float) -> None:
+    """Loss, learning rate and throughput to the trackers; each rank's sample rows to --sample_index_log."""
+    samples = sum(len(b["index"]) for b in micro_batches) * accelerator.num_processes
+    accelerator.log({"train/loss": loss, "train/lr": lr_scheduler.get_last_lr()[0],
+                     "train/samples_per_second": samples / max(seconds, 1e-9)}, step=state.global_step)
+    if args.sample_index_log:
+        rows = [int(i) for b in micro_batches for i in b["index"]]
+        with open(f"{args.sample_index_log}.rank{accelerator.process_index}", "a") as f:
+            f.write(f"{state.global_step} {' '.join(map(str, rows))}\n")
+
+
+def checkpoint(args, accelerator: Accelerator, state: TrainingState, ema: Optional[EMA]) -> None:
+    """Write checkpoint-N (atomically, pruned to --checkpoints_total_limit) and optionally upload its weights."""
+    path = save_checkpoint(accelerator, args.output_dir, state, ema, args.checkpoints_total_limit)
+    logger.info(f"saved {path}")
+    if args.push_checkpoints_to_hub and accelerator.is_main_process:
+        from latent_diffusion.hub import push_checkpoint_weights
+
+        push_checkpoint_weights(path, args.hub_model_id, state.global_step, token=args.hub_token)
+        logger.info(f"uploaded {checkpoint_weights(path)} of {path}")
+
+
+def validate(args, accelerator: Accelerator, models: Models, unet, ema: Optional[EMA], step: int) -> Optional[str]:
+    """Sample the validation prompts with the current (EMA, if on) UNet on the main process; log grid and metrics."""
+    path = None
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(unet)
+        model.eval()
+        with ema.swapped_into(model) if ema is not None else contextlib.nullcontext():
+            pipe = make_pipeline(models, model)
+            path, metrics = run_validation(
+                pipe, args.validation_prompts, step=step, output_dir=args.output_dir, seed=args.seed,
+                num_inference_steps=args.num_validation_inference_steps,
+                guidance_scale=args.validation_guidance_scale, resolution=args.resolution,
+                metric_names=args.validation_metrics, trackers=accelerator.trackers,
+            )
+        model.train()
+        logger.info(f"validation grid {path} {metrics}")
+    accelerator.wait_for_everyone()
+    return path
+
+
+def make_pipeline(models: Models, unet):
+    from latent_diffusion.pipelines import LatentDiffusionPipeline
+
+    return LatentDiffusionPipeline(unet=unet, vae=models.vae, text_encoder=models.text_encoder,
+                                   tokenizer=models.tokenizer, scheduler=models.scheduler)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def save_pipeline(args, accelerator: Accelerator, models: Models, unet, ema: Optional[EMA], step: int) -> None:
+    """OUT/ as a diffusers folder holding the (EMA) UNet in float32, a model card, and optionally upload it."""
+    accelerator.wait_for_everyone()
+    weights = accelerator.get_state_dict(unet)  # collective: gathers sharded (FSDP, ZeRO) weights on the main process
+    if not accelerator.is_main_process:
+        return
+    trained = accelerator.unwrap_model(unet)
+    final_unet = type(trained).from_config(trained.config)
+    final_unet.load_state_dict(weights)
+    final_unet.eval()
+    if ema is not None:
+        ema.copy_to(final_unet)
+    vae, text_encoder = models.vae, models.text_encoder
+    if models.weight_dtype != torch.float32:  # the frozen parts were cast for speed: save the originals
+        parts = load_components(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                                cache_dir=args.cache_dir, skip=("unet", "tokenizer", "scheduler"))
+        vae, text_encoder = parts["vae"], parts["text_encoder"]
+    pipe = make_pipeline(Models(final_unet, vae, text_encoder, models.tokenizer, models.scheduler, models.schedule,
+                                torch.float32), final_unet)
+    pipe.save_pretrained(args.output_dir)
+    grid = write_card(args, pipe, step)
+    logger.info(f"saved the pipeline to {args.output_dir}" + (f" (validation grid {grid})" if grid else ""))
+    if args.push_to_hub:
+        from latent_diffusion.hub import push_folder
+
+        push_folder(args.output_dir, args.hub_model_id, token=args.hub_token,
+                    commit_message="End of training")
+
+
+def write_card(args, pipe, step: int) -> Optional[str]:
+    """README.md model card: base model, dataset, hyperparameters and a final validation grid."""
+    from latent_diffusion import hub
+
+    grid, metrics = None, {}
+    if args.validation_prompts:  # the final grid; write_model_card copies it next to the card
+        grid, metrics = run_validation(pipe, args.validation_prompts, step=step,
+                                       output_dir=args.output_dir, seed=args.seed,
+                                       num_inference_steps=args.num_validation_inference_steps,
+                                       guidance_scale=args.validation_guidance_scale, resolution=args.resolution,
+                                       metric_names=args.validation_metrics)
+    hyper = {k: getattr(args, k) for k in (
+        "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
+        "max_train_steps", "mixed_precision", "use_ema", "snr_gamma", "prediction_type", "caption_dropout",
+        "noise_offset", "seed")}
+    hyper["prediction_type"] = pipe.scheduler.config.prediction_type
+    hub.write_model_card(
+        args.output_dir, base_model=None if args.unet_config else args.pretrained_model_name_or_path,
+        dataset=args.dataset_name or args.train_data_dir, tags=["text-to-image", "latent-diffusion", "diffusers"],
+        hyperparameters=hyper, metrics=metrics, validation_grid=grid, prompts=args.validation_prompts or [],
+        description=("UNet trained from scratch" if args.unet_config else "Fine-tuned") +
+                    " with latent_diffusion's training/train_text2img.py.",
+    )
+    return grid
+
+
+if __name__ == "__main__":
+    main()
