@@ -1,0 +1,160 @@
+"""What every sampler shares: the `Denoiser` adapter, the `Sampler` base, and settings read from a scheduler config.
+
+A sampler is a small frozen dataclass. Its settings are the keys of the
+diffusers scheduler it mirrors (`clip_sample`, `set_alpha_to_one`, ...), read
+from the checkpoint's `scheduler_config.json` with that scheduler class's
+defaults, so `get_sampler("ddim", schedule)` samples exactly as
+`DDIMScheduler.from_config(config)` does. Sampling never changes the sampler:
+all per-call state lives in local variables, so one sampler can run many
+calls, even at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Optional, Sequence, Union
+
+import torch
+
+from ..gaussian import predictions_from_output
+from ..schedules import NoiseSchedule
+from ..utils import gather
+from .timesteps import SPACINGS, check_num_inference_steps
+
+Generator = Union[torch.Generator, Sequence[torch.Generator], None]
+Callback = Callable[[int, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Prediction(NamedTuple):
+    """What a sampler asks of the network at (x_t, t): the noise ε̂ and the clean sample x̂_0, each (B, C, H, W)."""
+
+    eps: torch.Tensor
+    x0: torch.Tensor
+
+
+class Denoiser:
+    """Turns a network that predicts ε, v or x_0 (per `schedule.prediction_type`) into (ε̂, x̂_0) for the samplers.
+
+    `model_fn(x_t, t)` returns the raw network output; `t` is a 0-dim long tensor.
+    Samplers pass the ᾱ_t they precomputed for the step (`alpha_bar`), which also
+    lets a sampler use its own view of the schedule (DPM-Solver++ clamps ᾱ_T = 0 to
+    2⁻²⁴); without it ᾱ_t is looked up in the schedule.
+    """
+
+    def __init__(self, model_fn: ModelFn, schedule: NoiseSchedule):
+        self.model_fn = model_fn
+        self.schedule = schedule
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, alpha_bar: Optional[torch.Tensor] = None) -> Prediction:
+        if alpha_bar is None:
+            alpha_bar = gather(self.schedule.alphas_cumprod, t, x_t)  # (1, 1, 1, 1) or (B, 1, 1, 1)
+        output = self.model_fn(x_t, t)  # (B, C, H, W): ε, v or x_0
+        eps, x0 = predictions_from_output(output, x_t, alpha_bar, self.schedule.prediction_type)
+        return Prediction(eps=eps, x0=x0)
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    """A clear error naming the setting and its allowed values."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def reject_config(config: Mapping[str, Any], sampler: str, unsupported: Mapping[str, Any]) -> None:
+    """Raise for config keys set to a value (other than the harmless default) that this sampler does not implement."""
+    for key, harmless in unsupported.items():
+        if key in config and config[key] not in (harmless, None):
+            raise ValueError(
+                f"scheduler config {key}={config[key]!r} is not supported by the {sampler!r} sampler "
+                f"(only {harmless!r}); remove it from the config or choose another sampler"
+            )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Sampler:
+    """Base of the samplers: settings as dataclass fields, `timesteps(n)` and `__call__(denoiser, x_T, timesteps)`.
+
+    Subclasses set `name`, `unsupported` (config key -> the only value accepted)
+    and, as field defaults, their diffusers class's defaults (`timestep_spacing` too).
+    """
+
+    schedule: NoiseSchedule = dataclasses.field(repr=False)
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+
+    name: ClassVar[str] = ""
+    unsupported: ClassVar[Mapping[str, Any]] = {}
+
+    def __post_init__(self):
+        check_choice("timestep_spacing", self.timestep_spacing, SPACINGS)
+
+    @classmethod
+    def from_schedule(cls, schedule: NoiseSchedule, **overrides: Any) -> "Sampler":
+        """Settings from `schedule.config` (this class's defaults where a key is missing), then `overrides`."""
+        settings = [f for f in dataclasses.fields(cls) if f.name != "schedule"]
+        names = [f.name for f in settings]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown} for sampler {cls.name!r}; allowed: {names}")
+        config = schedule.config
+        reject_config(config, cls.name, cls.unsupported)
+        values = {f.name: f.default if config.get(f.name) is None else config[f.name] for f in settings}
+        default_spacing = next(f.default for f in settings if f.name == "timestep_spacing")
+        values["timestep_spacing"] = _spacing(schedule, default_spacing)
+        values["steps_offset"] = schedule.steps_offset
+        values.update(overrides)
+        return cls(schedule=schedule, **values)
+
+    def timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        """The descending (n,) LongTensor of training timesteps to visit, as the diffusers scheduler's set_timesteps."""
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        denoiser: Denoiser,
+        x_T: torch.Tensor,
+        timesteps: torch.Tensor,
+        generator: Generator = None,
+        callback: Optional[Callback] = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_steps(self, num_inference_steps: int) -> None:
+        check_num_inference_steps(num_inference_steps, self.schedule.num_train_timesteps)
+
+    def _check_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The timesteps as a CPU LongTensor, checked to be 1-D, non-empty and inside [0, T)."""
+        timesteps = torch.as_tensor(timesteps).to("cpu", torch.long)
+        num_train = self.schedule.num_train_timesteps
+        if timesteps.ndim != 1 or timesteps.numel() == 0:
+            raise ValueError(f"timesteps must be a non-empty 1-D tensor, got shape {tuple(timesteps.shape)}")
+        if timesteps.min() < 0 or timesteps.max() >= num_train:
+            raise ValueError(f"timesteps must lie in [0, {num_train}), got {timesteps.tolist()}")
+        return timesteps
+
+
+def _spacing(schedule: NoiseSchedule, class_default: str) -> str:
+    """The config's timestep_spacing; a config without it gets the scheduler class's default, as diffusers does.
+
+    A schedule built without any config keeps its own `timestep_spacing`.
+    """
+    if "timestep_spacing" in schedule.config or not schedule.config:
+        return schedule.timestep_spacing
+    return class_default
+
+
+def working_dtype(x: torch.Tensor) -> torch.dtype:
+    """Samplers keep x_t in at least float32 (float64 stays float64), whatever the network runs in."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def per_step(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """Per-step scalars as one (n,) tensor on x's device and dtype, built once per call; row i is a 0-dim view."""
+    return torch.tensor(list(values), dtype=like.dtype, device=like.device)
+
+
+def after_step(callback: Optional[Callback], i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Call `callback(i, t, x)` after step i; a tensor it returns replaces x."""
+    if callback is None:
+        return x
+    replaced = callback(i, t, x)
+    return x if replaced is None else replaced.to(device=x.device, dtype=x.dtype)

@@ -1,0 +1,111 @@
+"""DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), strided as diffusers' DDPMScheduler strides it.
+
+With n < T steps, each step goes from t to the next visited timestep s (or to
+"before 0" after the last one, where ᾱ = 1), using the posterior of the
+strided chain: α_t|s = ᾱ_t / ᾱ_s, β_t|s = 1 − α_t|s.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from ..utils import randn
+from .base import Callback, Denoiser, Generator, Sampler, after_step, check_choice, per_step, working_dtype
+from .timesteps import spaced_timesteps
+
+# "fixed_small_log" gives the same σ_t as "fixed_small" in diffusers (it stores the std directly).
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
+MIN_VARIANCE = 1e-20  # diffusers clamps β̃ here before the square root
+
+
+def previous_alpha_bars(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """ᾱ_s for each step t_i -> s = t_{i+1}; after the last step s = −1 and ᾱ_s = 1."""
+    prev = alphas_cumprod[timesteps[1:]]
+    return torch.cat([prev, prev.new_ones(1)])
+
+
+def posterior_mean_coefficients(
+    alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients of μ̃_t = c_0 x_0 + c_t x_t (DDPM eq. 7), with α_t = ᾱ_t/ᾱ_{t−1} for strided steps.
+
+    c_0 = √ᾱ_{t−1} β_t / (1 − ᾱ_t),   c_t = √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t).
+    """
+    alpha = alpha_bar / alpha_bar_prev
+    beta = 1.0 - alpha
+    coef_x0 = alpha_bar_prev.sqrt() * beta / (1.0 - alpha_bar)
+    coef_xt = alpha.sqrt() * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
+    return coef_x0, coef_xt
+
+
+def posterior_variance(alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor) -> torch.Tensor:
+    """β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t (DDPM eq. 7): σ_t² = β̃_t, "fixed_small"."""
+    return (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * (1.0 - alpha_bar / alpha_bar_prev)
+
+
+def ancestral_std(alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor, variance_type: str) -> torch.Tensor:
+    """σ_t of Algorithm 2: √β̃_t ("fixed_small", the posterior's) or √β_t ("fixed_large", DDPM §3.2)."""
+    if variance_type == "fixed_large":
+        return (1.0 - alpha_bar / alpha_bar_prev).sqrt()
+    return posterior_variance(alpha_bar, alpha_bar_prev).clamp(min=MIN_VARIANCE).sqrt()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DDPMSampler(Sampler):
+    """Ancestral sampling x_{t−1} = μ̃_t(x_t, x̂_0) + σ_t z; settings as DDPMScheduler's config."""
+
+    variance_type: str = "fixed_small"
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+
+    name = "ddpm"
+    unsupported = {"thresholding": False}
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("variance_type", self.variance_type, VARIANCE_TYPES)
+
+    def timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        self._check_steps(num_inference_steps)
+        num_train = self.schedule.num_train_timesteps
+        return spaced_timesteps(self.timestep_spacing, num_train, num_inference_steps, self.steps_offset)
+
+    def coefficients(self, timesteps: torch.Tensor) -> dict[str, list]:
+        """Per-step ᾱ_t, c_0, c_t, σ_t (float64, once per call) and whether noise is added (t > 0, as diffusers)."""
+        alpha_bar = self.schedule.alphas_cumprod[timesteps]  # (n,)
+        alpha_bar_prev = previous_alpha_bars(self.schedule.alphas_cumprod, timesteps)  # (n,)
+        coef_x0, coef_xt = posterior_mean_coefficients(alpha_bar, alpha_bar_prev)
+        std = ancestral_std(alpha_bar, alpha_bar_prev, self.variance_type)
+        return dict(
+            alpha_bar=alpha_bar.tolist(), coef_x0=coef_x0.tolist(), coef_xt=coef_xt.tolist(),
+            std=std.tolist(), noisy=(timesteps > 0).tolist(),
+        )
+
+    def __call__(
+        self,
+        denoiser: Denoiser,
+        x_T: torch.Tensor,
+        timesteps: torch.Tensor,
+        generator: Generator = None,
+        callback: Optional[Callback] = None,
+    ) -> torch.Tensor:
+        timesteps = self._check_timesteps(timesteps)
+        c = self.coefficients(timesteps)
+        x = x_T.to(working_dtype(x_T))  # (B, C, H, W)
+        alpha_bar = per_step(c["alpha_bar"], x)  # (n,)
+        ts = timesteps.to(x.device)
+        r = self.clip_sample_range
+        for i in range(len(ts)):
+            # 1. x̂_0 from the network (DDPM eq. 15 for ε), clipped to [−r, r] if clip_sample
+            x0 = denoiser(x, ts[i], alpha_bar[i]).x0  # (B, C, H, W)
+            if self.clip_sample:
+                x0 = x0.clamp(-r, r)
+            # 2. μ̃_t(x_t, x̂_0) = c_0 x̂_0 + c_t x_t (DDPM eq. 7)
+            x = c["coef_x0"][i] * x0 + c["coef_xt"][i] * x
+            # 3. x_{t−1} = μ̃_t + σ_t z, z ~ N(0, I), except when t = 0 (Algorithm 2, lines 3–4)
+            if c["noisy"][i]:
+                x = x + c["std"][i] * randn(x.shape, generator, x.dtype, x.device)
+            x = after_step(callback, i, ts[i], x)
+        return x.to(x_T.dtype)

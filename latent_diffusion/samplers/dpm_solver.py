@@ -1,0 +1,192 @@
+"""DPM-Solver++ multistep (Lu et al. 2022, "DPM-Solver++"), data prediction, as diffusers' DPMSolverMultistepScheduler.
+
+Notation: α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t), λ_t = log(α_t/σ_t) (half log-SNR);
+step i goes from s = t_i to t = t_{i+1} (after the last timestep: σ = 0, or σ_min),
+h_i = λ_t − λ_s. With x̂_0 predictions m_0 (now), m_1, m_2 (earlier steps) each update is
+
+    x_t = (σ_t/σ_s) x_s + B m_0 + K_0 (m_0 − m_1) + K_1 (m_1 − m_2),
+
+with B, K_0, K_1 computed once per call from the λ grid (first order: K = 0).
+The default for Stable Diffusion is 2M with the midpoint rule and first order
+at the end (DPM++ 2M).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+
+from .base import Callback, Denoiser, Generator, Sampler, after_step, check_choice, per_step, working_dtype
+from .timesteps import solver_timesteps
+
+ZERO_SNR_ALPHA_BAR = 2.0**-24  # ᾱ_T = 0 has λ_T = −∞; diffusers' DPM solver uses 2⁻²⁴ instead
+
+
+def half_log_snr(alpha: float, sigma: float) -> float:
+    """λ = log α − log σ, half the log-SNR (Lu et al. 2022, DPM-Solver §3.1); +∞ at σ = 0."""
+    return math.inf if sigma == 0.0 else math.log(alpha) - math.log(sigma)
+
+
+def first_order_coefficients(h: float, alpha_t: float, sigma_t: float, sigma_s: float) -> tuple[float, float]:
+    """DPM-Solver++(1), the first-order exponential integrator (= DDIM, η = 0): x_t = (σ_t/σ_s) x_s − α_t (e^{−h} − 1) D_0.
+
+    Returns (A, B) = (σ_t/σ_s, −α_t (e^{−h} − 1)).
+    """
+    return sigma_t / sigma_s, -alpha_t * math.expm1(-h)  # h = +∞ (σ_t = 0): x_t = α_t D_0
+
+
+def second_order_coefficient(h: float, r0: float, alpha_t: float, solver_type: str) -> float:
+    """K_0 of 2M, D_1 = (m_0 − m_1)/r_0 with r_0 = h_{i−1}/h_i (DPM-Solver++ Algorithm 2).
+
+    midpoint: x_t −= ½ α_t (e^{−h} − 1) D_1;   heun: x_t += α_t ((e^{−h} − 1)/h + 1) D_1.
+    """
+    if solver_type == "midpoint":
+        return -0.5 * alpha_t * math.expm1(-h) / r0
+    return alpha_t * (math.expm1(-h) / h + 1.0) / r0
+
+
+def third_order_coefficients(h: float, r0: float, r1: float, alpha_t: float) -> tuple[float, float]:
+    """K_0, K_1 of 3M (Lu et al. 2022, DPM-Solver++(3M), the multistep form of DPM-Solver-3).
+
+    D1_0 = (m_0 − m_1)/r_0, D1_1 = (m_1 − m_2)/r_1, D_1 = D1_0 + r_0/(r_0 + r_1)(D1_0 − D1_1),
+    D_2 = (D1_0 − D1_1)/(r_0 + r_1);  x_t += α_t φ_2 D_1 − α_t φ_3 D_2 with
+    φ_2 = (e^{−h} − 1)/h + 1, φ_3 = (e^{−h} − 1 + h)/h² − ½.
+    """
+    phi_2 = math.expm1(-h) / h + 1.0
+    phi_3 = (math.expm1(-h) + h) / h**2 - 0.5
+    c_d1, c_d2 = alpha_t * phi_2, -alpha_t * phi_3
+    k0 = c_d1 * (1.0 / r0 + 1.0 / (r0 + r1)) + c_d2 / (r0 * (r0 + r1))
+    k1 = -c_d1 * r0 / (r1 * (r0 + r1)) - c_d2 / (r1 * (r0 + r1))
+    return k0, k1
+
+
+def step_orders(
+    n: int, solver_order: int, lower_order_final: bool, euler_at_final: bool, final_zero: bool
+) -> list[int]:
+    """The order of each of n steps: warm up from 1, and lower it at the end as diffusers does.
+
+    The last step is first order with euler_at_final, when σ ends at 0, or (lower_order_final and n < 15);
+    the one before it is at most second order with lower_order_final and n < 15.
+    """
+    few = lower_order_final and n < 15
+    orders = []
+    for i in range(n):
+        if solver_order == 1 or i < 1 or (i == n - 1 and (euler_at_final or few or final_zero)):
+            orders.append(1)
+        elif solver_order == 2 or i < 2 or (i == n - 2 and few):
+            orders.append(2)
+        else:
+            orders.append(3)
+    return orders
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DPMSolverSampler(Sampler):
+    """DPM-Solver++(2M) by default; settings as DPMSolverMultistepScheduler's config (its default spacing: linspace)."""
+
+    timestep_spacing: str = "linspace"
+    solver_order: int = 2
+    algorithm_type: str = "dpmsolver++"
+    solver_type: str = "midpoint"
+    lower_order_final: bool = True
+    euler_at_final: bool = False
+    final_sigmas_type: str = "zero"
+    lambda_min_clipped: float = -math.inf
+
+    name = "dpm++"
+    unsupported = {
+        "thresholding": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+        "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
+        "use_dynamic_shifting": False, "variance_type": None,
+    }
+
+    def __post_init__(self):
+        super().__post_init__()
+        # diffusers reads DEIS's and UniPC's settings as plain DPM-Solver++ / midpoint; so do we
+        if self.algorithm_type == "deis":
+            object.__setattr__(self, "algorithm_type", "dpmsolver++")
+        if self.solver_type in ("logrho", "bh1", "bh2"):
+            object.__setattr__(self, "solver_type", "midpoint")
+        check_choice("algorithm_type", self.algorithm_type, ("dpmsolver++",))
+        check_choice("solver_type", self.solver_type, ("midpoint", "heun"))
+        check_choice("solver_order", self.solver_order, (1, 2, 3))
+        check_choice("final_sigmas_type", self.final_sigmas_type, ("zero", "sigma_min"))
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The schedule's ᾱ_t (float64), with a zero terminal ᾱ_T raised to 2⁻²⁴ so that λ_T is finite."""
+        alphas_cumprod = self.schedule.alphas_cumprod
+        if alphas_cumprod[-1] == 0:
+            alphas_cumprod = alphas_cumprod.clone()
+            alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
+        return alphas_cumprod
+
+    def timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        self._check_steps(num_inference_steps)
+        alphas_cumprod = self.alphas_cumprod()
+        lambdas = 0.5 * (alphas_cumprod.log() - (1.0 - alphas_cumprod).log())  # (T,) λ_t
+        clipped = int(torch.searchsorted(lambdas.flip(0), torch.tensor([self.lambda_min_clipped], dtype=lambdas.dtype)))
+        num_train = self.schedule.num_train_timesteps
+        last = num_train - clipped
+        steps = solver_timesteps(self.timestep_spacing, num_train, num_inference_steps, self.steps_offset, last)
+        if steps.unique().numel() < steps.numel():  # λ must strictly increase along the solver's grid
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} is too many for dpm++ with {self.timestep_spacing!r} "
+                f"spacing over {last} timesteps: some would repeat"
+            )
+        return steps
+
+    def coefficients(self, timesteps: torch.Tensor) -> dict[str, list]:
+        """ᾱ at each timestep and the update coefficients A = σ_t/σ_s, B, K_0, K_1 per step (float64, once per call)."""
+        alpha_bar = self.alphas_cumprod()[timesteps].tolist()  # (n,)
+        final = 1.0 if self.final_sigmas_type == "zero" else self.schedule.alphas_cumprod[0].item()
+        alphas = [math.sqrt(a) for a in alpha_bar + [final]]  # α at the n timesteps and the end
+        sigmas = [math.sqrt(1.0 - a) for a in alpha_bar + [final]]
+        lambdas = [half_log_snr(a, s) for a, s in zip(alphas, sigmas)]
+        n = len(alpha_bar)
+        h = [lambdas[i + 1] - lambdas[i] for i in range(n)]
+        orders = step_orders(n, self.solver_order, self.lower_order_final, self.euler_at_final,
+                             self.final_sigmas_type == "zero")
+        c = dict(alpha_bar=alpha_bar, order=orders, A=[], B=[], K0=[], K1=[])
+        for i in range(n):
+            a, b = first_order_coefficients(h[i], alphas[i + 1], sigmas[i + 1], sigmas[i])
+            k0 = k1 = 0.0
+            if orders[i] == 2:
+                k0 = second_order_coefficient(h[i], h[i - 1] / h[i], alphas[i + 1], self.solver_type)
+            elif orders[i] == 3:
+                k0, k1 = third_order_coefficients(h[i], h[i - 1] / h[i], h[i - 2] / h[i], alphas[i + 1])
+            for key, value in zip(("A", "B", "K0", "K1"), (a, b, k0, k1)):
+                c[key].append(value)
+        return c
+
+    def __call__(
+        self,
+        denoiser: Denoiser,
+        x_T: torch.Tensor,
+        timesteps: torch.Tensor,
+        generator: Generator = None,
+        callback: Optional[Callback] = None,
+    ) -> torch.Tensor:
+        """The ODE solver is deterministic: `generator` is accepted for the shared signature and unused."""
+        timesteps = self._check_timesteps(timesteps)
+        if (timesteps[1:] >= timesteps[:-1]).any():
+            raise ValueError(f"timesteps must be strictly decreasing for the dpm++ sampler, got {timesteps.tolist()}")
+        c = self.coefficients(timesteps)
+        x = x_T.to(working_dtype(x_T))  # (B, C, H, W)
+        alpha_bar = per_step(c["alpha_bar"], x)  # (n,)
+        ts = timesteps.to(x.device)
+        m1 = m2 = None  # x̂_0 of the previous two steps
+        for i in range(len(ts)):
+            # 1. data prediction m_0 = x̂_0(x_s, s) = (x_s − σ_s ε̂)/α_s (DPM-Solver++ §3)
+            m0 = denoiser(x, ts[i], alpha_bar[i]).x0  # (B, C, H, W)
+            # 2. first-order (exponential-integrator) part: x_t = (σ_t/σ_s) x_s − α_t (e^{−h} − 1) m_0
+            x_next = c["A"][i] * x + c["B"][i] * m0
+            # 3. multistep corrections from the divided differences of earlier x̂_0 (2M / 3M)
+            if c["order"][i] >= 2:
+                x_next = x_next + c["K0"][i] * (m0 - m1)
+            if c["order"][i] == 3:
+                x_next = x_next + c["K1"][i] * (m1 - m2)
+            m1, m2 = m0, m1
+            x = after_step(callback, i, ts[i], x_next)
+        return x.to(x_T.dtype)
