@@ -1,0 +1,368 @@
+"""Our samplers against diffusers' schedulers, number for number, on full sampling loops.
+
+Each test builds a diffusers scheduler (DDPMScheduler, DDIMScheduler,
+DPMSolverMultistepScheduler) and our sampler from the same config dict, runs
+both full loops with the same deterministic fake network and, where the
+sampler is stochastic, the same generator seed, and asks for max |Δ| < 1e-5.
+
+diffusers computes its schedule in float32, ours is float64, so their raw
+outputs differ at ~1e-6 relative (test_math.py checks the schedules against
+each other at that level). To compare the *sampler* math at 1e-5, the
+diffusers scheduler's betas / alphas / alphas_cumprod (and, for DPM-Solver,
+alpha_t / sigma_t / lambda_t and, after set_timesteps, sigmas) are replaced by
+float64 values from our `NoiseSchedule` of the same config before its loop
+runs (`use_float64`). Everything else -- timesteps, step rules, noise draws --
+is diffusers' own. (DPMSolverMultistepScheduler.step still rounds x_t to
+float32 before its update; with O(1) samples that costs ~1e-7, well inside 1e-5.)
+"""
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from latent_diffusion.samplers import SAMPLER_NAMES, Denoiser, Prediction, get_sampler
+from latent_diffusion.schedules import NoiseSchedule
+
+# diffusers' DPM set_timesteps calls np.array on our float64 tensor; harmless
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+THEIRS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+          set_alpha_to_one=False, steps_offset=1)
+BETAS = {
+    "linear": dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear"),
+    "scaled_linear": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
+    "squaredcos_cap_v2": dict(beta_schedule="squaredcos_cap_v2"),
+}
+SHAPE = (2, 3, 4, 4)
+TOL = 1e-5
+
+
+def fake_model_for(schedule, mu=0.3, s=0.5):
+    """A deterministic stand-in for the UNet: the exact denoiser for data x_0 ~ N(μ, s²), plus a smooth
+    non-linear error, emitted as ε, v or x_0 per `schedule.prediction_type`.
+
+    E[x_0 | x_t] = μ + α s² (x_t − α μ) / (α² s² + σ²) with α = √ᾱ_t, σ = √(1 − ᾱ_t): like a trained
+    network its x̂_0 stays bounded, so final samples are O(1) for every schedule and prediction type.
+    """
+    alphas_cumprod = schedule.alphas_cumprod
+
+    def model_fn(x, t):
+        ab = alphas_cumprod[int(t)].item()
+        alpha, sigma = math.sqrt(ab), math.sqrt(1.0 - ab)
+        t = float(t)
+        x0 = mu + alpha * s**2 * (x - alpha * mu) / (alpha**2 * s**2 + sigma**2)
+        x0 = x0 + 0.2 * torch.tanh(x) * math.cos(t / 350) + 0.05 * math.sin(t / 90)  # (B, C, H, W)
+        eps = (x - alpha * x0) / sigma
+        outputs = {"epsilon": eps, "v_prediction": alpha * eps - sigma * x0, "sample": x0}
+        return outputs[schedule.prediction_type]
+
+    return model_fn
+
+
+def x_T(dtype=torch.float64, seed=0):
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def use_float64(scheduler, schedule):
+    """Swap diffusers' float32 schedule tensors for float64 ones from the same config (before set_timesteps)."""
+    alphas_cumprod = schedule.alphas_cumprod.clone()
+    scheduler.betas = schedule.betas.clone()
+    scheduler.alphas = 1.0 - scheduler.betas
+    if isinstance(scheduler, DDIMScheduler):
+        final = 1.0 if scheduler.config.set_alpha_to_one else alphas_cumprod[0].item()
+        scheduler.final_alpha_cumprod = torch.tensor(final, dtype=torch.float64)
+    if isinstance(scheduler, DPMSolverMultistepScheduler):
+        if scheduler.config.rescale_betas_zero_snr:
+            alphas_cumprod[-1] = 2**-24  # as diffusers does
+        scheduler.alpha_t = alphas_cumprod.sqrt()
+        scheduler.sigma_t = (1 - alphas_cumprod).sqrt()
+        scheduler.lambda_t = scheduler.alpha_t.log() - scheduler.sigma_t.log()
+        scheduler.sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+    scheduler.alphas_cumprod = alphas_cumprod
+
+
+def use_float64_sigmas(scheduler):
+    """DPM-Solver: set_timesteps cast its sigmas to float32; recompute them in float64 at its timesteps."""
+    ab = scheduler.alphas_cumprod
+    last = 0.0 if scheduler.config.final_sigmas_type == "zero" else ((1 - ab[0]) / ab[0]).sqrt().item()
+    sigmas = ((1 - ab[scheduler.timesteps]) / ab[scheduler.timesteps]).sqrt()
+    scheduler.sigmas = torch.cat([sigmas, torch.tensor([last], dtype=torch.float64)])
+
+
+def run_theirs(name, config, steps, x, seed=None, eta=None, intervene=None):
+    """diffusers' loop: set_timesteps, then step() per timestep; `intervene(i, x)` may replace x after step i."""
+    schedule = NoiseSchedule.from_config(config)
+    scheduler = THEIRS[name].from_config(config)
+    use_float64(scheduler, schedule)
+    scheduler.set_timesteps(steps)
+    if name == "dpm++":
+        use_float64_sigmas(scheduler)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    kwargs = {} if eta is None else {"eta": eta}
+    fake_model = fake_model_for(schedule)
+    x = x.clone()
+    for i, t in enumerate(scheduler.timesteps):
+        x = scheduler.step(fake_model(x, t), t, x, generator=generator, **kwargs).prev_sample
+        if intervene is not None:
+            x = intervene(i, x)
+    return scheduler.timesteps, x
+
+
+def run_ours(name, config, steps, x, seed=None, callback=None, **overrides):
+    schedule = NoiseSchedule.from_config(config)
+    sampler = get_sampler(name, schedule, **overrides)
+    timesteps = sampler.timesteps(steps)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    denoiser = Denoiser(fake_model_for(schedule), schedule)
+    return timesteps, sampler(denoiser, x, timesteps, generator=generator, callback=callback)
+
+
+def assert_matches(name, config, steps, seed=0, eta=None):
+    overrides = {} if eta is None else {"eta": eta}
+    ts_theirs, theirs = run_theirs(name, config, steps, x_T(), seed=seed, eta=eta)
+    ts_ours, ours = run_ours(name, config, steps, x_T(), seed=seed, **overrides)
+    assert torch.equal(ts_ours, ts_theirs)
+    assert torch.isfinite(theirs).all()
+    err = (ours - theirs).abs().max().item()
+    assert err < TOL, f"{name} {config} steps={steps}: max |diff| {err:.3g}"
+
+
+# ----- full loops against diffusers ---------------------------------------------------------------------------
+
+CASES = [
+    (name, eta)
+    for name in SAMPLER_NAMES
+    for eta in ((None,) if name != "ddim" else (0.0, 0.6))
+]
+
+
+@pytest.mark.parametrize("name,eta", CASES)
+@pytest.mark.parametrize("betas", list(BETAS))
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loop_matches_diffusers(name, eta, betas, spacing, prediction_type):
+    config = {**SD, **BETAS[betas], "prediction_type": prediction_type, "timestep_spacing": spacing}
+    for steps in (1, 4, 10, 20):  # < 15 and >= 15 for DPM++'s lower_order_final
+        assert_matches(name, config, steps, eta=eta)
+
+
+# ε-prediction cannot give x̂_0 at ᾱ_T = 0 (nor can diffusers); only DPM-Solver++, at ᾱ_T = 2⁻²⁴, runs it
+ZERO_SNR_CASES = [(name, eta, "v_prediction") for name, eta in CASES] + [("dpm++", None, "epsilon")]
+
+
+@pytest.mark.parametrize("name,eta,prediction_type", ZERO_SNR_CASES)
+def test_zero_terminal_snr_trailing(name, eta, prediction_type):
+    """rescale_betas_zero_snr: ᾱ_T = 0 (DDPM, DDIM) or 2⁻²⁴ (DPM-Solver++), with trailing spacing as recommended."""
+    config = {**SD, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": prediction_type}
+    for steps in (3, 10, 25):
+        assert_matches(name, config, steps, eta=eta)
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_diffusers_default_settings(name, prediction_type):
+    """A config with only the betas: each sampler takes its diffusers class's defaults (clip_sample=True, ...)."""
+    config = {**BETAS["linear"], "prediction_type": prediction_type}
+    for steps in (5, 16):
+        assert_matches(name, config, steps)
+
+
+@pytest.mark.parametrize("extra", [
+    dict(variance_type="fixed_large"),
+    dict(variance_type="fixed_small_log"),
+    dict(clip_sample=True, clip_sample_range=0.5),
+    dict(timestep_spacing="leading", steps_offset=0),
+])
+def test_ddpm_settings(extra):
+    for steps in (7, 30):
+        assert_matches("ddpm", {**SD, **extra}, steps)
+
+
+@pytest.mark.parametrize("extra", [dict(set_alpha_to_one=True), dict(clip_sample=True, clip_sample_range=1.5)])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_settings(extra, eta):
+    for steps in (7, 30):
+        assert_matches("ddim", {**SD, **extra}, steps, eta=eta)
+
+
+@pytest.mark.parametrize("extra", [
+    dict(solver_order=1),
+    dict(solver_order=3),
+    dict(solver_order=3, lower_order_final=False, final_sigmas_type="sigma_min"),
+    dict(solver_type="heun"),
+    dict(lower_order_final=False),
+    dict(euler_at_final=True, final_sigmas_type="sigma_min"),
+    dict(final_sigmas_type="sigma_min"),
+    dict(final_sigmas_type="sigma_min", lower_order_final=False),
+    dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1),
+    dict(algorithm_type="deis", solver_type="logrho", final_sigmas_type="sigma_min"),  # a DEIS config
+])
+def test_dpm_solver_settings(extra):
+    for steps in (5, 12, 20):
+        assert_matches("dpm++", {**SD, "timestep_spacing": "linspace", **extra}, steps)
+
+
+# ----- timesteps ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps_offset", [0, 1])
+def test_timesteps_match_diffusers(name, spacing, steps_offset):
+    config = {**SD, "timestep_spacing": spacing, "steps_offset": steps_offset}
+    sampler = get_sampler(name, NoiseSchedule.from_config(config))
+    scheduler = THEIRS[name].from_config(config)
+    for steps in (1, 2, 3, 7, 10, 15, 25, 50, 100, 333, 999):
+        scheduler.set_timesteps(steps)
+        ours = sampler.timesteps(steps)
+        assert ours.dtype == torch.long and ours.ndim == 1
+        assert torch.equal(ours, scheduler.timesteps), (steps, ours, scheduler.timesteps)
+
+
+def test_timesteps_default_spacing_per_sampler():
+    """Without timestep_spacing in the config, each sampler takes its diffusers class's default."""
+    config = dict(SD)
+    for name in SAMPLER_NAMES:
+        scheduler = THEIRS[name].from_config(config)
+        scheduler.set_timesteps(10)
+        assert torch.equal(get_sampler(name, NoiseSchedule.from_config(config)).timesteps(10), scheduler.timesteps)
+
+
+def test_trailing_keeps_n_steps_where_numpy_adds_one():
+    """For n = 61 numpy's float arange yields n + 1 points, so diffusers returns a trailing −1; we keep n."""
+    config = {**SD, "timestep_spacing": "trailing"}
+    scheduler = DDIMScheduler.from_config(config)
+    scheduler.set_timesteps(61)
+    ours = get_sampler("ddim", NoiseSchedule.from_config(config)).timesteps(61)
+    assert len(ours) == 61 and ours.min() >= 0
+    assert torch.equal(ours, scheduler.timesteps[:61])
+
+
+# ----- the call: callback, generators, dtypes, re-entrancy ------------------------------------------------------
+
+@pytest.mark.parametrize("name,eta", CASES)
+def test_callback_called_and_can_replace_x(name, eta):
+    config = {**SD, "timestep_spacing": "trailing"}
+    overrides = {} if eta is None else {"eta": eta}
+    calls = []
+
+    def halve_at_two(i, x):
+        return x * 0.5 if i == 2 else x
+
+    def callback(i, t, x):
+        calls.append((i, int(t), x.shape))
+        return halve_at_two(i, x) if i == 2 else None
+
+    timesteps, theirs = run_theirs(name, config, 8, x_T(), seed=3, eta=eta, intervene=halve_at_two)
+    _, ours = run_ours(name, config, 8, x_T(), seed=3, callback=callback, **overrides)
+    assert calls == [(i, int(t), SHAPE) for i, t in enumerate(timesteps)]
+    assert (ours - theirs).abs().max() < TOL
+
+
+@pytest.mark.parametrize("name,eta", [("ddpm", None), ("ddim", 0.8)])
+def test_list_of_generators_seeds_each_item(name, eta):
+    """One generator per batch item: each item is what a batch of one with that seed gives, as in diffusers."""
+    config = {**SD, "timestep_spacing": "trailing"}
+    schedule = NoiseSchedule.from_config(config)
+    sampler = get_sampler(name, schedule, **({} if eta is None else {"eta": eta}))
+    timesteps, denoiser, x = sampler.timesteps(6), Denoiser(fake_model_for(schedule), schedule), x_T()
+    batch = sampler(denoiser, x, timesteps, generator=[torch.Generator().manual_seed(s) for s in (5, 6)])
+    for b, seed in enumerate((5, 6)):
+        single = sampler(denoiser, x[b : b + 1], timesteps, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(batch[b : b + 1], single)
+    scheduler = THEIRS[name].from_config(config)
+    use_float64(scheduler, schedule)
+    scheduler.set_timesteps(6)
+    generators, theirs = [torch.Generator().manual_seed(s) for s in (5, 6)], x.clone()
+    fake_model, kwargs = fake_model_for(schedule), {} if eta is None else {"eta": eta}
+    for t in scheduler.timesteps:
+        theirs = scheduler.step(fake_model(theirs, t), t, theirs, generator=generators, **kwargs).prev_sample
+    assert (batch - theirs).abs().max() < TOL
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_reentrant_and_inputs_untouched(name):
+    schedule = NoiseSchedule.from_config(SD)
+    sampler = get_sampler(name, schedule, **({"eta": 0.5} if name == "ddim" else {}))
+    before = repr(sampler)
+    x, timesteps = x_T(), sampler.timesteps(5)
+    x_copy, ts_copy = x.clone(), timesteps.clone()
+    denoiser = Denoiser(fake_model_for(schedule), schedule)
+    run = lambda: sampler(denoiser, x, timesteps, generator=torch.Generator().manual_seed(1))  # noqa: E731
+    first, second = run(), run()
+    assert torch.equal(first, second)
+    assert torch.equal(x, x_copy) and torch.equal(timesteps, ts_copy) and repr(sampler) == before
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_float32_in_float32_out(name):
+    schedule = NoiseSchedule.from_config(SD)
+    sampler = get_sampler(name, schedule)
+    timesteps, denoiser = sampler.timesteps(10), Denoiser(fake_model_for(schedule), schedule)
+    out32 = sampler(denoiser, x_T(torch.float32), timesteps, generator=torch.Generator().manual_seed(0))
+    out64 = sampler(denoiser, x_T(torch.float32).double(), timesteps, generator=torch.Generator().manual_seed(0))
+    assert out32.dtype == torch.float32
+    # the float32 run draws float32 noise from the same seed, so compare the deterministic samplers only
+    if name != "ddpm":
+        assert (out32.double() - out64).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_denoiser_gives_consistent_eps_and_x0(prediction_type):
+    schedule = NoiseSchedule.from_config({**SD, "prediction_type": prediction_type})
+    x, t = x_T(), torch.tensor(500)
+    pred = Denoiser(fake_model_for(schedule), schedule)(x, t)
+    assert isinstance(pred, Prediction)
+    ab = schedule.alphas_cumprod[500]
+    assert torch.allclose(ab.sqrt() * pred.x0 + (1 - ab).sqrt() * pred.eps, x)  # x_t = √ᾱ x_0 + √(1−ᾱ) ε
+    same = Denoiser(fake_model_for(schedule), schedule)(x, t, alpha_bar=ab.reshape(1, 1, 1, 1))
+    assert torch.equal(same.x0, pred.x0)
+
+
+# ----- errors ---------------------------------------------------------------------------------------------------
+
+def test_unknown_sampler_names_the_argument():
+    with pytest.raises(ValueError, match="sampler.*ddpm.*ddim.*dpm\\+\\+"):
+        get_sampler("euler", NoiseSchedule.from_config(SD))
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@pytest.mark.parametrize("steps", [0, -3, 1001, 2.5, True])
+def test_bad_num_inference_steps(name, steps):
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        get_sampler(name, NoiseSchedule.from_config(SD)).timesteps(steps)
+
+
+@pytest.mark.parametrize("name,config", [
+    ("ddpm", dict(thresholding=True)),
+    ("ddim", dict(thresholding=True)),
+    ("dpm++", dict(thresholding=True)),
+    ("ddpm", dict(variance_type="learned_range")),
+    ("dpm++", dict(use_karras_sigmas=True)),
+    ("dpm++", dict(algorithm_type="sde-dpmsolver++")),
+    ("dpm++", dict(algorithm_type="dpmsolver")),
+    ("dpm++", dict(solver_order=4)),
+    ("dpm++", dict(final_sigmas_type="sigma_max")),
+    ("ddim", dict(timestep_spacing="karras")),
+])
+def test_unsupported_config_is_a_clear_error(name, config):
+    key = next(iter(config))
+    with pytest.raises(ValueError, match=key):
+        get_sampler(name, NoiseSchedule.from_config({**SD, **config}))
+
+
+def test_bad_overrides_and_timesteps():
+    schedule = NoiseSchedule.from_config(SD)
+    with pytest.raises(ValueError, match="eta"):
+        get_sampler("ddpm", schedule, eta=0.5)  # DDPM has no eta
+    with pytest.raises(ValueError, match="eta"):
+        get_sampler("ddim", schedule, eta=-1.0)
+    sampler = get_sampler("ddim", schedule)
+    with pytest.raises(ValueError, match="timesteps"):
+        sampler(Denoiser(fake_model_for(schedule), schedule), x_T(), torch.tensor([1000, 500]))
+    dpm = get_sampler("dpm++", schedule, timestep_spacing="leading")
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        dpm.timesteps(1000)  # ⌊1000/1001⌋ = 0: every timestep would be the same
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        dpm(Denoiser(fake_model_for(schedule), schedule), x_T(), torch.tensor([500, 500, 1]))
