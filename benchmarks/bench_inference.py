@@ -4,8 +4,10 @@
 
 For each sampler, both pipelines generate the same prompt with the same seed,
 equivalent scheduler and step count; runs alternate between the two so that
-machine noise hits both alike. Prints the median time per image of each, the
-ratio ours/diffusers, and the max pixel difference of their outputs.
+machine noise hits both alike. Prints the median warm time per image of each,
+the ratio ours/diffusers, the max pixel difference of their outputs, and the
+time of our first call, which includes tracing the UNet once (see
+latent_diffusion/tracing.py).
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ def bench_sampler(folder: str, sampler: str, steps: int, guidance: float, repeat
         theirs_t.append(t_b)
     ours_s, theirs_s = statistics.median(ours_t[1:]), statistics.median(theirs_t[1:])
     return dict(sampler=sampler, ours=ours_s, diffusers=theirs_s, ratio=ours_s / theirs_s,
-                max_pixel_diff=float(np.abs(a - b).max() * 255))
+                max_pixel_diff=float(np.abs(a - b).max() * 255), ours_first=ours_t[0], diffusers_first=theirs_t[0])
 
 
 def main() -> None:
@@ -76,11 +78,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     folder = args.model or tiny_folder()
     print(f"torch threads: {torch.get_num_threads()}, steps: {args.steps}, guidance: {args.guidance}")
-    print("| sampler | ours s/image | diffusers s/image | ratio ours/diffusers | max pixel diff (0-255) |")
-    print("|---|---|---|---|---|")
+    print("| sampler | ours s/image | diffusers s/image | ratio ours/diffusers | max pixel diff (0-255) "
+          "| first call ours (incl. trace) / diffusers |")
+    print("|---|---|---|---|---|---|")
     for sampler in PEERS:
         r = bench_sampler(folder, sampler, args.steps, args.guidance, args.repeats)
-        print(f"| {r['sampler']} | {r['ours']:.4f} | {r['diffusers']:.4f} | {r['ratio']:.3f} | {r['max_pixel_diff']:.2f} |")
+        print(f"| {r['sampler']} | {r['ours']:.4f} | {r['diffusers']:.4f} | {r['ratio']:.3f} | {r['max_pixel_diff']:.2f} "
+              f"| {r['ours_first']:.3f} s / {r['diffusers_first']:.3f} s |")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from latent_diffusion.conditioning import count_chunks, decode_latents, encode_p
 from latent_diffusion.guidance import guide
 from latent_diffusion.samplers import SAMPLER_NAMES, Denoiser, get_sampler
 from latent_diffusion.schedules import NoiseSchedule
+from latent_diffusion.tracing import TracedUNet
 from latent_diffusion.utils import randn
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -55,6 +56,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         self.generation_defaults = dict(FALLBACK_DEFAULTS)
+        self.trace_unet = os.environ.get("LATENT_DIFFUSION_TRACE", "1") != "0"
+        self._traced_unet: Optional[TracedUNet] = None
 
     # ----- loading and saving -------------------------------------------------------------------------------
 
@@ -186,14 +189,25 @@ class LatentDiffusionPipeline(DiffusionPipeline):
 
     # ----- pieces of the call -------------------------------------------------------------------------------
 
+    def traced_unet(self) -> TracedUNet:
+        """The UNet runner of this pipeline: a replayed trace per input signature unless `trace_unet` is False.
+
+        Set `pipe.trace_unet = False` (or LATENT_DIFFUSION_TRACE=0) to run the UNet module eagerly, e.g.
+        while debugging inside it; call `pipe.traced_unet().clear()` after changing the UNet's structure.
+        """
+        if self._traced_unet is None or self._traced_unet.unet is not self.unet:
+            self._traced_unet = TracedUNet(self.unet)
+        self._traced_unet.enabled = self.trace_unet
+        return self._traced_unet
+
     def _guided_unet(self, context: torch.Tensor, scale: float, rescale: float) -> Callable:
         """model_fn(x_t, t) for the Denoiser: one UNet call on [x_t; x_t] and CFG when guiding, else one plain call."""
-        unet = self.unet
+        unet, dtype = self.traced_unet(), self.unet.dtype
         guided = scale != 1.0  # encode_prompt added the unconditional half exactly then
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x_in = torch.cat([x, x]) if guided else x  # (2B or B, C, h, w)
-            out = unet(x_in.to(unet.dtype), t, encoder_hidden_states=context, return_dict=False)[0]
+            out = unet(x_in.to(dtype), t, context)
             return guide(out, scale, rescale).to(x.dtype) if guided else out.to(x.dtype)
 
         return model_fn

@@ -102,6 +102,7 @@ def test_output_types(sd_folder):
 
 def test_guidance_one_runs_conditional_branch_only(sd_folder):
     pipe = load_ours(sd_folder)
+    pipe.trace_unet = False  # module hooks see eager calls only
     calls = []
     hook = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     try:
@@ -110,6 +111,20 @@ def test_guidance_one_runs_conditional_branch_only(sd_folder):
     finally:
         hook.remove()
     assert calls == [1, 1, 1, 2, 2, 2]
+
+
+def test_traced_unet_gives_the_eager_image_and_is_reused(sd_folder):
+    pipe = load_ours(sd_folder)
+    pipe.trace_unet = False
+    eager = generate(pipe, sampler="dpm++")
+    pipe.trace_unet = True
+    traced = generate(pipe, sampler="dpm++")
+    traced_again = generate(pipe, sampler="dpm++", seed=1)
+    assert np.array_equal(eager, traced)
+    assert len(pipe.traced_unet()._traces) == 1  # one input signature, traced once
+    assert not np.array_equal(traced, traced_again)
+    generate(pipe, height=48)
+    assert len(pipe.traced_unet()._traces) == 2
 
 
 def test_callback_sees_every_step_and_can_replace_latents(sd_folder):
