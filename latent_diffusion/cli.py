@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate(commands)
     _add_shapes_export(commands)
+    _add_eval(commands)
     return parser
 
 
@@ -92,6 +93,74 @@ def output_paths(output: str, n: int) -> list[Path]:
     if n == 1:
         return [path]
     return [path.with_name(f"{path.stem}-{k}{path.suffix or '.png'}") for k in range(n)]
+
+
+def _add_eval(commands) -> None:
+    p = commands.add_parser(
+        "eval", help="quality report over sampler settings: Shapes adherence, FID/FD-CLIP, CLIP score, speed, memory",
+        description="Generate one image per (prompt, seed) for every setting (sampler, steps, guidance), score them "
+                    "and write report.md, results.json, grids and plots into --out. Rerunning resumes.")
+    p.add_argument("--model", default=None, help="diffusers folder or Hub id (default: the embedded Shapes model)")
+    p.add_argument("--prompts", default=None,
+                   help="prompt file: one per line, or JSONL {\"prompt\", \"categories\"} (default: Shapes prompts)")
+    p.add_argument("--num-prompts", type=int, default=100, help="Shapes evaluation prompts when --prompts is not given")
+    p.add_argument("--prompt-seed", type=int, default=0, help="seed of the Shapes evaluation prompt list")
+    p.add_argument("--samplers", nargs="+", default=None, help="ddpm ddim dpm++ (default: the model's)")
+    p.add_argument("--steps", nargs="+", type=int, default=None, help="step counts (default: the model's)")
+    p.add_argument("--guidance", nargs="+", type=float, default=None, help="guidance scales (default: the model's)")
+    p.add_argument("--settings", nargs="+", default=None, metavar="SAMPLER:STEPS[,STEPS...]",
+                   help="paired lists instead of --samplers/--steps, e.g. ddpm:1000,250,50 dpm++:20,10,5")
+    p.add_argument("--seeds", type=int, default=1, help="images per prompt and setting (seeds 0..N-1)")
+    p.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
+    p.add_argument("--reference", default=None, help="real images (folder) or an .npz of statistics, for FID/FD-CLIP")
+    p.add_argument("--clip", default=None, help="transformers CLIP model folder, for CLIP score and FD-CLIP")
+    p.add_argument("--fid-weights", default=None,
+                   help="FID Inception weights file (default: $LATENT_DIFFUSION_FID_WEIGHTS)")
+    p.add_argument("--out", default="eval", help="output folder (reused to resume)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps… (default: cuda when available)")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report in --out from saved images")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> list[Path]:
+    import torch
+
+    from latent_diffusion.evaluation import report
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    measures = lambda: report.QualityMeasures(args.reference, args.clip, args.fid_weights, device)  # noqa: E731
+    if args.report_only:
+        return report.rebuild_report(args.out, measures, progress=not args.quiet)[:2]
+    request = report.SettingsRequest.from_lists(args.samplers, args.steps, args.guidance, args.settings)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    prompts = (report.load_prompt_file(args.prompts) if args.prompts
+               else report.shapes_eval_prompts(args.num_prompts, args.prompt_seed))
+    pipe, model = _load_eval_pipeline(args.model)
+    pipe.to(device)
+    run = report.EvalRun(out_dir=Path(args.out), model=model, settings=request.settings(pipe.generation_defaults),
+                         prompts=prompts, seeds=list(range(args.seeds)), batch_size=args.batch_size,
+                         height=_eval_size(pipe, args.size), width=_eval_size(pipe, args.size))
+    return report.run_evaluation(pipe, run, measures, progress=not args.quiet)[:2]
+
+
+def _load_eval_pipeline(model: Optional[str]):
+    """The pipeline and the model's name as recorded in run.json (a local folder's absolute path)."""
+    from latent_diffusion.assets import default_model_path
+    from latent_diffusion.pipelines import LatentDiffusionPipeline
+
+    path = Path(model) if model else default_model_path()
+    name = str(path.resolve()) if path.exists() else str(model)
+    return LatentDiffusionPipeline.from_pretrained(str(path) if path.exists() else model), name
+
+
+def _eval_size(pipe, size: Optional[int]) -> int:
+    try:
+        return pipe._check_size("height", size)
+    except ValueError as error:
+        raise ValueError(f"--size: {error}") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

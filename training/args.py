@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_prompts", nargs="+", default=None)
     g.add_argument("--validation_steps", type=int, default=500)
     g.add_argument("--validation_metrics", nargs="*", default=[],
-                   help="names of registered validation metrics (training.validation.VALIDATION_METRICS)")
+                   help="names of registered validation metrics (training.validation.VALIDATION_METRICS): "
+                        "pixel_std, shapes_adherence (Shapes judge accuracy on Shapes validation prompts)")
     g.add_argument("--num_validation_inference_steps", type=int, default=25)
     g.add_argument("--validation_guidance_scale", type=float, default=7.5)
     g.add_argument("--sample_index_log", default=None,

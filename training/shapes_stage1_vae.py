@@ -3,8 +3,11 @@
     python training/shapes_stage1_vae.py --output_dir /work/runs/shapes/stage1 --max_train_steps 3000
 
 The VAE is a diffusers `AutoencoderKL` with 4 latent channels; the number of
-entries in `--block_out_channels` sets the downsampling factor
-(2^(n - 1): four entries give 8, so 64 px images become 8×8 latents).
+entries in `--block_out_channels` sets the downsampling factor 2^(n - 1):
+the default three give factor 4, so 64 px images become 16×16×4 latents.
+(Factor 8, "16,32,64,64", was measured first: after 1250 steps it had a PSNR
+of 22 dB and the Shapes scorer accepted 10% of its reconstructions, losing
+small shapes and confusing circles with squares; factor 4 keeps them.)
 Loss: L1 + L2 reconstruction on pixels in [-1, 1] plus `--kl_weight` times
 the KL divergence to N(0, I), small enough that the KL term only keeps the
 latents bounded and smooth rather than costing detail.
@@ -56,11 +59,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--eval_seed", type=int, default=2_000_003, help="seed of the test images (never trained on)")
     p.add_argument("--resolution", type=int, default=64)
     # model
-    p.add_argument("--block_out_channels", default="16,32,64,64",
+    p.add_argument("--block_out_channels", default="16,32,64",
                    help="comma-separated widths; n entries downsample by 2^(n-1)")
     p.add_argument("--layers_per_block", type=int, default=1)
     p.add_argument("--latent_channels", type=int, default=4)
-    p.add_argument("--norm_num_groups", type=int, default=16)
+    p.add_argument("--norm_num_groups", type=int, default=4,
+                   help="GroupNorm groups; keep several channels per group (one per group is instance norm, which "
+                   "erases the colour of flat images and leaves blob artifacts)")
     # optimisation
     p.add_argument("--train_batch_size", type=int, default=16)
     p.add_argument("--max_train_steps", type=int, default=3000)

@@ -1,14 +1,17 @@
 """Validation during training: sample the validation prompts, save a grid PNG, log images and metrics.
 
 Metrics are plain functions `fn(images, prompts) -> dict[str, float]` kept in
-`VALIDATION_METRICS` by name and chosen with `--validation_metrics NAME ...`.
+`VALIDATION_METRICS` by name and chosen with `--validation_metrics NAME ...`:
+"pixel_std" (flags collapsed samples) and "shapes_adherence" (the Shapes judge's
+accuracy on validation prompts in the Shapes grammar; use Shapes prompts, e.g.
+from `latent_diffusion.shapes.evaluation_prompts`).
 Register your own with the decorator:
 
     from latent_diffusion.training.validation import register_validation_metric
 
-    @register_validation_metric("shapes_adherence")
-    def shapes_adherence(images, prompts):
-        return {"adherence": ...}
+    @register_validation_metric("mean_brightness")
+    def mean_brightness(images, prompts):
+        return {"brightness": ...}
 """
 from __future__ import annotations
 
@@ -38,6 +41,16 @@ def register_validation_metric(name: str):
 def pixel_std(images: Sequence[Image.Image], prompts: Sequence[str]) -> dict:
     """Mean per-image pixel standard deviation in [0, 1]: near 0 flags collapsed, flat samples."""
     return {"pixel_std": float(np.mean([np.asarray(im, dtype=np.float32).std() / 255.0 for im in images]))}
+
+
+@register_validation_metric("shapes_adherence")
+def shapes_adherence(images: Sequence[Image.Image], prompts: Sequence[str]) -> dict:
+    """Shapes adherence of the images whose prompt parses in the Shapes grammar (others are skipped):
+    {"adherence": overall, "adherence_<category>": ..., "adherence_held_out": ...}, each the fraction judged
+    exactly as prompted by `latent_diffusion.shapes.score_images`; categories without prompts are left out."""
+    from latent_diffusion.evaluation.report import shapes_adherence as adherence
+
+    return adherence(images, prompts)
 
 
 def compute_metrics(names: Sequence[str], images: Sequence[Image.Image], prompts: Sequence[str]) -> dict:

@@ -1,0 +1,116 @@
+"""Smoke tests of the Shapes recipe's stages 0 (text) and 1 (VAE) at minuscule sizes, and of the base assembly."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from latent_diffusion.shapes import HELD_OUT_PAIRS, parse_prompt
+from latent_diffusion.training import shapes_recipe, shapes_stage0_text, shapes_stage1_vae
+
+STAGE0_TINY = [
+    "--tokenizer_corpus_size", "300", "--text_hidden_size", "16", "--text_layers", "1", "--text_heads", "2",
+    "--vision_hidden_size", "16", "--vision_layers", "1", "--vision_heads", "2", "--projection_dim", "8",
+    "--train_batch_size", "8", "--checkpointing_steps", "2", "--lr_warmup_steps", "1",
+    "--retrieval_candidates", "8", "--retrieval_groups", "1", "--num_threads", "1",
+]
+STAGE1_TINY = [
+    "--block_out_channels", "8,8", "--norm_num_groups", "4", "--resolution", "32", "--train_batch_size", "4",
+    "--checkpointing_steps", "2", "--lr_warmup_steps", "1", "--scale_images", "8", "--eval_images", "8",
+    "--eval_batch_size", "8", "--num_threads", "1",
+]
+
+
+@pytest.fixture(scope="module")
+def stage0_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage0")
+    shapes_stage0_text.main(["--output_dir", str(out), "--max_train_steps", "4", *STAGE0_TINY])
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage1")
+    shapes_stage1_vae.main(["--output_dir", str(out), "--max_train_steps", "2", *STAGE1_TINY])
+    return out
+
+
+def test_hard_negatives_are_false_grammatical_and_never_held_out():
+    rng = np.random.default_rng(0)
+    for text in ("a red circle above a blue square", "a small green circle on the left on a gray background",
+                 "an orange triangle to the left of a blue triangle on a white background", "a red square"):
+        for _ in range(20):
+            negative = shapes_stage0_text.hard_negative(text, rng)
+            spec = parse_prompt(negative)
+            assert negative != text
+            assert not any((o.colour, o.shape) in HELD_OUT_PAIRS for o in spec.objects)
+
+
+def test_stage0_saves_a_loadable_tokenizer_and_text_encoder(stage0_dir):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from latent_diffusion.conditioning import encode_prompts
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(stage0_dir / "tokenizer"))
+    text_encoder = CLIPTextModel.from_pretrained(str(stage0_dir / "text_encoder"))
+    assert text_encoder.config.max_position_embeddings == tokenizer.model_max_length == 32
+    assert "<|endoftext|>" not in tokenizer.tokenize("a cat, 2 dogs!")  # every character is in the alphabet
+    embeds = encode_prompts(tokenizer, text_encoder, ["a red circle above a blue square"])
+    assert embeds.shape == (1, 32, 16)
+    metrics = json.loads((stage0_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["eval"]["retrieval_top1_full_captions"] <= 1.0
+    assert metrics["eval"]["candidates"] == 8 and metrics["compute_s"] > 0
+
+
+def test_stage0_resumed_run_matches_an_uninterrupted_one(stage0_dir, tmp_path):
+    out = tmp_path / "resumed"
+    # BPE training breaks ties in no fixed order, so both runs share one tokenizer (a run reloads its own on resume)
+    shutil.copytree(stage0_dir / "tokenizer", out / "tokenizer")
+    assert shapes_stage0_text.main(["--output_dir", str(out), "--max_train_steps", "4", "--stop_after_steps", "2",
+                                    *STAGE0_TINY]) is None
+    shapes_stage0_text.main(["--output_dir", str(out), "--max_train_steps", "4", *STAGE0_TINY])
+    straight = load_file(str(stage0_dir / "checkpoints" / "checkpoint-4" / "model.safetensors"))
+    resumed = load_file(str(out / "checkpoints" / "checkpoint-4" / "model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+
+
+def test_stage1_saves_a_vae_with_its_measured_scaling_factor(stage1_dir):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(stage1_dir / "vae"))
+    metrics = json.loads((stage1_dir / "metrics.json").read_text())
+    assert vae.config.latent_channels == 4
+    assert vae.config.scaling_factor == pytest.approx(1.0 / metrics["latents"]["std"])
+    assert metrics["downsampling_factor"] == 2 and metrics["latents"]["latent_shape"] == [4, 16, 16]
+    assert metrics["eval"]["scorer_accuracy_ground_truth"] == 1.0
+    assert 0.0 <= metrics["eval"]["scorer_accuracy_reconstructions"] <= 1.0
+    assert metrics["eval"]["psnr_db"] > 0
+
+
+def test_base_folder_loads_in_the_pipeline_and_in_train_text2img(stage0_dir, stage1_dir, tmp_path):
+    from latent_diffusion.pipelines import LatentDiffusionPipeline
+    from latent_diffusion.training.components import load_components
+
+    unet_config = tmp_path / "unet.json"
+    config = json.loads(shapes_recipe.UNET_CONFIG.read_text())
+    config.update(block_out_channels=[32, 32, 32], cross_attention_dim=16, sample_size=16, attention_head_dim=[1, 1, 1])
+    unet_config.write_text(json.dumps(config))
+    base = shapes_recipe.assemble_base(stage0_dir, stage1_dir, unet_config, tmp_path / "base")
+    parts = load_components(str(base), skip=("unet",))
+    assert parts["scheduler"].config.prediction_type == "v_prediction"
+    assert parts["scheduler"].config.beta_schedule == "squaredcos_cap_v2"
+    pipe = LatentDiffusionPipeline.from_pretrained(str(base))
+    image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+
+def test_shipped_unet_config_fits_the_recipe():
+    config = json.loads(shapes_recipe.UNET_CONFIG.read_text())
+    args = shapes_stage0_text.parse_args(["--output_dir", "x"])
+    assert config["cross_attention_dim"] == args.text_hidden_size
+    assert config["sample_size"] == 64 // 2 ** (len(shapes_stage1_vae.parse_args(["--output_dir", "x"])
+                                                    .block_out_channels.split(",")) - 1)
