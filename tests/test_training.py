@@ -184,3 +184,31 @@ def test_two_processes_see_disjoint_rows_and_agree(sd_folder, data_dir, tmp_path
     assert len(epoch0) == 6  # 3 steps × 2 ranks cover 6 distinct rows of the 7 usable
     assert logs[0][-1].startswith("weights") and logs[0][-1] == logs[1][-1]
     assert (tmp_path / "out" / "model_index.json").is_file()
+
+
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+def test_push_to_hub_uploads_final_folder_and_checkpoint_weights(sd_folder, data_dir, cache_dir, tmp_path, monkeypatch):
+    """--push_to_hub and --push_checkpoints_to_hub through the real huggingface_hub client, to a local stand-in Hub."""
+    from huggingface_hub import constants
+    from hub_server import FakeHub
+
+    repo = "someone/trained-tiny"
+    with FakeHub() as fake:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest's offline mode blocks local calls too
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+        monkeypatch.setattr(constants, "ENDPOINT", fake.url)  # HfApi() defaults to the stand-in
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        train(sd_folder, data_dir, tmp_path / "out", "--max_train_steps", 1, "--checkpointing_steps", 1,
+              "--push_to_hub", "--push_checkpoints_to_hub", "--hub_model_id", repo, "--hub_token", "hf_fake",
+              cache_dir=cache_dir)
+        pushed = fake.files(repo)
+        assert fake.unhandled == [] and fake.errors == []
+    assert {"model_index.json", "README.md", "unet/diffusion_pytorch_model.safetensors",
+            "scheduler/scheduler_config.json"} <= set(pushed)
+    tokenizer_files = {f"tokenizer/{p.name}" for p in (tmp_path / "out" / "tokenizer").iterdir()}
+    assert tokenizer_files and tokenizer_files <= set(pushed)
+    assert "checkpoints/step-1/model.safetensors" in pushed
+    never = ("optimizer", "random_states", "scheduler.bin", "latent_cache/", "logs/", ".pkl", ".bin")
+    assert not [p for p in pushed if any(n in p for n in never)]
+    local = (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert pushed["unet/diffusion_pytorch_model.safetensors"] == local
