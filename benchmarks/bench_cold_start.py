@@ -12,8 +12,9 @@ Each run starts new processes (so nothing is cached in memory but the OS's file 
 4. the same worker with diffusers' `StableDiffusionPipeline` (same weights, the equivalent scheduler): the peer.
 
 Medians over `--runs`. `--threads N` sets OMP_NUM_THREADS in every process (on a shared, busy CPU,
-1 thread can be many times faster than 2). Without --model a tiny SD folder is built from config. Prints a markdown line for
-benchmarks/RESULTS.md with the ratio ours/diffusers of the time to first image (import + load + first image).
+1 thread can be many times faster than 2). Without --model a tiny SD folder is built from config.
+Prints a markdown line for benchmarks/RESULTS.md with the ratio ours/diffusers of the time to first image
+(import + load + first image).
 """
 from __future__ import annotations
 
@@ -148,7 +149,8 @@ def print_results(args: argparse.Namespace, m: dict, label: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="diffusers SD folder (default: tiny components built from config)")
+    parser.add_argument("--model", default=None,
+                        help="diffusers SD folder (default: tiny components built from config)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--sampler", default="dpm++", choices=sorted(PEER_SCHEDULERS))

@@ -108,7 +108,8 @@ def print_results(args: argparse.Namespace, ours: dict, theirs: dict, label: str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="diffusers SD folder (default: tiny components built from config)")
+    parser.add_argument("--model", default=None,
+                        help="diffusers SD folder (default: tiny components built from config)")
     parser.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--sampler", default="dpm++", choices=sorted(PEER_SCHEDULERS))

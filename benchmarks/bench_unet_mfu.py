@@ -1,6 +1,6 @@
 """Model FLOP utilisation (MFU) of one UNet step: analytic FLOPs / measured time, against this machine's matmul peak.
 
-    python benchmarks/bench_unet_mfu.py [--config training/shapes_unet_config.json | --model PATH]
+    python benchmarks/bench_unet_mfu.py [--config training/shapes_unet_config.json | sd15-scaled | --model PATH]
                                         [--batch 2] [--latent 8] [--seq-len 77] [--repeats 20] [--device cpu]
 
 FLOPs of one UNet forward are counted analytically with forward hooks, from
@@ -47,18 +47,17 @@ SD15_SCALED = dict(  # SD 1.5's layout, channels divided by 5 (rounded to multip
 
 def unet_config(args: argparse.Namespace) -> tuple[dict, str]:
     """(config dict, where it came from): --model's unet/config.json, --config, the Shapes config, or SD-1.5 scaled."""
+    if args.config == "sd15-scaled" or (not args.model and not args.config and not SHAPES_CONFIG.is_file()):
+        return dict(SD15_SCALED), "SD-1.5 layout, channels ÷5"
     if args.model:
         path = Path(args.model) / "unet" / "config.json"
-    elif args.config:
-        path = Path(args.config)
-    elif SHAPES_CONFIG.is_file():
-        path = SHAPES_CONFIG
     else:
-        return dict(SD15_SCALED), "SD-1.5 layout, channels ÷5"
+        path = Path(args.config) if args.config else SHAPES_CONFIG
     if not path.is_file():
         raise SystemExit(f"--config/--model: no UNet config at {path}")
-    config = json.loads(path.read_text())
-    return {k: v for k, v in config.items() if not k.startswith("_")}, str(path.relative_to(ROOT) if ROOT in path.resolve().parents else path)
+    config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    inside = ROOT in path.resolve().parents
+    return config, str(path.resolve().relative_to(ROOT) if inside else path)
 
 
 # ---------------------------------------------------------------- analytic FLOPs
@@ -176,7 +175,8 @@ def torch_counted_flops(unet: nn.Module, inputs: tuple) -> int | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="UNet config.json (default: the Shapes model's)")
+    parser.add_argument("--config", default=None,
+                        help="UNet config.json, or sd15-scaled (default: the Shapes model's)")
     parser.add_argument("--model", default=None, help="diffusers folder: use its unet/config.json")
     parser.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one guided step of one image)")
     parser.add_argument("--latent", type=int, default=None, help="latent side (default: the config's sample_size)")
@@ -233,8 +233,8 @@ def report(args, source, unet, inputs, flops, by_kind, torch_flops, seconds, pea
     print(f"MFU = {achieved / peak:.1%}")
     command = "python benchmarks/bench_unet_mfu.py " + " ".join(sys.argv[1:])
     print(f"| {source}, batch {args.batch}, latent {inputs[0].shape[-1]}, {args.device} | {flops / 1e9:.3f} GFLOP "
-          f"| {seconds * 1e3:.2f} ms | {achieved / 1e9:.2f} GFLOP/s | {peak / 1e9:.2f} GFLOP/s | **{achieved / peak:.1%}** "
-          f"| `{command.strip()}` |")
+          f"| {seconds * 1e3:.2f} ms | {achieved / 1e9:.2f} GFLOP/s | {peak / 1e9:.2f} GFLOP/s "
+          f"| **{achieved / peak:.1%}** | `{command.strip()}` |")
 
 
 if __name__ == "__main__":

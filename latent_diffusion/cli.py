@@ -134,8 +134,9 @@ def run_eval(args: argparse.Namespace) -> list[Path]:
     if args.report_only:
         return report.rebuild_report(args.out, measures, progress=not args.quiet)[:2]
     request = report.SettingsRequest.from_lists(args.samplers, args.steps, args.guidance, args.settings)
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    for flag, value in (("--seeds", args.seeds), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     prompts = (report.load_prompt_file(args.prompts) if args.prompts
                else report.shapes_eval_prompts(args.num_prompts, args.prompt_seed))
     pipe, model = _load_eval_pipeline(args.model)
