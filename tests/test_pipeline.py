@@ -127,6 +127,17 @@ def test_traced_unet_gives_the_eager_image_and_is_reused(sd_folder):
     assert len(pipe.traced_unet()._traces) == 2
 
 
+def test_tracing_is_automatic_by_unet_size(sd_folder, monkeypatch):
+    import latent_diffusion.pipelines.text2img as text2img
+
+    pipe = load_ours(sd_folder)
+    assert pipe.trace_unet is None and pipe.traced_unet().enabled  # a tiny UNet is traced
+    monkeypatch.setattr(text2img, "TRACE_MAX_PARAMETERS", 1000)
+    assert not pipe.traced_unet().enabled  # a "large" one runs eagerly
+    pipe.trace_unet = True
+    assert pipe.traced_unet().enabled
+
+
 def test_callback_sees_every_step_and_can_replace_latents(sd_folder):
     pipe = load_ours(sd_folder)
     seen = []
