@@ -5,7 +5,7 @@
 runs, each stage resumable and skipped when its output is complete:
 
     stage 0  text      tokenizer + CLIP text encoder, contrastive on Shapes       training/shapes_stage0_text.py
-    stage 1  vae       AutoencoderKL (factor 8, 4 channels) + scaling_factor      training/shapes_stage1_vae.py
+    stage 1  vae       AutoencoderKL (factor 4, 4 channels) + scaling_factor      training/shapes_stage1_vae.py
     base               WORK/base: tokenizer, text_encoder, vae, scheduler, an untrained UNet
                        (a complete diffusers folder, which train_text2img.py takes)
     data               WORK/data/train-64: the Shapes training set as an imagefolder
@@ -27,7 +27,7 @@ SNR), so sampling starts from pure noise and the solid black/white/gray
 backgrounds of Shapes come out at the right brightness, where SD's
 scaled-linear schedule leaves a low-frequency trace of the data at t = T;
 at SNR ≈ 0 ε-prediction cannot tell x_0 apart, v-prediction can; and
-cosine spends more of its steps at the middle SNRs where an 8×8 latent's
+cosine spends more of its steps at the middle SNRs where a 16×16 latent's
 layout is decided.
 """
 from __future__ import annotations
