@@ -85,7 +85,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     # stage 0 and 1 (their other settings are the scripts' defaults)
     p.add_argument("--stage0_steps", type=int, default=1500)
     p.add_argument("--stage0_batch_size", type=int, default=128)
-    p.add_argument("--stage1_steps", type=int, default=3000)
+    p.add_argument("--stage1_steps", type=int, default=5000)
     p.add_argument("--stage1_batch_size", type=int, default=16)
     # data and stage 2
     p.add_argument("--num_train_images", type=int, default=100_000)

@@ -1,6 +1,6 @@
 """Stage 1 of the Shapes recipe: a small `AutoencoderKL` trained on Shapes renders, and its latent scaling factor.
 
-    python training/shapes_stage1_vae.py --output_dir /work/runs/shapes/stage1 --max_train_steps 3000
+    python training/shapes_stage1_vae.py --output_dir /work/runs/shapes/stage1 --max_train_steps 5000
 
 The VAE is a diffusers `AutoencoderKL` with 4 latent channels; the number of
 entries in `--block_out_channels` sets the downsampling factor 2^(n - 1):
@@ -68,7 +68,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "erases the colour of flat images and leaves blob artifacts)")
     # optimisation
     p.add_argument("--train_batch_size", type=int, default=16)
-    p.add_argument("--max_train_steps", type=int, default=3000)
+    p.add_argument("--max_train_steps", type=int, default=5000)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--lr_warmup_steps", type=int, default=200)
     p.add_argument("--adam_weight_decay", type=float, default=0.0)
