@@ -5,15 +5,16 @@ Layout of one cache, `cache_dir/<key>/`:
     shard-00000-of-00002.safetensors   one per process that built it:
         indices        (n,)             dataset rows it holds (readable images only)
         unreadable     (u,)             dataset rows whose image could not be read
-        latent_mean    (n, 2, C, h, w)  scaled posterior mean of the VAE, [unflipped, flipped]
-        latent_std     (n, 2, C, h, w)  scaled posterior std, so every step draws a fresh z like the on-the-fly path
+        latent_mean    (n, S, C, h, w)  scaled posterior mean of the VAE: S = 2 [unflipped, flipped] when the
+                                        transform flips at random, else S = 1 [unflipped] (half the encoding)
+        latent_std     (n, S, C, h, w)  scaled posterior std, so every step draws a fresh z like the on-the-fly path
         text_embeds    (m, L, D)        every caption variant of those rows, in row order
         caption_counts (n,)             variants per row
     empty.safetensors                   embedding of the empty caption (L, D), for caption dropout
     manifest.json                       written last: the cache is complete when it exists
 
 The key hashes the VAE and text-encoder weights, the tokenizer, the
-resolution, the crop mode and the dataset fingerprint, so a change to any of
+resolution, the crop and flip modes and the dataset fingerprint, so a change to any of
 them selects a fresh folder and the cache is rebuilt. Images are cropped
 once: centred with `center_crop`, else at a fixed random offset per image.
 
@@ -60,7 +61,7 @@ def fingerprint_tokenizer(tokenizer) -> str:
 
 
 def cache_key(vae, text_encoder, tokenizer, *, resolution: int, center_crop: bool, dataset_fingerprint: str,
-              image_column: str = "image", caption_column: str = "text") -> str:
+              image_column: str = "image", caption_column: str = "text", random_flip: bool = True) -> str:
     """A short hex key naming everything the cached tensors depend on."""
     parts = dict(
         format=CACHE_FORMAT,
@@ -69,6 +70,7 @@ def cache_key(vae, text_encoder, tokenizer, *, resolution: int, center_crop: boo
         tokenizer=fingerprint_tokenizer(tokenizer),
         resolution=int(resolution),
         center_crop=bool(center_crop),
+        flipped=bool(random_flip),
         dataset=str(dataset_fingerprint),
         columns=[image_column, caption_column],
     )
@@ -106,8 +108,8 @@ class LatentCache:
 
     indices: torch.Tensor  # (N,) dataset rows
     unreadable: torch.Tensor  # (U,) dataset rows skipped
-    latent_mean: torch.Tensor  # (N, 2, C, h, w)
-    latent_std: torch.Tensor  # (N, 2, C, h, w)
+    latent_mean: torch.Tensor  # (N, S, C, h, w), S = 2 with mirrored latents, else 1
+    latent_std: torch.Tensor  # (N, S, C, h, w)
     text_embeds: torch.Tensor  # (M, L, D)
     caption_offsets: torch.Tensor  # (N + 1,) row i's variants are text_embeds[offsets[i]:offsets[i+1]]
     empty_embed: torch.Tensor  # (L, D)
@@ -200,14 +202,15 @@ def _encode_rows(dataset, rows, vae, text_encoder, tokenizer, transform, image_c
             kept.append(index)
         if pixels:
             batch = torch.stack(pixels)  # (b, 3, H, W)
-            mean, std = encode_latent_moments(vae, torch.cat([batch, batch.flip(-1)]))  # (2b, C, h, w)
-            means.append(torch.stack(mean.float().cpu().chunk(2), dim=1))  # (b, 2, C, h, w)
-            stds.append(torch.stack(std.float().cpu().chunk(2), dim=1))
+            sides = [batch, batch.flip(-1)] if transform.random_flip else [batch]
+            mean, std = encode_latent_moments(vae, torch.cat(sides))  # (S·b, C, h, w)
+            means.append(torch.stack(mean.float().cpu().chunk(len(sides)), dim=1))  # (b, S, C, h, w)
+            stds.append(torch.stack(std.float().cpu().chunk(len(sides)), dim=1))
             embeds.append(encode_captions(tokenizer, text_encoder, captions).cpu())
         if progress is not None:
             progress(len(rows[start:start + batch_size]))
     if not kept:  # an empty shard still has the right trailing shapes
-        means = stds = [_empty_latents(vae, transform.resolution)]
+        means = stds = [_empty_latents(vae, transform.resolution, 2 if transform.random_flip else 1)]
         embeds = [encode_captions(tokenizer, text_encoder, [""]).cpu()[:0]]
     return {
         "indices": torch.tensor(kept, dtype=torch.long),
@@ -219,9 +222,9 @@ def _encode_rows(dataset, rows, vae, text_encoder, tokenizer, transform, image_c
     }
 
 
-def _empty_latents(vae, resolution: int) -> torch.Tensor:
+def _empty_latents(vae, resolution: int, sides: int) -> torch.Tensor:
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    return torch.zeros(0, 2, vae.config.latent_channels, resolution // factor, resolution // factor)
+    return torch.zeros(0, sides, vae.config.latent_channels, resolution // factor, resolution // factor)
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: str) -> None:
@@ -249,6 +252,8 @@ class CachedSamples(torch.utils.data.Dataset):
     """
 
     def __init__(self, cache: LatentCache, random_flip: bool = False, caption_dropout: float = 0.0, seed: int = 0):
+        if random_flip and cache.latent_mean.shape[1] < 2:
+            raise ValueError("random_flip: this cache holds no mirrored latents (it was built without random_flip)")
         self.cache, self.random_flip, self.caption_dropout, self.seed = cache, random_flip, caption_dropout, seed
         self.row_of = {int(index): row for row, index in enumerate(cache.indices.tolist())}
 

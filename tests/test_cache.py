@@ -23,9 +23,10 @@ def dataset(tmp_path):
     return load_caption_dataset(train_data_dir=str(folder))
 
 
-def build(root, ds, parts, key="k", **kw):
+def build(root, ds, parts, key="k", random_flip=True, **kw):
+    transform = ImageTransform(32, center_crop=True, random_flip=random_flip)
     return build_or_load_cache(str(root), key, ds, vae=parts["vae"], text_encoder=parts["text_encoder"],
-                               tokenizer=parts["tokenizer"], transform=ImageTransform(32, center_crop=True),
+                               tokenizer=parts["tokenizer"], transform=transform,
                                image_column="image", caption_column="text", batch_size=2, **kw)
 
 
@@ -36,6 +37,7 @@ def test_key_changes_with_every_input(parts, dataset):
     changed = [
         cache_key(parts["vae"], parts["text_encoder"], parts["tokenizer"], **{**base, "resolution": 64}),
         cache_key(parts["vae"], parts["text_encoder"], parts["tokenizer"], **{**base, "center_crop": False}),
+        cache_key(parts["vae"], parts["text_encoder"], parts["tokenizer"], **{**base, "random_flip": False}),
         cache_key(parts["vae"], parts["text_encoder"], parts["tokenizer"],
                   **{**base, "dataset_fingerprint": dataset.select([0, 1])._fingerprint}),
     ]
@@ -91,6 +93,17 @@ def test_samples_flip_and_caption_dropout(tmp_path, parts, dataset):
     assert all(torch.equal(e, cache.empty_embed) for e in dropped["text_embeds"])
     empty = encode_captions(parts["tokenizer"], parts["text_encoder"], [""])[0]
     torch.testing.assert_close(cache.empty_embed, empty)
+
+
+def test_without_random_flip_the_cache_holds_only_unflipped_latents(tmp_path, parts, dataset):
+    flipping, _ = build(tmp_path / "a", dataset, parts)
+    plain, _ = build(tmp_path / "b", dataset, parts, random_flip=False)
+    assert plain.latent_mean.shape == (4, 1, 4, 16, 16) and plain.latent_std.shape == (4, 1, 4, 16, 16)
+    torch.testing.assert_close(plain.latent_mean[:, 0], flipping.latent_mean[:, 0], atol=1e-5, rtol=1e-5)
+    items = CachedSamples(plain, random_flip=False).__getitems__([(0, e) for e in range(4)])
+    assert all(torch.equal(m, plain.latent_mean[0, 0]) for m in items["latent_mean"])
+    with pytest.raises(ValueError, match="random_flip"):
+        CachedSamples(plain, random_flip=True)
 
 
 def test_list_captions_cache_every_variant(tmp_path, parts):

@@ -116,6 +116,19 @@ def test_unet_from_config_and_accumulation(sd_folder, data_dir, cache_dir, tmp_p
     assert (out / "unet" / "config.json").is_file() and (out / "checkpoint-1").is_dir()
 
 
+def test_training_on_from_an_fp16_folder_keeps_fp32_weights(sd_folder, data_dir, cache_dir, tmp_path):
+    """The embedded default ships in fp16; training it further must not run AdamW on fp16 weights."""
+    from latent_diffusion.pipelines import LatentDiffusionPipeline
+
+    half = tmp_path / "half"
+    LatentDiffusionPipeline.from_pretrained(str(sd_folder)).to(torch.float16).save_pretrained(str(half))
+    out = tmp_path / "out"
+    train(half, data_dir, out, "--max_train_steps", 1, "--checkpointing_steps", 1, "--use_ema", cache_dir=cache_dir)
+    trained = weights(out / "checkpoint-1")
+    assert trained and all(t.dtype == torch.float32 for t in trained.values())
+    assert all(torch.isfinite(t).all() for t in trained.values())
+
+
 def test_cache_is_reused_and_rebuilt_on_change(sd_folder, data_dir, tmp_path, caplog):
     cache = str(tmp_path / "cache")
     with caplog.at_level("INFO"):

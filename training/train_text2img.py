@@ -118,6 +118,8 @@ def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
         frozen.requires_grad_(False)
         frozen.eval()
         frozen.to(accelerator.device, dtype=weight_dtype)
+    if unet.dtype != torch.float32:  # trained weights stay fp32, also from an fp16 folder like the embedded default
+        unet.to(dtype=torch.float32)
     unet.requires_grad_(True)
     unet.train()
     if args.gradient_checkpointing:
@@ -192,7 +194,7 @@ def build_cache(args, accelerator: Accelerator, models: Models, dataset, transfo
     """Latents and embeddings of every row, computed once (rows split across processes), then loaded everywhere."""
     key = cache_key(models.vae, models.text_encoder, models.tokenizer, resolution=args.resolution,
                     center_crop=args.center_crop, dataset_fingerprint=dataset._fingerprint,
-                    image_column=args.image_column, caption_column=args.caption_column)
+                    image_column=args.image_column, caption_column=args.caption_column, random_flip=args.random_flip)
     root = os.path.join(args.cache_dir or args.output_dir, "latent_cache")
     bar = tqdm(total=math.ceil(len(dataset) / accelerator.num_processes), desc="caching latents",
                disable=not accelerator.is_local_main_process)
