@@ -10,9 +10,14 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train (or fine-tune) the UNet of a latent text-to-image model.")
-    add = p.add_argument
+    add_model_args(p.add_argument_group("model"))
+    add_data_args(p.add_argument_group("data"))
+    add_optimisation_args(p.add_argument_group("optimisation"))
+    add_output_args(p.add_argument_group("checkpoints, logging, validation, output"))
+    return p
 
-    g = p.add_argument_group("model")
+
+def add_model_args(g) -> None:
     g.add_argument("--pretrained_model_name_or_path", required=True,
                    help="diffusers folder or Hub id with unet, vae, text_encoder, tokenizer and scheduler")
     g.add_argument("--unet_config", default=None,
@@ -22,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prediction_type", default=None, choices=("epsilon", "v_prediction", "sample"),
                    help="what the UNet learns to predict; default: the scheduler's. Saved into the output scheduler")
 
-    g = p.add_argument_group("data")
+
+def add_data_args(g) -> None:
     g.add_argument("--dataset_name", default=None, help="Hub dataset id or a local path load_dataset understands")
     g.add_argument("--dataset_config_name", default=None)
     g.add_argument("--train_data_dir", default=None, help="imagefolder with images and a metadata.jsonl of captions")
@@ -40,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the latent/embedding cache lives (default: OUTPUT_DIR/latent_cache); "
                         "also passed to datasets as its cache folder")
 
-    g = p.add_argument_group("optimisation")
+
+def add_optimisation_args(g) -> None:
     g.add_argument("--train_batch_size", type=int, default=16, help="per process")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
@@ -66,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--seed", type=int, default=0)
 
-    g = p.add_argument_group("checkpoints, logging, validation, output")
+
+def add_output_args(g) -> None:
     g.add_argument("--output_dir", default="sd-model-finetuned")
     g.add_argument("--checkpointing_steps", type=int, default=500)
     g.add_argument("--checkpoints_total_limit", type=int, default=None)
@@ -87,7 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--push_checkpoints_to_hub", action="store_true", help="also upload each checkpoint's weights")
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--hub_token", default=None)
-    return p
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -6,6 +6,7 @@
     clip_score   CLIP-S = 100 · max(cos(E_I, E_C), 0), averaged
     resources    median seconds per call and peak memory
     images       the image inputs every measure accepts
+    report       `latent-diffusion eval`: a grid of settings generated, scored and reported (resumable)
 
 transformers is imported only when a CLIP model is loaded.
 """
@@ -21,14 +22,17 @@ from .fid import (
 )
 from .frechet import feature_statistics, frechet_distance
 from .inception import WEIGHTS_ENV_VAR, FIDInception, FIDWeightsNotFoundError, load_fid_inception
+from .report import EvalRun, SettingsRequest, rebuild_report, run_evaluation, shapes_eval_prompts
 from .resources import Measurement, measure
 
 __all__ = [
     "CLIPImageEmbedder",
     "CLIPScorer",
+    "EvalRun",
     "FIDInception",
     "FIDWeightsNotFoundError",
     "Measurement",
+    "SettingsRequest",
     "WEIGHTS_ENV_VAR",
     "clip_score",
     "compute_fd_clip",
@@ -41,5 +45,8 @@ __all__ = [
     "load_reference_statistics",
     "measure",
     "measure_name",
+    "rebuild_report",
+    "run_evaluation",
     "save_reference_statistics",
+    "shapes_eval_prompts",
 ]
