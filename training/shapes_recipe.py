@@ -50,12 +50,6 @@ DEFAULT_MODEL_DIR = REPO / "latent_diffusion" / "default_model"
 UNET_CONFIG = Path(__file__).resolve().parent / "shapes_unet_config.json"
 MAX_MODEL_BYTES = 15 * 1024 * 1024
 STAGES = ("stage0", "stage1", "base", "data", "stage2", "defaults", "assemble")
-VALIDATION_PROMPTS = (
-    "a red circle above a blue square",
-    "a large yellow triangle on the left on a black background",
-    "a small green circle at the top",
-    "a purple square to the right of an orange triangle on a white background",
-)
 GRID_PROMPTS = (
     "a red circle above a blue square",
     "a large yellow triangle on the left on a black background",
@@ -83,20 +77,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--stop_after", choices=STAGES, default="assemble")
     p.add_argument("--num_threads", type=int, default=1, help="torch threads of every stage")
     # stage 0 and 1 (their other settings are the scripts' defaults)
-    p.add_argument("--stage0_steps", type=int, default=1500)
+    p.add_argument("--stage0_steps", type=int, default=800)
     p.add_argument("--stage0_batch_size", type=int, default=128)
-    p.add_argument("--stage1_steps", type=int, default=5000)
+    p.add_argument("--stage1_steps", type=int, default=3000)
     p.add_argument("--stage1_batch_size", type=int, default=16)
     # data and stage 2
-    p.add_argument("--num_train_images", type=int, default=100_000)
+    p.add_argument("--num_train_images", type=int, default=50_000)
     p.add_argument("--data_seed", type=int, default=0)
     p.add_argument("--unet_config", default=str(UNET_CONFIG))
-    p.add_argument("--stage2_steps", type=int, default=40_000)
+    p.add_argument("--stage2_steps", type=int, default=12_000)
     p.add_argument("--stage2_batch_size", type=int, default=64)
-    p.add_argument("--stage2_learning_rate", type=float, default=2e-4)
+    p.add_argument("--stage2_learning_rate", type=float, default=5e-4)
     p.add_argument("--stage2_checkpointing_steps", type=int, default=500)
-    p.add_argument("--stage2_validation_steps", type=int, default=2500)
-    p.add_argument("--ema_decay", type=float, default=0.9995)
+    p.add_argument("--stage2_validation_steps", type=int, default=1000)
+    p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--snr_gamma", type=float, default=5.0)
     p.add_argument("--caption_dropout", type=float, default=0.1)
     # choosing the generation defaults and the final measurement
@@ -258,7 +252,8 @@ def stage2_command(args, base: Path, data: Path, out: Path) -> list[str]:
         "--snr_gamma", str(args.snr_gamma),
         "--prediction_type", "v_prediction",
         "--caption_dropout", str(args.caption_dropout),
-        "--validation_prompts", *VALIDATION_PROMPTS,
+        "--validation_prompts", *GRID_PROMPTS,
+        "--validation_metrics", "shapes_adherence",
         "--validation_steps", str(args.stage2_validation_steps),
         "--num_validation_inference_steps", "20",
         "--validation_guidance_scale", "4.0",

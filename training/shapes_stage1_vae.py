@@ -68,7 +68,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "erases the colour of flat images and leaves blob artifacts)")
     # optimisation
     p.add_argument("--train_batch_size", type=int, default=16)
-    p.add_argument("--max_train_steps", type=int, default=5000)
+    p.add_argument("--max_train_steps", type=int, default=3000)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--lr_warmup_steps", type=int, default=200)
     p.add_argument("--adam_weight_decay", type=float, default=0.0)
