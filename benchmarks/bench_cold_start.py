@@ -43,8 +43,11 @@ def _load(kind: str, model: str, sampler: str):
         pipe = LatentDiffusionPipeline.from_pretrained(model)
         return pipe, {"sampler": sampler}
     import diffusers
+    import torch
 
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    # float32 like ours: an fp16 folder (the embedded default) would otherwise load half-precision parts on the CPU
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False,
+                                                             torch_dtype=torch.float32)
     pipe.scheduler = getattr(diffusers, PEER_SCHEDULERS[sampler]).from_config(pipe.scheduler.config)
     return pipe, {}
 
