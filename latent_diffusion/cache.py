@@ -185,6 +185,7 @@ def load_cache(folder: str) -> LatentCache:
 def _encode_rows(dataset, rows, vae, text_encoder, tokenizer, transform, image_column, caption_column,
                  batch_size, progress) -> dict[str, torch.Tensor]:
     fixed_crop = ImageTransform(transform.resolution, transform.center_crop, random_flip=False)
+    num_sides = 2 if transform.random_flip else 1  # [unflipped, flipped] only when training flips
     kept, unreadable, means, stds, embeds, counts = [], [], [], [], [], []
     rows = list(rows)
     for start in range(0, len(rows), batch_size):
@@ -202,15 +203,15 @@ def _encode_rows(dataset, rows, vae, text_encoder, tokenizer, transform, image_c
             kept.append(index)
         if pixels:
             batch = torch.stack(pixels)  # (b, 3, H, W)
-            sides = [batch, batch.flip(-1)] if transform.random_flip else [batch]
+            sides = [batch, batch.flip(-1)][:num_sides]
             mean, std = encode_latent_moments(vae, torch.cat(sides))  # (S·b, C, h, w)
-            means.append(torch.stack(mean.float().cpu().chunk(len(sides)), dim=1))  # (b, S, C, h, w)
-            stds.append(torch.stack(std.float().cpu().chunk(len(sides)), dim=1))
+            means.append(torch.stack(mean.float().cpu().chunk(num_sides), dim=1))  # (b, S, C, h, w)
+            stds.append(torch.stack(std.float().cpu().chunk(num_sides), dim=1))
             embeds.append(encode_captions(tokenizer, text_encoder, captions).cpu())
         if progress is not None:
             progress(len(rows[start:start + batch_size]))
     if not kept:  # an empty shard still has the right trailing shapes
-        means = stds = [_empty_latents(vae, transform.resolution, 2 if transform.random_flip else 1)]
+        means = stds = [_empty_latents(vae, transform.resolution, num_sides)]
         embeds = [encode_captions(tokenizer, text_encoder, [""]).cpu()[:0]]
     return {
         "indices": torch.tensor(kept, dtype=torch.long),

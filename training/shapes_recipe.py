@@ -85,7 +85,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--num_train_images", type=int, default=50_000)
     p.add_argument("--data_seed", type=int, default=0)
     p.add_argument("--unet_config", default=str(UNET_CONFIG))
-    p.add_argument("--stage2_steps", type=int, default=12_000)
+    p.add_argument("--stage2_steps", type=int, default=10_000, help="the shipped model's")
     p.add_argument("--stage2_batch_size", type=int, default=64)
     p.add_argument("--stage2_learning_rate", type=float, default=5e-4)
     p.add_argument("--stage2_checkpointing_steps", type=int, default=500)

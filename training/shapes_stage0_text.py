@@ -74,7 +74,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--seed", type=int, default=0, help="training stream seed")
     p.add_argument("--eval_seed", type=int, default=1_000_003, help="seed of the retrieval test images (never trained on)")
-    p.add_argument("--resolution", type=int, default=32, help="image side of the vision tower (32 px keeps every attribute visible at a quarter of the cost of 64)")
+    p.add_argument("--resolution", type=int, default=32,
+                   help="image side of the vision tower (32 px keeps every attribute visible, at ~40%% of the cost of 64)")
     # tokenizer
     p.add_argument("--tokenizer_corpus_size", type=int, default=50_000, help="scenes whose captions train the BPE")
     p.add_argument("--vocab_size", type=int, default=256)
