@@ -62,6 +62,9 @@ def test_stage0_saves_a_loadable_tokenizer_and_text_encoder(stage0_dir):
     metrics = json.loads((stage0_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["eval"]["retrieval_top1_full_captions"] <= 1.0
     assert metrics["eval"]["candidates"] == 8 and metrics["compute_s"] > 0
+    by_edit = metrics["eval"]["hard_negative_accuracy_by_edit"]
+    assert by_edit and set(by_edit) <= {"colour", "shape", "size", "position", "background", "relation", "swap_colours"}
+    assert all(0.0 <= v <= 1.0 for v in by_edit.values())
 
 
 def test_stage0_resumed_run_matches_an_uninterrupted_one(stage0_dir, tmp_path):
@@ -114,3 +117,59 @@ def test_shipped_unet_config_fits_the_recipe():
     assert config["cross_attention_dim"] == args.text_hidden_size
     assert config["sample_size"] == 64 // 2 ** (len(shapes_stage1_vae.parse_args(["--output_dir", "x"])
                                                     .block_out_channels.split(",")) - 1)
+
+
+def test_spatial_share_one_always_edits_the_position_or_relation():
+    rng = np.random.default_rng(1)
+    for text, family in (("a small green circle on the left on a gray background", "position"),
+                         ("a red circle above a blue square", "relation")):
+        for _ in range(10):
+            kind, negative = shapes_stage0_text.hard_negative_with_kind(text, rng, spatial_share=1.0)
+            assert kind == family
+            assert parse_prompt(negative).objects == parse_prompt(text).objects and negative != text
+
+
+def test_spatial_share_leaves_captions_without_a_position_alone():
+    rng = np.random.default_rng(2)
+    kinds = {shapes_stage0_text.hard_negative_with_kind("a red square on a white background", rng, 1.0)[0]
+             for _ in range(30)}
+    assert kinds <= {"colour", "shape", "background"} and len(kinds) > 1
+
+
+def test_model_card_quotes_the_history_and_the_spatial_hard_negatives(tmp_path):
+    history = tmp_path / "history.md"
+    history.write_text("Stage 2 resumed at step 10 000 against a retrained text encoder.\n")
+    args = shapes_recipe.parse_args(["--history", str(history)])
+    by_edit = {"position": 0.81, "relation": 0.62, "colour": 1.0}
+    s0 = {"vocab_size": 228, "model_max_length": 32, "parameters_text": 826624, "max_train_steps": 3000,
+          "train_batch_size": 128, "eval": {"candidates": 100, "retrieval_top1_full_captions": 0.8,
+                                            "hard_negative_accuracy": 0.9, "hard_negative_accuracy_by_edit": by_edit}}
+    s1 = {"downsampling_factor": 4, "parameters": 1e6, "max_train_steps": 3000, "train_batch_size": 16,
+          "scaling_factor": 1.04, "eval": {"psnr_db": 31.7, "scorer_accuracy_reconstructions": 0.998}}
+    metrics = {"stage0": s0, "stage1": s1, "compute_s": {"stage0_text": 60.0}, "weights_bytes": 2**20,
+               "generation_defaults": {"num_inference_steps": 10, "guidance_scale": 4.0, "sampler": "dpm++"},
+               "eval_prompts": 500, "seconds_one_image": 0.1, "threads": 2}
+    card = shapes_recipe.model_card(args, metrics, "overall 0.5")
+    assert "position 0.81, relation 0.62" in card
+    assert "## How this copy was trained" in card and "resumed at step 10 000" in card
+    assert "How this copy was trained" not in shapes_recipe.model_card(shapes_recipe.parse_args([]), metrics, "")
+
+
+def test_token_identity_loss_scores_tokens_up_to_the_first_end_of_text_only(stage0_dir):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(stage0_dir / "tokenizer"))
+    args = shapes_stage0_text.parse_args(["--output_dir", str(stage0_dir), *STAGE0_TINY])
+    model = shapes_stage0_text.build_clip(args, tokenizer)
+    ids, output = shapes_stage0_text.encode_texts(model, tokenizer, ["a red circle", "a blue square on the left"])
+    eos = tokenizer.eos_token_id
+    loss = shapes_stage0_text.token_identity_loss(model, ids, output.last_hidden_state, eos)
+    assert torch.isfinite(loss) and loss > 0
+    scrambled = ids.clone()
+    first_eos = int((ids[0] == eos).int().argmax())
+    scrambled[0, first_eos + 1:] = 5  # padding positions are not scored
+    again = shapes_stage0_text.token_identity_loss(model, scrambled, output.last_hidden_state, eos)
+    assert torch.allclose(loss, again)
+    # a state that is exactly its token's embedding reads back better than the untrained one
+    states = model.text_model.embeddings.token_embedding.weight[ids].detach() * 50
+    assert shapes_stage0_text.token_identity_loss(model, ids, states, eos) < loss

@@ -1,12 +1,12 @@
 """Stage 0 of the Shapes recipe: a tokenizer and a small CLIP text encoder, trained contrastively on Shapes.
 
-    python training/shapes_stage0_text.py --output_dir /work/runs/shapes/stage0 --max_train_steps 1500
+    python training/shapes_stage0_text.py --output_dir /work/runs/shapes/stage0
 
 1. A CLIP-format BPE tokenizer (`latent_diffusion.text.train_clip_tokenizer`)
    is trained on Shapes training captions, full and with optional parts
    dropped, plus one line of every lower-case letter, digit and punctuation
    mark so that prompts outside the Shapes world never hit the unknown token.
-2. A small transformers `CLIPModel` (text tower and a ViT on 64 px images,
+2. A small transformers `CLIPModel` (text tower and a ViT on 32 px images,
    patch 8) is trained with the symmetric InfoNCE loss and a learnable
    temperature on (image, caption) pairs streamed from the Shapes generator.
    Each image also meets a *hard negative*: its caption with one thing
@@ -14,7 +14,14 @@
    relation or the order of the two objects). Random batches almost never
    hold such near-misses, and without them a text encoder can pass the
    contrastive test while mixing up which colour goes with which shape,
-   the very thing the denoiser later needs from it.
+   the very thing the denoiser later needs from it. Captions that state a
+   position or relation get a spatial hard negative (that phrase changed)
+   with probability `--spatial_negative_share`.
+   A second loss reads every caption token back from its last hidden state
+   through the tied token embeddings (`--token_identity_weight`): the
+   denoiser cross-attends to the per-token states, and contrastive training
+   alone let the first layer wash "left"/"right"/"above"/"below" into the
+   caption's colours, so the denoiser never saw them.
 3. The text tower is saved as `text_encoder/` (`CLIPTextModel`) next to
    `tokenizer/`, and caption->image retrieval is measured on images of
    seeds never trained on: top-1 among `--retrieval_candidates` images, with
@@ -91,12 +98,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--projection_dim", type=int, default=128)
     # optimisation
     p.add_argument("--train_batch_size", type=int, default=128)
-    p.add_argument("--max_train_steps", type=int, default=800)
+    p.add_argument("--max_train_steps", type=int, default=3000)
     p.add_argument("--learning_rate", type=float, default=5e-4)
     p.add_argument("--lr_warmup_steps", type=int, default=200)
     p.add_argument("--adam_weight_decay", type=float, default=0.05)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--hard_negatives", type=int, default=1, choices=(0, 1), help="add one hard-negative caption per image")
+    p.add_argument("--spatial_negative_share", type=float, default=0.8,
+                   help="chance that a caption with a position or relation gets a spatial hard negative (position or "
+                        "relation changed) rather than one drawn uniformly over all edit kinds")
+    p.add_argument("--token_identity_weight", type=float, default=1.0,
+                   help="weight of the loss that keeps each token readable from its last hidden state (0: off)")
     p.add_argument("--checkpointing_steps", type=int, default=250)
     # evaluation
     p.add_argument("--retrieval_candidates", type=int, default=100)
@@ -142,10 +154,28 @@ def _allowed(colour: str, shape: str) -> bool:
     return (colour, shape) not in HELD_OUT_PAIRS
 
 
-def hard_negative(text: str, rng: np.random.Generator) -> str:
-    """The caption with one stated thing changed, so that it is false of the image it describes.
+SPATIAL_EDITS = ("position", "relation")  # the edits only an encoder that reads positions can tell apart
+
+
+def edit_kind(kind: str) -> str:
+    """The family of an edit, without the object index ("colour0" -> "colour")."""
+    return kind.rstrip("01")
+
+
+def hard_negative(text: str, rng: np.random.Generator, spatial_share: float = 0.0) -> str:
+    """The caption with one stated thing changed, so that it is false of the image it describes."""
+    return hard_negative_with_kind(text, rng, spatial_share)[1]
+
+
+def hard_negative_with_kind(text: str, rng: np.random.Generator, spatial_share: float = 0.0) -> tuple[str, str]:
+    """(edit family, caption with one stated thing changed): a hard negative and what kind of edit made it.
 
     Never introduces a held-out colour-shape pair, and keeps two objects different.
+    With probability `spatial_share` a caption that states a position or a
+    relation gets that changed: drawn uniformly over all kinds, a position
+    edit is one in five, and without enough of them a contrastive text
+    encoder learns to ignore where things are (the first shipped model's
+    did: "on the left" and "on the right" encoded 99.9% alike).
     """
     spec = parse_prompt(text)
     objects = list(spec.objects)
@@ -176,8 +206,12 @@ def hard_negative(text: str, rng: np.random.Generator) -> str:
             swapped = (dataclasses.replace(a, colour=b.colour), dataclasses.replace(b, colour=a.colour))
             edits["swap_colours"] = [format_prompt(dataclasses.replace(spec, objects=swapped))]
     kinds = sorted(kind for kind, options in edits.items() if options)
-    options = edits[kinds[int(rng.integers(len(kinds)))]]
-    return options[int(rng.integers(len(options)))]
+    spatial = [kind for kind in kinds if kind in SPATIAL_EDITS]
+    if spatial and spatial_share > 0 and rng.random() < spatial_share:  # share 0 draws as before
+        kinds = spatial
+    kind = kinds[int(rng.integers(len(kinds)))]
+    options = edits[kind]
+    return edit_kind(kind), options[int(rng.integers(len(options)))]
 
 
 # ---------------------------------------------------------------- model
@@ -212,11 +246,35 @@ def build_clip(args, tokenizer):
     return CLIPModel(config)
 
 
-def text_embeddings(model, tokenizer, texts: Sequence[str]) -> torch.Tensor:
-    """(N, P) unit-norm projected text embeddings, tokenised exactly as the pipeline tokenises prompts."""
+def encode_texts(model, tokenizer, texts: Sequence[str]):
+    """(token ids (N, L), text-tower output) of `texts`, tokenised exactly as the pipeline tokenises prompts."""
     ids = tokenize_prompts(tokenizer, texts, num_chunks=1)[:, 0]  # (N, L)
-    pooled = model.text_model(input_ids=ids).pooler_output  # (N, D)
-    return F.normalize(model.text_projection(pooled), dim=-1)
+    return ids, model.text_model(input_ids=ids)
+
+
+def project_text(model, output) -> torch.Tensor:
+    """(N, P) unit-norm projected text embeddings from the text tower's pooled output."""
+    return F.normalize(model.text_projection(output.pooler_output), dim=-1)
+
+
+def text_embeddings(model, tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """(N, P) unit-norm projected text embeddings."""
+    return project_text(model, encode_texts(model, tokenizer, texts)[1])
+
+
+def token_identity_loss(model, ids: torch.Tensor, states: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Cross-entropy of reading every token back from its last hidden state, through the tied token embeddings.
+
+    The denoiser cross-attends to these per-token states, not to the pooled
+    one. Contrastive training alone lets the first layer wash rare words into
+    the caption's colours ("left" and "right" ended 92% alike there), so the
+    denoiser could not see them; this keeps each token's identity in its
+    state. Tokens after the first end-of-text (padding) are not scored.
+    """
+    logits = states @ model.text_model.embeddings.token_embedding.weight.T  # (N, L, V)
+    first_eos = (ids == eos_token_id).int().argmax(dim=1, keepdim=True)  # (N, 1)
+    keep = torch.arange(ids.shape[1]).unsqueeze(0) <= first_eos  # (N, L)
+    return F.cross_entropy(logits[keep], ids[keep])
 
 
 def image_embeddings(model, pixels: torch.Tensor) -> torch.Tensor:
@@ -225,11 +283,14 @@ def image_embeddings(model, pixels: torch.Tensor) -> torch.Tensor:
     return F.normalize(model.visual_projection(pooled), dim=-1)
 
 
-def contrastive_loss(model, tokenizer, pixels, captions, negatives: Optional[list[str]]) -> tuple[torch.Tensor, float]:
-    """Symmetric InfoNCE; image->text also ranks each image's hard negative caption. Returns (loss, batch accuracy)."""
+def contrastive_loss(model, tokenizer, pixels, captions, negatives: Optional[list[str]],
+                     identity_weight: float = 0.0) -> tuple[torch.Tensor, float]:
+    """Symmetric InfoNCE; image->text also ranks each image's hard negative caption; plus `identity_weight` times
+    the token-identity loss of the captions. Returns (loss, batch accuracy)."""
     batch = pixels.shape[0]
     texts = list(captions) + (list(negatives) if negatives else [])
-    t = text_embeddings(model, tokenizer, texts)  # (B or 2B, P)
+    ids, output = encode_texts(model, tokenizer, texts)
+    t = project_text(model, output)  # (B or 2B, P)
     v = image_embeddings(model, pixels)  # (B, P)
     scale = model.logit_scale.exp().clamp(max=100.0)
     logits = scale * v @ t.T  # (B, B or 2B)
@@ -237,7 +298,11 @@ def contrastive_loss(model, tokenizer, pixels, captions, negatives: Optional[lis
     loss_image = F.cross_entropy(logits, target)
     loss_text = F.cross_entropy(logits[:, :batch].T, target)
     accuracy = (logits[:, :batch].argmax(dim=1) == target).float().mean().item()
-    return (loss_image + loss_text) / 2, accuracy
+    loss = (loss_image + loss_text) / 2
+    if identity_weight:
+        states = output.last_hidden_state[:batch]
+        loss = loss + identity_weight * token_identity_loss(model, ids[:batch], states, tokenizer.eos_token_id)
+    return loss, accuracy
 
 
 # ---------------------------------------------------------------- evaluation
@@ -248,11 +313,12 @@ def evaluate(model, tokenizer, args, split: str = "train") -> dict:
     """Caption->image top-1 retrieval among `retrieval_candidates` unseen images, and hard-negative accuracy."""
     model.eval()
     top1_full, top1_train, hard = [], [], []
+    by_kind: dict[str, list[float]] = {}
     for group in range(args.retrieval_groups):
         data = shapes_batch(args.eval_seed, group, args.retrieval_candidates, args.resolution, split)
         v = image_embeddings(model, data.pixels)
         rng = np.random.default_rng((args.eval_seed, group, 1))
-        negatives = [hard_negative(c, rng) for c in data.full_captions]
+        kinds, negatives = zip(*(hard_negative_with_kind(c, rng) for c in data.full_captions))
         target = torch.arange(len(data.captions))
         for texts, out in ((data.full_captions, top1_full), (data.captions, top1_train)):
             sims = text_embeddings(model, tokenizer, texts) @ v.T  # (N texts, N images)
@@ -260,11 +326,14 @@ def evaluate(model, tokenizer, args, split: str = "train") -> dict:
         pos = (text_embeddings(model, tokenizer, data.full_captions) * v).sum(-1)
         neg = (text_embeddings(model, tokenizer, negatives) * v).sum(-1)
         hard.append((pos > neg).float().mean().item())
+        for kind, right in zip(kinds, (pos > neg).tolist()):
+            by_kind.setdefault(kind, []).append(float(right))
     model.train()
     return {
         "retrieval_top1_full_captions": float(np.mean(top1_full)),
         "retrieval_top1_training_captions": float(np.mean(top1_train)),
         "hard_negative_accuracy": float(np.mean(hard)),
+        "hard_negative_accuracy_by_edit": {kind: float(np.mean(v)) for kind, v in sorted(by_kind.items())},
         "candidates": args.retrieval_candidates,
         "queries": args.retrieval_groups * args.retrieval_candidates,
         "split": split,
@@ -303,8 +372,9 @@ def train(args, model, tokenizer, checkpoints: RunCheckpoints) -> float:
         negatives = None
         if args.hard_negatives:
             rng = np.random.default_rng((args.seed, step, 3))
-            negatives = [hard_negative(c, rng) for c in data.captions]
-        loss, accuracy = contrastive_loss(model, tokenizer, data.pixels, data.captions, negatives)
+            negatives = [hard_negative(c, rng, args.spatial_negative_share) for c in data.captions]
+        loss, accuracy = contrastive_loss(model, tokenizer, data.pixels, data.captions, negatives,
+                                          args.token_identity_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
