@@ -267,7 +267,7 @@ def token_identity_loss(model, ids: torch.Tensor, states: torch.Tensor, eos_toke
 
     The denoiser cross-attends to these per-token states, not to the pooled
     one. Contrastive training alone lets the first layer wash rare words into
-    the caption's colours ("left" and "right" ended 92% alike there), so the
+    the caption's colours ("left" and "right" kept 8% of their difference), so the
     denoiser could not see them; this keeps each token's identity in its
     state. Tokens after the first end-of-text (padding) are not scored.
     """
