@@ -153,6 +153,8 @@ def test_model_card_quotes_the_history_and_the_spatial_hard_negatives(tmp_path):
     assert "position 0.81, relation 0.62" in card
     assert "## How this copy was trained" in card and "resumed at step 10 000" in card
     assert "How this copy was trained" not in shapes_recipe.model_card(shapes_recipe.parse_args([]), metrics, "")
+    with pytest.raises(SystemExit):  # a missing history file stops the recipe before any training
+        shapes_recipe.parse_args(["--history", str(tmp_path / "missing.md")])
 
 
 def test_token_identity_loss_scores_tokens_up_to_the_first_end_of_text_only(stage0_dir):

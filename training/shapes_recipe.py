@@ -100,7 +100,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--history", default=None,
                    help="a markdown file saying how this run departed from one uninterrupted run of the recipe "
                         "(resumed stages, changed settings); the model card quotes it")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.history is not None and not Path(args.history).is_file():  # fail now, not after hours of training
+        p.error(f"--history {args.history}: no such file")
+    return args
 
 
 # ---------------------------------------------------------------- bookkeeping

@@ -312,7 +312,7 @@ def contrastive_loss(model, tokenizer, pixels, captions, negatives: Optional[lis
 def evaluate(model, tokenizer, args, split: str = "train") -> dict:
     """Caption->image top-1 retrieval among `retrieval_candidates` unseen images, and hard-negative accuracy."""
     model.eval()
-    top1_full, top1_train, hard = [], [], []
+    top1_full, top1_train = [], []
     by_kind: dict[str, list[float]] = {}
     for group in range(args.retrieval_groups):
         data = shapes_batch(args.eval_seed, group, args.retrieval_candidates, args.resolution, split)
@@ -320,19 +320,17 @@ def evaluate(model, tokenizer, args, split: str = "train") -> dict:
         rng = np.random.default_rng((args.eval_seed, group, 1))
         kinds, negatives = zip(*(hard_negative_with_kind(c, rng) for c in data.full_captions))
         target = torch.arange(len(data.captions))
-        for texts, out in ((data.full_captions, top1_full), (data.captions, top1_train)):
-            sims = text_embeddings(model, tokenizer, texts) @ v.T  # (N texts, N images)
-            out.append((sims.argmax(dim=1) == target).float().mean().item())
-        pos = (text_embeddings(model, tokenizer, data.full_captions) * v).sum(-1)
-        neg = (text_embeddings(model, tokenizer, negatives) * v).sum(-1)
-        hard.append((pos > neg).float().mean().item())
-        for kind, right in zip(kinds, (pos > neg).tolist()):
-            by_kind.setdefault(kind, []).append(float(right))
+        full = text_embeddings(model, tokenizer, data.full_captions)  # (N, P), for retrieval and hard negatives
+        for t, out in ((full, top1_full), (text_embeddings(model, tokenizer, data.captions), top1_train)):
+            out.append(((t @ v.T).argmax(dim=1) == target).float().mean().item())  # (N texts, N images)
+        right = (full * v).sum(-1) > (text_embeddings(model, tokenizer, negatives) * v).sum(-1)
+        for kind, r in zip(kinds, right.tolist()):
+            by_kind.setdefault(kind, []).append(float(r))
     model.train()
     return {
         "retrieval_top1_full_captions": float(np.mean(top1_full)),
         "retrieval_top1_training_captions": float(np.mean(top1_train)),
-        "hard_negative_accuracy": float(np.mean(hard)),
+        "hard_negative_accuracy": float(np.mean([r for rs in by_kind.values() for r in rs])),
         "hard_negative_accuracy_by_edit": {kind: float(np.mean(v)) for kind, v in sorted(by_kind.items())},
         "candidates": args.retrieval_candidates,
         "queries": args.retrieval_groups * args.retrieval_candidates,
