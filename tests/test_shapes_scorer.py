@@ -268,3 +268,12 @@ def test_full_captions_of_ground_truth_score_perfectly():
         prompts.append(full_caption(scene))
     report = score_images(images, prompts)
     assert report["overall"] == 1.0 and report["held_out"] == 1.0 and not report["failures"]
+
+
+def test_judge_reads_an_image_file_and_names_a_missing_one(tmp_path):
+    scene = sample_scene(np.random.default_rng(3), "train")
+    path = tmp_path / "scene.png"
+    render(scene, 64).save(path)
+    assert judge(path, full_caption(scene)).correct and judge(str(path), full_caption(scene)).correct
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        judge(tmp_path / "missing.png", full_caption(scene))

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from typing import Iterable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
@@ -92,7 +93,7 @@ CORNER = 0.3  # corner triangles: u + v < 0.3 in box units (a disc leaves u + v 
 _PALETTE_NAMES: tuple[str, ...] = tuple(COLOURS)
 _PALETTE = np.array([COLOURS[n] for n in _PALETTE_NAMES], dtype=np.int32)  # (9, 3)
 
-ImageLike = Union[Image.Image, np.ndarray]
+ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
 
 
 class ShapeFeatures(NamedTuple):
@@ -154,12 +155,17 @@ class Judgement:
 
 
 def _to_array(image: ImageLike) -> np.ndarray:
-    """(H, W, 3) uint8 from a PIL image, a uint8 array or a float array in [0, 1]."""
+    """(H, W, 3) uint8 from a PIL image, an image file's path, a uint8 array or a float array in [0, 1]."""
+    if isinstance(image, (str, os.PathLike)):
+        if not os.path.isfile(image):
+            raise FileNotFoundError(f"image {os.fspath(image)!r}: no such file")
+        with Image.open(image) as opened:
+            return np.asarray(opened.convert("RGB"))
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"image must be RGB, a PIL image or an (H, W, 3) array; got shape {array.shape}")
+        raise ValueError(f"image must be a PIL image, a path or an RGB (H, W, 3) array; got shape {array.shape}")
     if array.dtype != np.uint8:
         array = np.clip(np.round(array.astype(np.float64) * 255), 0, 255).astype(np.uint8)
     return array
