@@ -59,6 +59,7 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainingState, ema=None
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp, safe_serialization=True)
+    accelerator.wait_for_everyone()  # every rank writes its own random states into tmp: rename only after all have
     if accelerator.is_main_process:
         if ema is not None:
             ema.save(os.path.join(tmp, EMA_FILE))
