@@ -175,3 +175,20 @@ def test_token_identity_loss_scores_tokens_up_to_the_first_end_of_text_only(stag
     # a state that is exactly its token's embedding reads back better than the untrained one
     states = model.text_model.embeddings.token_embedding.weight[ids].detach() * 50
     assert shapes_stage0_text.token_identity_loss(model, ids, states, eos) < loss
+
+
+def test_stage2_ends_with_a_linear_decay_resumed_from_the_constant_phase():
+    args = shapes_recipe.parse_args(["--stage2_steps", "30", "--stage2_decay_steps", "10"])
+    assert shapes_recipe.stage2_phases(args) == [(20, "constant_with_warmup", 500), (30, "linear", 0)]
+    first, second = (shapes_recipe.stage2_command(args, "base", "data", "out", *phase)
+                     for phase in shapes_recipe.stage2_phases(args))
+    for command, steps, schedule in ((first, "20", "constant_with_warmup"), (second, "30", "linear")):
+        assert command[command.index("--max_train_steps") + 1] == steps
+        assert command[command.index("--lr_scheduler") + 1] == schedule
+        assert command[command.index("--resume_from_checkpoint") + 1] == "latest"
+    assert "from step 20 lr × (30 − step) / 30" in shapes_recipe.stage2_lr_words(args)
+    constant = shapes_recipe.parse_args(["--stage2_steps", "10", "--stage2_decay_steps", "0"])
+    assert shapes_recipe.stage2_phases(constant) == [(10, "constant_with_warmup", 500)]
+    assert "from step" not in shapes_recipe.stage2_lr_words(constant)
+    decay_only = shapes_recipe.parse_args(["--stage2_steps", "10", "--stage2_decay_steps", "10"])
+    assert shapes_recipe.stage2_phases(decay_only) == [(10, "linear", 0)]

@@ -10,7 +10,8 @@ runs, each stage resumable and skipped when its output is complete:
                        (a complete diffusers folder, which train_text2img.py takes)
     data               WORK/data/train-64: the Shapes training set as an imagefolder
     stage 2  unet      training/train_text2img.py --unet_config training/shapes_unet_config.json
-                       (EMA, min-SNR-γ, v-prediction, caption dropout), resumed from its latest checkpoint
+                       (EMA, min-SNR-γ, v-prediction, caption dropout), resumed from its latest checkpoint;
+                       a constant learning rate, then --stage2_decay_steps resumed with it decaying linearly
     defaults           steps / guidance / sampler chosen by measured adherence on held-in prompts
     assemble           latent_diffusion/default_model/: fp16 safetensors (≤ 15 MB), generation_config.json,
                        README.md (model card with recipe, metrics and a sample grid), recipe_metrics.json
@@ -19,7 +20,9 @@ Killing the recipe at any moment loses at most one checkpoint interval; the
 same command continues. `WORK/compute.json` records the compute seconds of
 every stage (summed over resumed runs). `--stop_after STAGE` ends the run
 after a stage (for example `base` or `data`); `--stage2_steps` can be raised
-later to train the UNet further from its last checkpoint.
+later to train the UNet further from its last checkpoint (the new steps
+follow the same two phases: constant LR up to stage2_steps − decay steps,
+then the decay).
 
 The noise schedule is the cosine one (`squaredcos_cap_v2`, s = 0.008) with
 v-prediction and "trailing" timesteps: cosine ᾱ_T is ~0 (near zero terminal
@@ -85,7 +88,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--num_train_images", type=int, default=50_000)
     p.add_argument("--data_seed", type=int, default=0)
     p.add_argument("--unet_config", default=str(UNET_CONFIG))
-    p.add_argument("--stage2_steps", type=int, default=18_000, help="the shipped model's")
+    p.add_argument("--stage2_steps", type=int, default=27_000, help="the shipped model's")
+    p.add_argument("--stage2_decay_steps", type=int, default=9000,
+                   help="the last stage-2 steps, resumed from the constant-LR phase with the learning rate "
+                        "falling linearly to 0 (lr × (stage2_steps − step) / stage2_steps)")
     p.add_argument("--stage2_batch_size", type=int, default=64)
     p.add_argument("--stage2_learning_rate", type=float, default=5e-4)
     p.add_argument("--stage2_checkpointing_steps", type=int, default=500)
@@ -101,6 +107,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="a markdown file saying how this run departed from one uninterrupted run of the recipe "
                         "(resumed stages, changed settings); the model card quotes it")
     args = p.parse_args(argv)
+    if args.stage2_decay_steps < 0:
+        p.error(f"--stage2_decay_steps must be >= 0, got {args.stage2_decay_steps}")
     if args.history is not None and not Path(args.history).is_file():  # fail now, not after hours of training
         p.error(f"--history {args.history}: no such file")
     return args
@@ -237,8 +245,18 @@ def export_data(args, out: Path, compute: ComputeLog) -> Path:
 # ---------------------------------------------------------------- stage 2
 
 
-def stage2_command(args, base: Path, data: Path, out: Path) -> list[str]:
-    """The train_text2img.py command line of stage 2 (printed by the recipe, so it can be run by hand too)."""
+def stage2_phases(args) -> list[tuple[int, str, int]]:
+    """(last step, LR schedule, warm-up steps) of each stage-2 phase: a constant LR, then a linear decay to 0."""
+    switch = max(args.stage2_steps - args.stage2_decay_steps, 0)
+    phases = [(switch, "constant_with_warmup", 500)] if switch > 0 else []
+    if args.stage2_steps > switch:
+        phases.append((args.stage2_steps, "linear", 0))
+    return phases
+
+
+def stage2_command(args, base: Path, data: Path, out: Path, max_steps: Optional[int] = None,
+                   lr_scheduler: str = "constant_with_warmup", warmup_steps: int = 500) -> list[str]:
+    """The train_text2img.py command line of one stage-2 phase (printed by the recipe, so it can be run by hand too)."""
     return [
         sys.executable, str(REPO / "training" / "train_text2img.py"),
         "--pretrained_model_name_or_path", str(base),
@@ -248,9 +266,9 @@ def stage2_command(args, base: Path, data: Path, out: Path) -> list[str]:
         "--resolution", "64",
         "--train_batch_size", str(args.stage2_batch_size),
         "--learning_rate", str(args.stage2_learning_rate),
-        "--lr_scheduler", "constant_with_warmup",
-        "--lr_warmup_steps", "500",
-        "--max_train_steps", str(args.stage2_steps),
+        "--lr_scheduler", lr_scheduler,
+        "--lr_warmup_steps", str(warmup_steps),
+        "--max_train_steps", str(max_steps or args.stage2_steps),
         "--checkpointing_steps", str(args.stage2_checkpointing_steps),
         "--checkpoints_total_limit", "3",
         "--resume_from_checkpoint", "latest",
@@ -268,18 +286,35 @@ def stage2_command(args, base: Path, data: Path, out: Path) -> list[str]:
     ]
 
 
+def stage2_lr_words(args) -> str:
+    """The stage-2 learning-rate schedule in words, for the model card."""
+    words = f"lr {args.stage2_learning_rate} (constant after 500 warm-up steps)"
+    if args.stage2_decay_steps > 0:
+        switch = max(args.stage2_steps - args.stage2_decay_steps, 0)
+        words += f", from step {switch} lr × ({args.stage2_steps} − step) / {args.stage2_steps}"
+    return words
+
+
 def run_stage2(args, base: Path, data: Path, out: Path, compute: ComputeLog) -> Path:
-    """Train the UNet with train_text2img.py until --stage2_steps (resuming), timing it into compute.json."""
-    done = _read_json(out / "recipe_stage2.json")
-    if done and done["max_train_steps"] >= args.stage2_steps and (out / "model_index.json").is_file():
-        _skip("stage 2", f"{out} reached {done['max_train_steps']} steps")
-        return out
-    command = stage2_command(args, base, data, out)
+    """Train the UNet with train_text2img.py through each phase to --stage2_steps (resuming), timed into compute.json."""
+    for max_steps, lr_scheduler, warmup_steps in stage2_phases(args):
+        done = _read_json(out / "recipe_stage2.json")
+        if done and done["max_train_steps"] >= max_steps and (out / "model_index.json").is_file():
+            _skip("stage 2", f"{out} reached {done['max_train_steps']} steps")
+            continue
+        run_timed(stage2_command(args, base, data, out, max_steps, lr_scheduler, warmup_steps), args.num_threads,
+                  compute)
+        write_json(out / "recipe_stage2.json", {"max_train_steps": max_steps})
+    return out
+
+
+def run_timed(command: list[str], num_threads: int, compute: ComputeLog) -> None:
+    """Run one stage-2 command, adding its wall time to compute.json every minute (so a killed run still counts)."""
     print("[recipe] stage 2:", " ".join(command), flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.num_threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, OMP_NUM_THREADS=str(num_threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     process = subprocess.Popen(command, env=env, cwd=str(REPO))
     last = time.perf_counter()
-    while True:  # time the run every minute, so a killed recipe still has its compute recorded
+    while True:
         try:
             code = process.wait(timeout=60)
             break
@@ -290,8 +325,6 @@ def run_stage2(args, base: Path, data: Path, out: Path, compute: ComputeLog) -> 
     compute.add("stage2_unet", time.perf_counter() - last)
     if code != 0:
         raise SystemExit(f"[recipe] stage 2 failed with exit code {code}; rerun the recipe to resume it")
-    write_json(out / "recipe_stage2.json", {"max_train_steps": args.stage2_steps})
-    return out
 
 
 # ---------------------------------------------------------------- generation defaults and assembly
@@ -458,7 +491,7 @@ One command, from nothing, each stage resumable: `python training/shapes_recipe.
 |---|---|---|
 | 0 text | CLIP-format BPE tokenizer ({s0['vocab_size']} tokens, window {s0['model_max_length']}); CLIP text encoder ({s0['parameters_text'] / 1e6:.2f}M params) trained contrastively with a ViT on (image, caption) pairs, with hard-negative captions; {s0['max_train_steps']} steps of batch {s0['train_batch_size']} | caption→image top-1 among {s0['eval']['candidates']}: {s0['eval']['retrieval_top1_full_captions']:.3f} (full captions), hard-negative accuracy {s0['eval']['hard_negative_accuracy']:.3f}{spatial} |
 | 1 vae | `AutoencoderKL`, factor {s1['downsampling_factor']}, 4 latent channels ({s1['parameters'] / 1e6:.2f}M params), L1 + L2 + 1e-6·KL; {s1['max_train_steps']} steps of batch {s1['train_batch_size']}; scaling_factor {s1['scaling_factor']:.4f} = 1/std of the latents | PSNR {s1['eval']['psnr_db']:.1f} dB, scorer accuracy on reconstructions {s1['eval']['scorer_accuracy_reconstructions']:.3f} |
-| 2 unet | `UNet2DConditionModel` from `training/shapes_unet_config.json`, trained with `training/train_text2img.py` on {args.num_train_images} Shapes images: v-prediction, cosine schedule, min-SNR-γ {args.snr_gamma}, EMA {args.ema_decay}, caption dropout {args.caption_dropout}, batch {args.stage2_batch_size}, lr {args.stage2_learning_rate} | see below |
+| 2 unet | `UNet2DConditionModel` from `training/shapes_unet_config.json`, trained with `training/train_text2img.py` on {args.num_train_images} Shapes images: v-prediction, cosine schedule, min-SNR-γ {args.snr_gamma}, EMA {args.ema_decay}, caption dropout {args.caption_dropout}, batch {args.stage2_batch_size}, {stage2_lr_words(args)} | see below |
 
 Compute (CPU):
 
