@@ -68,8 +68,8 @@ def test_loads_offline_with_no_argument(pipe):
 
 
 def test_follows_held_in_prompts_at_its_defaults(pipe):
-    """Far above chance (an untrained UNet scores 0): 30 images, measured 0.67 for the shipped model (0.43 for the
-    first one, at 10k steps).
+    """Far above chance (an untrained UNet scores 0): 30 images, measured 0.73 for the shipped model (0.67 for the
+    18k-step one before it, 0.43 for the first one, at 10k steps).
 
     The bar is the regression floor of the model as shipped, not the 0.90 target of issue 4; raise it with the model.
     """
@@ -81,7 +81,7 @@ def test_follows_held_in_prompts_at_its_defaults(pipe):
     images = pipe(prompts, generator=generators).images
     assert images[0].size == (64, 64)
     report = score_images(images, prompts)
-    assert report["overall"] >= 0.45, report["failures"]
+    assert report["overall"] >= 0.55, report["failures"]
 
 
 def test_cli_generates_with_the_default(tmp_path):
