@@ -186,9 +186,11 @@ def test_stage2_ends_with_a_linear_decay_resumed_from_the_constant_phase():
         assert command[command.index("--max_train_steps") + 1] == steps
         assert command[command.index("--lr_scheduler") + 1] == schedule
         assert command[command.index("--resume_from_checkpoint") + 1] == "latest"
-    assert "from step 20 lr × (30 − step) / 30" in shapes_recipe.stage2_lr_words(args)
+    assert shapes_recipe.stage2_lr_words(args) == ("lr 0.0005, constant after 500 warm-up steps, "
+                                                   "then from step 20 lr × (30 − step) / 30")
     constant = shapes_recipe.parse_args(["--stage2_steps", "10", "--stage2_decay_steps", "0"])
     assert shapes_recipe.stage2_phases(constant) == [(10, "constant_with_warmup", 500)]
     assert "from step" not in shapes_recipe.stage2_lr_words(constant)
     decay_only = shapes_recipe.parse_args(["--stage2_steps", "10", "--stage2_decay_steps", "10"])
     assert shapes_recipe.stage2_phases(decay_only) == [(10, "linear", 0)]
+    assert shapes_recipe.stage2_lr_words(decay_only) == "lr 0.0005, from step 0 lr × (10 − step) / 10"

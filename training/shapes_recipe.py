@@ -288,11 +288,14 @@ def stage2_command(args, base: Path, data: Path, out: Path, max_steps: Optional[
 
 def stage2_lr_words(args) -> str:
     """The stage-2 learning-rate schedule in words, for the model card."""
-    words = f"lr {args.stage2_learning_rate} (constant after 500 warm-up steps)"
-    if args.stage2_decay_steps > 0:
-        switch = max(args.stage2_steps - args.stage2_decay_steps, 0)
-        words += f", from step {switch} lr × ({args.stage2_steps} − step) / {args.stage2_steps}"
-    return words
+    words, start = [], 0
+    for end, schedule, _ in stage2_phases(args):
+        if schedule == "linear":
+            words.append(f"from step {start} lr × ({end} − step) / {end}")
+        else:
+            words.append("constant after 500 warm-up steps")
+        start = end
+    return f"lr {args.stage2_learning_rate}, " + ", then ".join(words)
 
 
 def run_stage2(args, base: Path, data: Path, out: Path, compute: ComputeLog) -> Path:
@@ -300,7 +303,7 @@ def run_stage2(args, base: Path, data: Path, out: Path, compute: ComputeLog) -> 
     for max_steps, lr_scheduler, warmup_steps in stage2_phases(args):
         done = _read_json(out / "recipe_stage2.json")
         if done and done["max_train_steps"] >= max_steps and (out / "model_index.json").is_file():
-            _skip("stage 2", f"{out} reached {done['max_train_steps']} steps")
+            _skip(f"stage 2 ({lr_scheduler} to step {max_steps})", f"{out} reached {done['max_train_steps']} steps")
             continue
         run_timed(stage2_command(args, base, data, out, max_steps, lr_scheduler, warmup_steps), args.num_threads,
                   compute)
