@@ -254,8 +254,8 @@ def stage2_phases(args) -> list[tuple[int, str, int]]:
     return phases
 
 
-def stage2_command(args, base: Path, data: Path, out: Path, max_steps: Optional[int] = None,
-                   lr_scheduler: str = "constant_with_warmup", warmup_steps: int = 500) -> list[str]:
+def stage2_command(args, base: Path, data: Path, out: Path, max_steps: int, lr_scheduler: str,
+                   warmup_steps: int) -> list[str]:
     """The train_text2img.py command line of one stage-2 phase (printed by the recipe, so it can be run by hand too)."""
     return [
         sys.executable, str(REPO / "training" / "train_text2img.py"),
@@ -268,7 +268,7 @@ def stage2_command(args, base: Path, data: Path, out: Path, max_steps: Optional[
         "--learning_rate", str(args.stage2_learning_rate),
         "--lr_scheduler", lr_scheduler,
         "--lr_warmup_steps", str(warmup_steps),
-        "--max_train_steps", str(max_steps or args.stage2_steps),
+        "--max_train_steps", str(max_steps),
         "--checkpointing_steps", str(args.stage2_checkpointing_steps),
         "--checkpoints_total_limit", "3",
         "--resume_from_checkpoint", "latest",

@@ -331,7 +331,7 @@ def evaluate(model, tokenizer, args, split: str = "train") -> dict:
         "retrieval_top1_full_captions": float(np.mean(top1_full)),
         "retrieval_top1_training_captions": float(np.mean(top1_train)),
         "hard_negative_accuracy": float(np.mean([r for rs in by_kind.values() for r in rs])),
-        "hard_negative_accuracy_by_edit": {kind: float(np.mean(v)) for kind, v in sorted(by_kind.items())},
+        "hard_negative_accuracy_by_edit": {kind: float(np.mean(rs)) for kind, rs in sorted(by_kind.items())},
         "candidates": args.retrieval_candidates,
         "queries": args.retrieval_groups * args.retrieval_candidates,
         "split": split,
