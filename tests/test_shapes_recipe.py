@@ -143,7 +143,8 @@ def test_model_card_quotes_the_history_and_the_spatial_hard_negatives(tmp_path):
     by_edit = {"position": 0.81, "relation": 0.62, "colour": 1.0}
     s0 = {"vocab_size": 228, "model_max_length": 32, "parameters_text": 826624, "max_train_steps": 3000,
           "train_batch_size": 128, "eval": {"candidates": 100, "retrieval_top1_full_captions": 0.8,
-                                            "hard_negative_accuracy": 0.9, "hard_negative_accuracy_by_edit": by_edit}}
+                                            "hard_negative_accuracy": 0.9, "hard_negative_accuracy_by_edit": by_edit,
+                                            "relation_binding_accuracy": {"side": 0.97, "colour": 1.0, "shape": 0.99}}}
     s1 = {"downsampling_factor": 4, "parameters": 1e6, "max_train_steps": 3000, "train_batch_size": 16,
           "scaling_factor": 1.04, "eval": {"psnr_db": 31.7, "scorer_accuracy_reconstructions": 0.998}}
     metrics = {"stage0": s0, "stage1": s1, "compute_s": {"stage0_text": 60.0}, "weights_bytes": 2**20,
@@ -151,6 +152,7 @@ def test_model_card_quotes_the_history_and_the_spatial_hard_negatives(tmp_path):
                "eval_prompts": 500, "seconds_one_image": 0.1, "threads": 2}
     card = shapes_recipe.model_card(args, metrics, "overall 0.5")
     assert "position 0.81, relation 0.62" in card
+    assert "first object's colour/shape read from the states): 0.97, 1.00/0.99" in card
     assert "## How this copy was trained" in card and "resumed at step 10 000" in card
     assert "How this copy was trained" not in shapes_recipe.model_card(shapes_recipe.parse_args([]), metrics, "")
     with pytest.raises(SystemExit):  # a missing history file stops the recipe before any training
@@ -194,3 +196,43 @@ def test_stage2_ends_with_a_linear_decay_resumed_from_the_constant_phase():
     decay_only = shapes_recipe.parse_args(["--stage2_steps", "10", "--stage2_decay_steps", "10"])
     assert shapes_recipe.stage2_phases(decay_only) == [(10, "linear", 0)]
     assert shapes_recipe.stage2_lr_words(decay_only) == "lr 0.0005, from step 0 lr × (10 − step) / 10"
+
+
+def test_binding_targets_name_the_relation_word_the_second_side_and_the_first_object(stage0_dir):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(stage0_dir / "tokenizer"))
+    captions = ["a red circle above a blue square", "a green triangle on the left",
+                "an orange triangle to the left of a blue triangle on a white background"]
+    ids = shapes_stage0_text.tokenize_prompts(tokenizer, captions, num_chunks=1)[:, 0]
+    vocab = shapes_stage0_text.binding_vocab(tokenizer)
+    targets = shapes_stage0_text.binding_targets(ids, captions, vocab)
+    assert targets["rows"].tolist() == [0, 2]  # the single object's "left" is a position, not a relation
+    words = [tokenizer.convert_ids_to_tokens(int(ids[r, p])) for r, p in zip(targets["rows"], targets["relation"])]
+    assert words == ["above</w>", "left</w>"]
+    sides = shapes_stage0_text.SIDE_WORDS
+    assert [sides[i] for i in targets["side"]] == ["below", "right"]
+    assert targets["colour"].tolist() == [0, 1] and targets["shape"].tolist() == [0, 2]  # red circle, orange triangle
+    assert shapes_stage0_text.binding_targets(ids[1:2], captions[1:2], vocab) is None
+
+
+def test_relation_binding_loss_teaches_the_second_objects_side(stage0_dir):
+    """A few steps of the loss alone make the states after the relation word tell "above" from "below"."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(stage0_dir / "tokenizer"))
+    args = shapes_stage0_text.parse_args(["--output_dir", "x", *STAGE0_TINY])
+    model = shapes_stage0_text.build_clip(args, tokenizer)
+    captions = [f"a {a} circle {rel} a {b} square" for a, b in (("red", "blue"), ("green", "yellow"))
+                for rel in ("above", "below", "to the left of", "to the right of")]
+    vocab = shapes_stage0_text.binding_vocab(tokenizer)
+    optimizer = torch.optim.Adam(model.text_model.parameters(), lr=1e-2)
+    for _ in range(80):
+        ids, output = shapes_stage0_text.encode_texts(model, tokenizer, captions)
+        loss = shapes_stage0_text.relation_binding_loss(model, ids, output.last_hidden_state, captions, vocab)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        right = shapes_stage0_text.binding_correct(model, tokenizer, captions)
+    assert np.mean(right["side"]) > 0.9 and np.mean(right["colour"]) == 1.0 and np.mean(right["shape"]) == 1.0

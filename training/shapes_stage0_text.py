@@ -21,12 +21,18 @@
    through the tied token embeddings (`--token_identity_weight`): the
    denoiser cross-attends to the per-token states, and contrastive training
    alone let the first layer wash "left"/"right"/"above"/"below" into the
-   caption's colours, so the denoiser never saw them.
+   caption's colours, so the denoiser never saw them. A third loss binds
+   relations (`--relation_binding_weight`): in a two-object caption the
+   relation word's state must name the first object and every state after it
+   the side the second object is on, so that the denoiser can tell which
+   object goes where (the causal encoder otherwise wrote the relation into
+   that one word's state and nowhere else).
 3. The text tower is saved as `text_encoder/` (`CLIPTextModel`) next to
    `tokenizer/`, and caption->image retrieval is measured on images of
    seeds never trained on: top-1 among `--retrieval_candidates` images, with
    full and with training-style captions, plus the share of images that
-   score their own caption above its hard negative.
+   score their own caption above its hard negative, and the accuracy of the
+   relation-binding readouts.
 
 Checkpoints (safetensors) go to OUTPUT_DIR/checkpoints every
 `--checkpointing_steps`; rerunning the same command resumes from the latest.
@@ -98,7 +104,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--projection_dim", type=int, default=128)
     # optimisation
     p.add_argument("--train_batch_size", type=int, default=128)
-    p.add_argument("--max_train_steps", type=int, default=3000)
+    p.add_argument("--max_train_steps", type=int, default=3500)
     p.add_argument("--learning_rate", type=float, default=5e-4)
     p.add_argument("--lr_warmup_steps", type=int, default=200)
     p.add_argument("--adam_weight_decay", type=float, default=0.05)
@@ -109,6 +115,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "relation changed) rather than one drawn uniformly over all edit kinds")
     p.add_argument("--token_identity_weight", type=float, default=1.0,
                    help="weight of the loss that keeps each token readable from its last hidden state (0: off)")
+    p.add_argument("--relation_binding_weight", type=float, default=1.0,
+                   help="weight of the loss that makes a two-object caption's states say which object goes where (0: off)")
     p.add_argument("--checkpointing_steps", type=int, default=250)
     # evaluation
     p.add_argument("--retrieval_candidates", type=int, default=100)
@@ -277,6 +285,100 @@ def token_identity_loss(model, ids: torch.Tensor, states: torch.Tensor, eos_toke
     return F.cross_entropy(logits[keep], ids[keep])
 
 
+SIDE_WORDS = ("above", "below", "left", "right")  # the word each relation ends on, and the sides they name
+SIDE_OF_SECOND = {"above": "below", "below": "above", "to the left of": "right", "to the right of": "left"}
+
+
+@dataclasses.dataclass(frozen=True)
+class BindingVocab:
+    """Token ids of the words the relation-binding readouts choose among."""
+
+    sides: torch.Tensor  # (4,) SIDE_WORDS
+    colours: torch.Tensor  # (6,) OBJECT_COLOURS
+    shapes: torch.Tensor  # (3,) SHAPES
+
+
+def binding_vocab(tokenizer) -> BindingVocab:
+    """The single-token ids of the side, colour and shape words (an error if the tokenizer splits one)."""
+    def ids(words):
+        out = []
+        for word in words:
+            pieces = tokenizer(word, add_special_tokens=False).input_ids
+            if len(pieces) != 1:
+                raise ValueError(f"the tokenizer splits {word!r} into {len(pieces)} tokens; relation binding needs one")
+            out.append(pieces[0])
+        return torch.tensor(out)
+    return BindingVocab(ids(SIDE_WORDS), ids(OBJECT_COLOURS), ids(SHAPES))
+
+
+def binding_targets(ids: torch.Tensor, captions: Sequence[str], vocab: BindingVocab) -> Optional[dict]:
+    """Where and what the binding readouts score, for the captions that relate two objects (None if none does).
+
+    rows, relation: (K,) caption row and position of its relation word;
+    side: (K,) index in SIDE_WORDS of the second object's side; colour, shape:
+    (K,) indices of the first object's colour and shape.
+    """
+    rows, relation, side, colour, shape = [], [], [], [], []
+    for row, text in enumerate(captions):
+        spec = parse_prompt(text)
+        if spec.relation is None:
+            continue
+        positions = torch.isin(ids[row], vocab.sides).nonzero().flatten()
+        first = spec.objects[0]
+        rows.append(row)
+        relation.append(int(positions[0]))  # two-object captions state no position, so this is the relation word
+        side.append(SIDE_WORDS.index(SIDE_OF_SECOND[spec.relation]))
+        colour.append(OBJECT_COLOURS.index(first.colour))
+        shape.append(SHAPES.index(first.shape))
+    if not rows:
+        return None
+    return {k: torch.tensor(v) for k, v in
+            dict(rows=rows, relation=relation, side=side, colour=colour, shape=shape).items()}
+
+
+def binding_logits(model, states: torch.Tensor, vocab: BindingVocab, targets: dict) -> dict[str, tuple]:
+    """(logits, target) of each binding readout, through the tied token embeddings restricted to its words.
+
+    side: every state after the relation word (the second object, the end
+    and padding states) reads the side the second object is on; colour and
+    shape: the relation word's state reads the first object. Restricted to
+    those few words, the readouts do not compete with the token-identity
+    loss, which wants each state to read back its own token over the whole
+    vocabulary.
+    """
+    table = model.text_model.embeddings.token_embedding.weight
+    rows, relation = targets["rows"], targets["relation"]
+    after = torch.arange(states.shape[1]).unsqueeze(0) > relation.unsqueeze(1)  # (K, L)
+    tail = states[rows][after]  # (T, D)
+    side_target = targets["side"].unsqueeze(1).expand_as(after)[after]
+    at_relation = states[rows, relation]  # (K, D)
+    return {
+        "side": (tail @ table[vocab.sides].T, side_target),
+        "colour": (at_relation @ table[vocab.colours].T, targets["colour"]),
+        "shape": (at_relation @ table[vocab.shapes].T, targets["shape"]),
+    }
+
+
+def relation_binding_loss(model, ids: torch.Tensor, states: torch.Tensor, captions: Sequence[str],
+                          vocab: BindingVocab) -> torch.Tensor:
+    """Make a two-object caption's states say which object goes where.
+
+    The encoder is causal: in "a red circle above a blue square" the first
+    object's tokens come before the relation and cannot know it, and without
+    this loss the states after the relation word differed by only 3-6% from
+    those of "... below ...", so the denoiser could not tell which object goes
+    on top (two-object adherence stayed at chance, 0.39, over three rounds).
+    With it, the relation word's state names the first object and every state
+    after it names the second object's side.
+    """
+    targets = binding_targets(ids, captions, vocab)
+    if targets is None:
+        return states.new_zeros(())
+    scored = binding_logits(model, states, vocab, targets)
+    side = F.cross_entropy(*scored["side"])
+    return side + (F.cross_entropy(*scored["colour"]) + F.cross_entropy(*scored["shape"])) / 2
+
+
 def image_embeddings(model, pixels: torch.Tensor) -> torch.Tensor:
     """(N, P) unit-norm projected image embeddings of (N, 3, S, S) pixels in [-1, 1]."""
     pooled = model.vision_model(pixel_values=pixels).pooler_output  # (N, D)
@@ -284,9 +386,10 @@ def image_embeddings(model, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive_loss(model, tokenizer, pixels, captions, negatives: Optional[list[str]],
-                     identity_weight: float = 0.0) -> tuple[torch.Tensor, float]:
+                     identity_weight: float = 0.0, binding_weight: float = 0.0) -> tuple[torch.Tensor, float]:
     """Symmetric InfoNCE; image->text also ranks each image's hard negative caption; plus `identity_weight` times
-    the token-identity loss of the captions. Returns (loss, batch accuracy)."""
+    the token-identity loss and `binding_weight` times the relation-binding loss of the captions.
+    Returns (loss, batch accuracy)."""
     batch = pixels.shape[0]
     texts = list(captions) + (list(negatives) if negatives else [])
     ids, output = encode_texts(model, tokenizer, texts)
@@ -299,13 +402,27 @@ def contrastive_loss(model, tokenizer, pixels, captions, negatives: Optional[lis
     loss_text = F.cross_entropy(logits[:, :batch].T, target)
     accuracy = (logits[:, :batch].argmax(dim=1) == target).float().mean().item()
     loss = (loss_image + loss_text) / 2
+    states = output.last_hidden_state[:batch]
     if identity_weight:
-        states = output.last_hidden_state[:batch]
         loss = loss + identity_weight * token_identity_loss(model, ids[:batch], states, tokenizer.eos_token_id)
+    if binding_weight:
+        vocab = binding_vocab(tokenizer)
+        loss = loss + binding_weight * relation_binding_loss(model, ids[:batch], states, captions, vocab)
     return loss, accuracy
 
 
 # ---------------------------------------------------------------- evaluation
+
+
+def binding_correct(model, tokenizer, captions: Sequence[str]) -> dict[str, list[float]]:
+    """Per readout of `binding_logits` (side, colour, shape), whether each scored state reads the right word."""
+    ids, output = encode_texts(model, tokenizer, captions)
+    vocab = binding_vocab(tokenizer)
+    targets = binding_targets(ids, captions, vocab)
+    if targets is None:
+        return {}
+    scored = binding_logits(model, output.last_hidden_state, vocab, targets)
+    return {name: (logits.argmax(dim=1) == target).float().tolist() for name, (logits, target) in scored.items()}
 
 
 @torch.no_grad()
@@ -314,8 +431,11 @@ def evaluate(model, tokenizer, args, split: str = "train") -> dict:
     model.eval()
     top1_full, top1_train = [], []
     by_kind: dict[str, list[float]] = {}
+    binding: dict[str, list[float]] = {}
     for group in range(args.retrieval_groups):
         data = shapes_batch(args.eval_seed, group, args.retrieval_candidates, args.resolution, split)
+        for name, right in binding_correct(model, tokenizer, data.full_captions).items():
+            binding.setdefault(name, []).extend(right)
         v = image_embeddings(model, data.pixels)
         rng = np.random.default_rng((args.eval_seed, group, 1))
         kinds, negatives = zip(*(hard_negative_with_kind(c, rng) for c in data.full_captions))
@@ -332,6 +452,7 @@ def evaluate(model, tokenizer, args, split: str = "train") -> dict:
         "retrieval_top1_training_captions": float(np.mean(top1_train)),
         "hard_negative_accuracy": float(np.mean([r for rs in by_kind.values() for r in rs])),
         "hard_negative_accuracy_by_edit": {kind: float(np.mean(rs)) for kind, rs in sorted(by_kind.items())},
+        "relation_binding_accuracy": {name: float(np.mean(rs)) for name, rs in sorted(binding.items())},
         "candidates": args.retrieval_candidates,
         "queries": args.retrieval_groups * args.retrieval_candidates,
         "split": split,
@@ -372,7 +493,7 @@ def train(args, model, tokenizer, checkpoints: RunCheckpoints) -> float:
             rng = np.random.default_rng((args.seed, step, 3))
             negatives = [hard_negative(c, rng, args.spatial_negative_share) for c in data.captions]
         loss, accuracy = contrastive_loss(model, tokenizer, data.pixels, data.captions, negatives,
-                                          args.token_identity_weight)
+                                          args.token_identity_weight, args.relation_binding_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
