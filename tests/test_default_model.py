@@ -68,10 +68,11 @@ def test_loads_offline_with_no_argument(pipe):
 
 
 def test_follows_held_in_prompts_at_its_defaults(pipe):
-    """Far above chance (an untrained UNet scores 0): 30 images, measured 0.73 for the shipped model (0.67 for the
-    18k-step one before it, 0.43 for the first one, at 10k steps).
+    """Far above chance (an untrained UNet scores 0): 30 images, measured 0.87 for the shipped model (round 4, 40k
+    steps; 0.73 for round 3 at 27k, 0.67 for round 2 at 18k, 0.43 for the first one, at 10k steps).
 
-    The bar is the regression floor of the model as shipped, not the 0.90 target of issue 4; raise it with the model.
+    The bar is a regression floor of the model as shipped (its 500-prompt adherence is in the model card); raise it
+    with the model.
     """
     import torch
 
@@ -81,7 +82,7 @@ def test_follows_held_in_prompts_at_its_defaults(pipe):
     images = pipe(prompts, generator=generators).images
     assert images[0].size == (64, 64)
     report = score_images(images, prompts)
-    assert report["overall"] >= 0.55, report["failures"]
+    assert report["overall"] >= 0.75, report["failures"]
 
 
 def test_cli_generates_with_the_default(tmp_path):

@@ -80,7 +80,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--stop_after", choices=STAGES, default="assemble")
     p.add_argument("--num_threads", type=int, default=1, help="torch threads of every stage")
     # stage 0 and 1 (their other settings are the scripts' defaults)
-    p.add_argument("--stage0_steps", type=int, default=3000)
+    p.add_argument("--stage0_steps", type=int, default=3500)
     p.add_argument("--stage0_batch_size", type=int, default=128)
     p.add_argument("--stage1_steps", type=int, default=3000)
     p.add_argument("--stage1_batch_size", type=int, default=16)
@@ -88,8 +88,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--num_train_images", type=int, default=50_000)
     p.add_argument("--data_seed", type=int, default=0)
     p.add_argument("--unet_config", default=str(UNET_CONFIG))
-    p.add_argument("--stage2_steps", type=int, default=27_000, help="the shipped model's")
-    p.add_argument("--stage2_decay_steps", type=int, default=9000,
+    p.add_argument("--stage2_steps", type=int, default=40_000, help="the shipped model's")
+    p.add_argument("--stage2_decay_steps", type=int, default=13_000,
                    help="the last stage-2 steps, resumed from the constant-LR phase with the learning rate "
                         "falling linearly to 0 (lr × (stage2_steps − step) / stage2_steps)")
     p.add_argument("--stage2_batch_size", type=int, default=64)
@@ -459,6 +459,10 @@ def model_card(args, metrics: dict, adherence_table: str) -> str:
     by_edit = s0["eval"].get("hard_negative_accuracy_by_edit", {})
     spatial = ", ".join(f"{k} {by_edit[k]:.2f}" for k in ("position", "relation") if k in by_edit)
     spatial = f" ({spatial})" if spatial else ""
+    binding = s0["eval"].get("relation_binding_accuracy")
+    if binding:
+        spatial += (f"; relation binding (side of the second object, first object's colour/shape read from the states): "
+                    f"{binding['side']:.2f}, {binding['colour']:.2f}/{binding['shape']:.2f}")
     history = f"\n## How this copy was trained\n\n{Path(args.history).read_text().strip()}\n" if args.history else ""
     return f"""---
 library_name: diffusers
@@ -492,7 +496,7 @@ One command, from nothing, each stage resumable: `python training/shapes_recipe.
 
 | stage | what | result |
 |---|---|---|
-| 0 text | CLIP-format BPE tokenizer ({s0['vocab_size']} tokens, window {s0['model_max_length']}); CLIP text encoder ({s0['parameters_text'] / 1e6:.2f}M params) trained contrastively with a ViT on (image, caption) pairs, with hard-negative captions; {s0['max_train_steps']} steps of batch {s0['train_batch_size']} | caption→image top-1 among {s0['eval']['candidates']}: {s0['eval']['retrieval_top1_full_captions']:.3f} (full captions), hard-negative accuracy {s0['eval']['hard_negative_accuracy']:.3f}{spatial} |
+| 0 text | CLIP-format BPE tokenizer ({s0['vocab_size']} tokens, window {s0['model_max_length']}); CLIP text encoder ({s0['parameters_text'] / 1e6:.2f}M params) trained contrastively with a ViT on (image, caption) pairs, with hard-negative captions, a token-identity and a relation-binding loss; {s0['max_train_steps']} steps of batch {s0['train_batch_size']} | caption→image top-1 among {s0['eval']['candidates']}: {s0['eval']['retrieval_top1_full_captions']:.3f} (full captions), hard-negative accuracy {s0['eval']['hard_negative_accuracy']:.3f}{spatial} |
 | 1 vae | `AutoencoderKL`, factor {s1['downsampling_factor']}, 4 latent channels ({s1['parameters'] / 1e6:.2f}M params), L1 + L2 + 1e-6·KL; {s1['max_train_steps']} steps of batch {s1['train_batch_size']}; scaling_factor {s1['scaling_factor']:.4f} = 1/std of the latents | PSNR {s1['eval']['psnr_db']:.1f} dB, scorer accuracy on reconstructions {s1['eval']['scorer_accuracy_reconstructions']:.3f} |
 | 2 unet | `UNet2DConditionModel` from `training/shapes_unet_config.json`, trained with `training/train_text2img.py` on {args.num_train_images} Shapes images: v-prediction, cosine schedule, min-SNR-γ {args.snr_gamma}, EMA {args.ema_decay}, caption dropout {args.caption_dropout}, batch {args.stage2_batch_size}, {stage2_lr_words(args)} | see below |
 
