@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import string
 import sys
 from pathlib import Path
@@ -285,8 +286,12 @@ def token_identity_loss(model, ids: torch.Tensor, states: torch.Tensor, eos_toke
     return F.cross_entropy(logits[keep], ids[keep])
 
 
-SIDE_WORDS = ("above", "below", "left", "right")  # the word each relation ends on, and the sides they name
-SIDE_OF_SECOND = {"above": "below", "below": "above", "to the left of": "right", "to the right of": "left"}
+SIDE_WORDS = ("above", "below", "left", "right")  # the word that names each relation's side
+
+
+def side_word(relation: str) -> str:
+    """The SIDE_WORDS word of a relation phrase ("to the left of" -> "left")."""
+    return next(word for word in relation.split() if word in SIDE_WORDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +303,7 @@ class BindingVocab:
     shapes: torch.Tensor  # (3,) SHAPES
 
 
+@functools.lru_cache(maxsize=4)  # called every training step; a tokenizer hashes by identity
 def binding_vocab(tokenizer) -> BindingVocab:
     """The single-token ids of the side, colour and shape words (an error if the tokenizer splits one)."""
     def ids(words):
@@ -327,7 +333,7 @@ def binding_targets(ids: torch.Tensor, captions: Sequence[str], vocab: BindingVo
         first = spec.objects[0]
         rows.append(row)
         relation.append(int(positions[0]))  # two-object captions state no position, so this is the relation word
-        side.append(SIDE_WORDS.index(SIDE_OF_SECOND[spec.relation]))
+        side.append(SIDE_WORDS.index(side_word(OPPOSITE_RELATION[spec.relation])))  # the second object's side
         colour.append(OBJECT_COLOURS.index(first.colour))
         shape.append(SHAPES.index(first.shape))
     if not rows:
