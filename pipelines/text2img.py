@@ -28,6 +28,8 @@ from latent_diffusion.schedules import NoiseSchedule
 from latent_diffusion.tracing import TracedUNet
 from latent_diffusion.utils import randn
 
+from .image_inputs import check_image_arguments, default_size, prepare_image_edit
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 TRACE_MAX_PARAMETERS = 50_000_000  # the embedded model is ~4M; SD 1.5's UNet is 860M
 GENERATION_CONFIG = "generation_config.json"
@@ -122,6 +124,9 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         width: Optional[int] = None,
         generator: Generator = None,
         latents: Optional[torch.Tensor] = None,
+        image: Optional[Any] = None,
+        mask_image: Optional[Any] = None,
+        strength: Optional[float] = None,
         sampler: Optional[str] = None,
         eta: float = 0.0,
         output_type: str = "pil",
@@ -134,19 +139,36 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         (its generation_config.json; otherwise 25 steps, 7.5, "dpm++"). `guidance_scale` = 1 runs the
         conditional model alone; any other value runs both branches in one batched UNet call.
         `callback_on_step_end(pipe, i, t, {"latents": x})` may return {"latents": new_x}.
+
+        `image` (PIL, array or tensor in [0, 1], or a list: one, or one per prompt) turns the call into
+        img2img (SDEdit): the last ⌊steps·strength⌋ steps run from the image's noised latent (strength
+        default 0.8); the size defaults to the image's. With `mask_image` (white: repaint) it inpaints:
+        an inpainting UNet (9 channels) is conditioned on the mask and masked image, an ordinary UNet keeps
+        the unmasked region by re-noising it at every step (strength default 1.0).
         """
         steps, scale, sampler = self._resolve_defaults(num_inference_steps, guidance_scale, sampler)
         prompts, negatives = _check_prompts(prompt, negative_prompt)
+        strength = check_image_arguments(self, image, mask_image, strength, latents)
+        if image is not None:
+            height, width = default_size(self, image, height, width)
         height, width = self._check_call(steps, scale, sampler, output_type, num_images_per_prompt, height, width)
         batch = len(prompts) * num_images_per_prompt
         context = self.encode_prompt(prompts, negatives if scale != 1.0 else None, num_images_per_prompt)
         schedule = NoiseSchedule.from_config(self.scheduler.config)
         solver = get_sampler(sampler, schedule, **({"eta": eta} if sampler == "ddim" else {}))
         timesteps = solver.timesteps(steps)
-        x = self.prepare_latents(batch, height, width, context.dtype, generator, latents)
-        denoiser = Denoiser(self._guided_unet(context, scale, guidance_rescale), schedule)
+        edit = None if image is None else prepare_image_edit(
+            self, solver, timesteps, image, mask_image, strength, len(prompts), num_images_per_prompt, height, width,
+            generator, context.dtype, guided=scale != 1.0)
+        if edit is None:
+            x = self.prepare_latents(batch, height, width, context.dtype, generator, latents)
+        else:
+            timesteps, x = edit.timesteps, edit.x
+        denoiser = Denoiser(self._guided_unet(context, scale, guidance_rescale, edit.unet_extra if edit else None), schedule)
         with self.progress_bar(total=len(timesteps)) as bar:
             step_callback = self._step_callback(bar, callback_on_step_end)
+            if edit is not None:
+                step_callback = edit.step_callback(step_callback)
             x = solver(denoiser, x, timesteps, generator=generator, callback=step_callback)
         images = self.decode(x, output_type)
         self.maybe_free_model_hooks()
@@ -205,13 +227,21 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         self._traced_unet.enabled = small if self.trace_unet is None else self.trace_unet
         return self._traced_unet
 
-    def _guided_unet(self, context: torch.Tensor, scale: float, rescale: float) -> Callable:
-        """model_fn(x_t, t) for the Denoiser: one UNet call on [x_t; x_t] and CFG when guiding, else one plain call."""
+    def _guided_unet(
+        self, context: torch.Tensor, scale: float, rescale: float, extra: Optional[torch.Tensor] = None
+    ) -> Callable:
+        """model_fn(x_t, t) for the Denoiser: one UNet call on [x_t; x_t] and CFG when guiding, else one plain call.
+
+        `extra` (inpainting UNets: mask and masked-image latents, already doubled for CFG) is appended to the
+        UNet input's channels.
+        """
         unet, dtype = self.traced_unet(), self.unet.dtype
         guided = scale != 1.0  # encode_prompt added the unconditional half exactly then
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x_in = torch.cat([x, x]) if guided else x  # (2B or B, C, h, w)
+            if extra is not None:
+                x_in = torch.cat([x_in, extra.to(x_in.dtype)], dim=1)  # (2B or B, C + 1 + C, h, w)
             out = unet(x_in.to(dtype), t, context)
             return guide(out, scale, rescale).to(x.dtype) if guided else out.to(x.dtype)
 
