@@ -55,6 +55,10 @@ def _add_generate(commands) -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--n", type=int, default=1, help="number of images")
+    p.add_argument("--image", default=None, help="input image (PNG, JPEG…) for image-to-image; its size is the default")
+    p.add_argument("--strength", type=float, default=None,
+                   help="with --image: how much to change it, in (0, 1] (default 0.8; with --mask 1.0)")
+    p.add_argument("--mask", default=None, help="with --image: inpainting mask, white = repaint, black = keep")
     p.add_argument("--device", default=None, help="cpu, cuda, mps… (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_generate)
@@ -64,10 +68,11 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     import torch
 
     from latent_diffusion.pipelines import LatentDiffusionPipeline
-    from latent_diffusion.pngmeta import generation_metadata, save_png
+    from latent_diffusion.pngmeta import generation_metadata, image_input_metadata, save_png
 
     if args.n < 1:
         raise SystemExit(f"--n must be >= 1, got {args.n}")
+    image, mask = _read_image_inputs(args)
     pipe = LatentDiffusionPipeline.from_pretrained(args.model) if args.model else LatentDiffusionPipeline.from_pretrained()
     pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.set_progress_bar_config(disable=args.quiet)
@@ -83,9 +88,33 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         height=args.height,
         width=args.width,
         generator=[torch.Generator().manual_seed(s) for s in seeds],
+        image=image,
+        mask_image=mask,
+        strength=args.strength,
     )
-    return [save_png(image, path, generation_metadata(pipe, args, seed)) for image, path, seed in
-            zip(result.images, output_paths(args.output, args.n), seeds)]
+    return [save_png(image, path, {**generation_metadata(pipe, args, seed), **image_input_metadata(args, image)})
+            for image, path, seed in zip(result.images, output_paths(args.output, args.n), seeds)]
+
+
+def _read_image_inputs(args: argparse.Namespace):
+    """The --image and --mask files as PIL images (None when not given); errors name the flag."""
+    from PIL import Image
+
+    if args.image is None:
+        for flag, value in (("--mask", args.mask), ("--strength", args.strength)):
+            if value is not None:
+                raise ValueError(f"{flag} needs --image (the picture to edit)")
+        return None, None
+    images = []
+    for flag, path in (("--image", args.image), ("--mask", args.mask)):
+        if path is None:
+            images.append(None)
+            continue
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{flag}: no such file {path!r}")
+        with Image.open(path) as opened:
+            images.append(opened.copy())
+    return tuple(images)
 
 
 def output_paths(output: str, n: int) -> list[Path]:

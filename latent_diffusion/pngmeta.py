@@ -39,6 +39,17 @@ def generation_metadata(pipe, args: Any, seed: int) -> dict[str, str]:
     }
 
 
+def image_input_metadata(args: Any, image: Image.Image) -> dict[str, str]:
+    """What an img2img / inpainting PNG adds: the input and mask paths, the strength used, the output's real size."""
+    if getattr(args, "image", None) is None:
+        return {}
+    from .sdedit import default_strength
+
+    meta = {"image": str(args.image), "strength": str(default_strength(args.strength, inpainting=args.mask is not None)),
+            "height": str(image.height), "width": str(image.width)}
+    return {**meta, "mask": str(args.mask)} if args.mask is not None else meta
+
+
 def save_png(image: Image.Image, path: Path, metadata: dict[str, str]) -> Path:
     """Write `image` with `metadata` as PNG tEXt chunks; parent folders are created."""
     info = PngImagePlugin.PngInfo()
