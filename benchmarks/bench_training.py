@@ -10,7 +10,9 @@ the same SD folder (built from config: `--unet` picks the UNet), the same image 
 resolution, batch, seed and `--long` steps, fp32, no validation, no checkpoints but ours at the end. The
 time per step of each comes from the run's own progress bar: the driver timestamps every update of the
 tqdm "k/N" counter on the child's stderr, and takes (t_N − t_short) / (N − short), which leaves out imports,
-loading, our cache build, the first `--short` (warm-up) steps and the final save. (A difference of a long
+loading, our cache build, the first `--short` (warm-up) steps and the final save. With `--cpu_time` the
+child's CPU seconds (/proc/PID/stat) between those updates are used instead of wall seconds: on a loaded
+machine with `--threads 1` that counts the work of each step and not the time other jobs held the core. (A difference of a long
 and a short run's wall times does the same in principle, but on the loaded 2-core box start-up jitter of
 tens of seconds swamped it: it gave negative step times.) Runs alternate ours/peer (the order flips every
 round); the medians over `--rounds` are reported. Prints a markdown line for RESULTS.md.
@@ -134,8 +136,18 @@ def training_command(kind: str, opts, model: str, data: str, out: str, steps: in
             *opts.peer_flags.split()]
 
 
-def step_times(command: list[str], env: dict) -> list[tuple[int, float]]:
-    """Run a training command; (steps done, seconds since start) at every update of its tqdm progress bar."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by process `pid` (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
+def step_times(command: list[str], env: dict) -> list[tuple[int, float, float]]:
+    """Run a training command; (steps done, wall seconds since start, the child's CPU seconds) at every update
+    of its tqdm progress bar."""
     import re
     import subprocess
 
@@ -147,19 +159,20 @@ def step_times(command: list[str], env: dict) -> list[tuple[int, float]]:
         for match in pattern.finditer(text[-len(chunk) - 40:]):
             done, total = int(match.group(1)), int(match.group(2))
             if total == int(command[command.index("--max_train_steps") + 1]) and (not seen or done > seen[-1][0]):
-                seen.append((done, now))
+                seen.append((done, now, cpu_seconds(process.pid)))
     if process.wait() != 0:
         raise SystemExit(f"failed ({process.returncode}): {' '.join(command)}\n{text[-3000:]}")
     return seen
 
 
-def seconds_per_step(seen: list[tuple[int, float]], skip: int) -> float:
-    """Mean time of the steps after the first `skip` (warm-up), from the progress-bar timestamps."""
-    after = [(n, t) for n, t in seen if n >= skip]
-    (n0, t0), (n1, t1) = after[0], after[-1]
-    if n1 <= n0:
+def seconds_per_step(seen: list[tuple[int, float, float]], skip: int, clock: int) -> float:
+    """Mean time of the steps after the first `skip` (warm-up) from the progress-bar timestamps: wall time
+    (clock 1) or the child's CPU time (clock 2)."""
+    after = [row for row in seen if row[0] >= skip]
+    first, last = after[0], after[-1]
+    if last[0] <= first[0]:
         raise SystemExit(f"too few progress updates after step {skip}: {seen}")
-    return (t1 - t0) / (n1 - n0)
+    return (last[clock] - first[clock]) / (last[0] - first[0])
 
 
 def compare_with_peer(opts) -> dict:
@@ -168,7 +181,7 @@ def compare_with_peer(opts) -> dict:
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(opts.threads), TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1")
-    per_step = {"ours": [], "diffusers": []}
+    per_step, wall = {"ours": [], "diffusers": []}, {"ours": [], "diffusers": []}
     with tempfile.TemporaryDirectory() as tmp:
         model, data = os.path.join(tmp, "model"), os.path.join(tmp, "data")
         peer_folder(model, opts.unet)
@@ -178,15 +191,17 @@ def compare_with_peer(opts) -> dict:
             for kind in order:
                 out = os.path.join(tmp, f"{kind}-{r}")
                 seen = step_times(training_command(kind, opts, model, data, out, opts.long), env)
-                per_step[kind].append(seconds_per_step(seen, opts.short))
-                print(f"round {r} {kind}: {per_step[kind][-1]:.3f} s/step (steps {opts.short}..{seen[-1][0]}, "
-                      f"run {seen[-1][1]:.0f} s)", flush=True)
+                per_step[kind].append(seconds_per_step(seen, opts.short, 2 if opts.cpu_time else 1))
+                wall[kind].append(seconds_per_step(seen, opts.short, 1))
+                print(f"round {r} {kind}: {per_step[kind][-1]:.3f} {'CPU ' if opts.cpu_time else ''}s/step, wall "
+                      f"{wall[kind][-1]:.3f} s/step (steps {opts.short}..{seen[-1][0]}, run {seen[-1][1]:.0f} s)",
+                      flush=True)
     ours, theirs = (statistics.median(per_step[k]) for k in ("ours", "diffusers"))
     ratio = theirs / ours  # = our samples/s over theirs
     command = "python benchmarks/bench_training.py " + " ".join(sys.argv[1:])
     print(f"ours {opts.batch_size / ours:.2f} samples/s ({ours:.3f} s/step), diffusers' train_text_to_image.py "
           f"{opts.batch_size / theirs:.2f} samples/s ({theirs:.3f} s/step): ours/peer {ratio:.2f}x")
-    print(f"| {opts.unet} UNet, {opts.resolution} px, batch {opts.batch_size}, {opts.threads} thread(s), "
+    print(f"| {opts.unet} UNet, {opts.resolution} px, batch {opts.batch_size}, {opts.threads} thread(s){', CPU time' if opts.cpu_time else ''}, "
           f"{opts.ours_flags or 'defaults'} | {opts.batch_size / ours:.2f} | {opts.batch_size / theirs:.2f} | "
           f"**{ratio:.2f}x** | `{command.strip()}` |")
     return dict(ours_samples_per_s=opts.batch_size / ours, peer_samples_per_s=opts.batch_size / theirs, ratio=ratio,
@@ -209,6 +224,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="--peer: OMP_NUM_THREADS of every run")
     parser.add_argument("--ours_flags", default="", help="--peer: extra flags of our script, e.g. '--compile'")
     parser.add_argument("--peer_flags", default="", help="--peer: extra flags of the peer script")
+    parser.add_argument("--cpu_time", action="store_true",
+                        help="--peer: time steps by the child's CPU time, not wall time (with --threads 1 on a "
+                             "loaded CPU: what other jobs take is not counted)")
     parser.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"), help="--peer: both scripts")
     opts = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

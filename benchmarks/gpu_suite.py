@@ -79,6 +79,7 @@ def load_pair(folder: str, device: str, dtype):
     theirs = StableDiffusionPipeline(vae=ours.vae, text_encoder=ours.text_encoder, tokenizer=ours.tokenizer,
                                      unet=ours.unet, scheduler=DDIMScheduler.from_config(ours.scheduler.config),
                                      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ours.trace_unet = False  # eager, like every UNet over 50M parameters (dry runs too: the GPU's code path)
     for pipe in (ours, theirs):
         pipe.set_progress_bar_config(disable=True)
     return ours, theirs
@@ -124,7 +125,7 @@ def training_part(opts) -> dict:
     peer = argparse.Namespace(unet=opts.train_unet, resolution=opts.train_resolution, batch_size=opts.train_batch,
                               images=max(4 * opts.train_batch, 8), short=opts.train_skip, long=opts.train_steps,
                               rounds=1, threads=os.cpu_count() if opts.device != "cpu" else 1, ours_flags="",
-                              peer_flags="", mixed_precision=opts.train_precision)
+                              peer_flags="", mixed_precision=opts.train_precision, cpu_time=False)
     result = compare_with_peer(peer)
     return dict(ours=result["ours_samples_per_s"], diffusers=result["peer_samples_per_s"], ratio=result["ratio"],
                 unit="samples/s", notes=f"{opts.train_unet} UNet, {opts.train_resolution} px, batch "

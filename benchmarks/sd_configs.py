@@ -59,7 +59,8 @@ def narrow(config: dict[str, Any], divisor: int) -> dict[str, Any]:
 def sd15_folder(folder: str, text_layers: int = 2, width_divisor: int = 1) -> str:
     """Save an SD-1.5-sized diffusers folder with random weights.
 
-    UNet and VAE at SD 1.5's configs (`width_divisor` > 1 narrows every block of both, for dry runs);
+    UNet and VAE at SD 1.5's configs (`width_divisor` > 1 narrows every block of them and the text encoder,
+    for dry runs);
     the text encoder has CLIP ViT-L's width (768) but `text_layers` layers (its cost is one forward per
     prompt) and the tiny tokenizer of latent_diffusion.tiny.
     """
@@ -71,12 +72,12 @@ def sd15_folder(folder: str, text_layers: int = 2, width_divisor: int = 1) -> st
 
     tiny = tiny_components()
     torch.manual_seed(0)
-    tokenizer = tiny["tokenizer"]
+    tokenizer, width = tiny["tokenizer"], 768 // width_divisor
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=text_layers,
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=text_layers,
         num_attention_heads=12, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    unet = UNet2DConditionModel(**narrow(sd15_unet_config(), width_divisor))
+    unet = UNet2DConditionModel(**narrow(sd15_unet_config(cross_attention_dim=width), width_divisor))
     vae = AutoencoderKL(**narrow(sd15_vae_config(), width_divisor))
     StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                             scheduler=tiny["scheduler"], safety_checker=None, feature_extractor=None,

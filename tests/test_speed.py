@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from latent_diffusion.training.speed import LossMeter, adamw_options
-from test_training import train, weights
+from test_training import cache_dir, data_dir, train, weights  # noqa: F401 (fixtures)
 
 
 def test_loss_meter_reads_the_mean_every_n_steps_and_at_the_end():
