@@ -136,7 +136,8 @@ def training_part(opts) -> dict:
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu_suite_results")
-    parser.add_argument("--budget", type=float, default=450.0, help="seconds after which no new part starts")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds after which no new part starts (default: 450; none with --dry-run)")
     parser.add_argument("--dry-run", action="store_true", help="the same code on the CPU, tiny sizes")
     parser.add_argument("--skip-training", action="store_true")
     opts = parser.parse_args(argv)
@@ -150,6 +151,8 @@ def parse(argv=None) -> argparse.Namespace:
                            train_batch=8, train_skip=3, train_steps=13, train_precision="bf16")
     for key, value in opts.update.items():
         setattr(opts, key, value)
+    if opts.budget is None:
+        opts.budget = float("inf") if opts.dry_run else 450.0
     return opts
 
 
