@@ -201,7 +201,8 @@ def compare_with_peer(opts) -> dict:
     command = "python benchmarks/bench_training.py " + " ".join(sys.argv[1:])
     print(f"ours {opts.batch_size / ours:.2f} samples/s ({ours:.3f} s/step), diffusers' train_text_to_image.py "
           f"{opts.batch_size / theirs:.2f} samples/s ({theirs:.3f} s/step): ours/peer {ratio:.2f}x")
-    print(f"| {opts.unet} UNet, {opts.resolution} px, batch {opts.batch_size}, {opts.threads} thread(s){', CPU time' if opts.cpu_time else ''}, "
+    clock = ", CPU time" if opts.cpu_time else ""
+    print(f"| {opts.unet} UNet, {opts.resolution} px, batch {opts.batch_size}, {opts.threads} thread(s){clock}, "
           f"{opts.ours_flags or 'defaults'} | {opts.batch_size / ours:.2f} | {opts.batch_size / theirs:.2f} | "
           f"**{ratio:.2f}x** | `{command.strip()}` |")
     return dict(ours_samples_per_s=opts.batch_size / ours, peer_samples_per_s=opts.batch_size / theirs, ratio=ratio,

@@ -310,7 +310,7 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 def train_step(args, accelerator: Accelerator, models: Models, unet, optimizer, lr_scheduler, loss_fn,
                micro_batches: list, generator: torch.Generator) -> torch.Tensor:
-    """One optimizer step over the accumulated micro-batches; returns the mean loss over processes (0-d, on the device)."""
+    """One optimizer step over the accumulated micro-batches; the mean loss over processes (0-d, on the device)."""
     losses = []
     for batch in micro_batches:
         with accelerator.accumulate(unet):
@@ -353,7 +353,7 @@ def denoising_loss(unet, z0: torch.Tensor, context: torch.Tensor, schedule: Nois
     noise = randn(tuple(z0.shape), generator, z0.dtype, z0.device)  # (B, C, h, w)
     if noise_offset:  # offset noise: a per-channel constant shift (Guttenberg 2023)
         noise = noise + noise_offset * randn((batch, z0.shape[1], 1, 1), generator, z0.dtype, z0.device)
-    alpha_bar = gather(schedule.alphas_cumprod, t_host, z0)  # (B, 1, 1, 1); indexed on the host, no device sync
+    alpha_bar = gather(schedule.alphas_cumprod, t_host, z0)  # (B, 1, 1, 1); indexed on the host: no sync
     z_t = q_sample(z0, noise, alpha_bar)
     model_output = unet(z_t, t, encoder_hidden_states=context).sample
     return loss_fn(model_output, z0, noise, alpha_bar)
@@ -361,7 +361,7 @@ def denoising_loss(unet, z0: torch.Tensor, context: torch.Tensor, schedule: Nois
 
 def log_step(args, accelerator: Accelerator, state: TrainingState, loss: Optional[float], lr_scheduler,
              micro_batches, seconds: float) -> None:
-    """Loss (when read back this step), learning rate and throughput to the trackers; sample rows to --sample_index_log."""
+    """Loss (on the steps it is read back), learning rate, throughput to the trackers; rows to --sample_index_log."""
     samples = sum(len(b["index"]) for b in micro_batches) * accelerator.num_processes
     metrics = {"train/lr": lr_scheduler.get_last_lr()[0], "train/samples_per_second": samples / max(seconds, 1e-9)}
     if loss is not None:
