@@ -34,7 +34,7 @@ def test_fused_adamw_and_channels_last_train_the_same_weights(sd_folder, data_di
         other = weights(tmp_path / run / "checkpoint-2")
         assert other.keys() == loop.keys()
         for name in loop:
-            torch.testing.assert_close(other[name], loop[name], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(other[name], loop[name], atol=1e-4, rtol=1e-3)  # an Adam step moves ~lr=1e-3
     assert (tmp_path / "nhwc" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
