@@ -103,6 +103,12 @@ def test_reuse_settings_reads_a_png_back_into_the_form(studio):
         form_values({"prompt": "only this"})
 
 
+def test_generate_and_the_webui_module_never_import_gradio():
+    code = ("import sys, latent_diffusion.cli, latent_diffusion.webui; "
+            "sys.exit('gradio' in sys.modules or 'gradio_client' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=300).returncode == 0
+
+
 # ----------------------------------------------------------------- in-process: the page and its API description
 
 
