@@ -49,8 +49,6 @@ EXAMPLE_PROMPT = "a red circle above a blue square"
 PAGE_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance"}
 # Optional pipeline inputs the page offers when the pipeline's __call__ accepts them.
 IMAGE_INPUTS = ("image", "strength", "mask_image")
-# The form's fields in the order of the `generate` endpoint's parameters; reuse settings fills the first eight.
-FORM_FIELDS = ("prompt", "negative_prompt", "sampler", "steps", "guidance", "seed", "width", "height")
 
 
 class Studio:
@@ -156,7 +154,10 @@ def page_message(error: Exception) -> str:
 
 
 def form_values(metadata: dict[str, str]) -> list[Any]:
-    """The form's FORM_FIELDS from a generated PNG's metadata; ValueError when the PNG has none."""
+    """prompt, negative_prompt, sampler, steps, guidance, seed, width, height from a generated PNG's metadata.
+
+    The form's fields in the order of the `generate` endpoint's parameters; ValueError when the PNG has none.
+    """
     missing = [key for key in ("prompt", "seed", "sampler", "steps", "guidance", "height", "width") if key not in metadata]
     if missing:
         raise ValueError(f"png: no generation settings in this image (missing {', '.join(missing)}); "
