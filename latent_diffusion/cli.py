@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+DTYPES = ("float32", "bfloat16", "float16")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latent-diffusion", description=__doc__.splitlines()[0])
@@ -17,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(commands)
     _add_shapes_export(commands)
     _add_eval(commands)
+    _add_serve(commands)
     return parser
 
 
@@ -60,6 +63,8 @@ def _add_generate(commands) -> None:
                    help="with --image: how much to change it, in (0, 1] (default 0.8; with --mask 1.0)")
     p.add_argument("--mask", default=None, help="with --image: inpainting mask, white = repaint, black = keep")
     p.add_argument("--device", default=None, help="cpu, cuda, mps… (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="weights' dtype (default: float32; bfloat16/float16 halve memory, fast where the device has them)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_generate)
 
@@ -73,7 +78,10 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     if args.n < 1:
         raise SystemExit(f"--n must be >= 1, got {args.n}")
     image, mask = _read_image_inputs(args)
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model) if args.model else LatentDiffusionPipeline.from_pretrained()
+    dtype = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
+    pipe = LatentDiffusionPipeline.from_pretrained(args.model, **dtype)
+    if pipe.trace_unet is None:  # one pipeline call per process: tracing the UNet would cost more than it saves
+        pipe.trace_unet = False
     pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.set_progress_bar_config(disable=args.quiet)
     seeds = [args.seed + k for k in range(args.n)]
@@ -92,8 +100,11 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         mask_image=mask,
         strength=args.strength,
     )
-    return [save_png(image, path, {**generation_metadata(pipe, args, seed), **image_input_metadata(args, image)})
-            for image, path, seed in zip(result.images, output_paths(args.output, args.n), seeds)]
+    settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, sampler=args.sampler, steps=args.steps,
+                    guidance=args.guidance, guidance_rescale=args.guidance_rescale, eta=args.eta,
+                    height=args.height, width=args.width, model=args.model)
+    return [save_png(out, path, {**generation_metadata(pipe, seed=seed, **settings), **image_input_metadata(args, out)})
+            for out, path, seed in zip(result.images, output_paths(args.output, args.n), seeds)]
 
 
 def _read_image_inputs(args: argparse.Namespace):
@@ -191,6 +202,37 @@ def _eval_size(pipe, size: Optional[int]) -> int:
         return pipe._check_size("height", size)
     except ValueError as error:
         raise ValueError(f"--size: {error}") from None
+
+
+def _add_serve(commands) -> None:
+    p = commands.add_parser("serve", help="a web page and HTTP API for generating images (needs the ui extra: pip install -e '.[ui]')",
+                            description="Serve a Gradio page and its `generate` API over one loaded model.")
+    p.add_argument("--model", default=None, help="diffusers folder or Hub id (default: the embedded Shapes model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more are refused")
+    p.add_argument("--output-dir", default=None, help="where the PNGs go (default: a new temporary folder)")
+    p.add_argument("--no-example", action="store_true", help="skip the example image generated at start")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps… (default: cuda when available)")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> list[Path]:
+    import torch
+
+    from latent_diffusion.pipelines import LatentDiffusionPipeline
+    from latent_diffusion.webui import serve
+
+    try:
+        import gradio  # noqa: F401  (the optional ui extra)
+    except ImportError:
+        raise SystemExit("latent-diffusion serve: the web UI needs gradio: pip install -e '.[ui]'") from None
+    pipe = LatentDiffusionPipeline.from_pretrained(args.model) if args.model else LatentDiffusionPipeline.from_pretrained()
+    pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    serve(pipe, args.model, host=args.host, port=args.port, share=args.share, max_queue=args.max_queue,
+          output_dir=args.output_dir, example=not args.no_example)
+    return []
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -159,9 +159,9 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         timesteps = solver.timesteps(steps)
         edit = None if image is None else prepare_image_edit(
             self, solver, timesteps, image, mask_image, strength, len(prompts), num_images_per_prompt, height, width,
-            generator, context.dtype, guided=scale != 1.0)
+            generator, torch.float32, guided=scale != 1.0)  # sampler math in fp32
         if edit is None:
-            x = self.prepare_latents(batch, height, width, context.dtype, generator, latents)
+            x = self.prepare_latents(batch, height, width, torch.float32, generator, latents)  # sampler math in fp32
         else:
             timesteps, x = edit.timesteps, edit.x
         denoiser = Denoiser(self._guided_unet(context, scale, guidance_rescale, edit.unet_extra if edit else None), schedule)
@@ -277,6 +277,13 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+        return self.resolve_size(height, width)
+
+    def resolve_size(self, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int]:
+        """The (height, width) a call with these sizes makes: the model's native size where None.
+
+        ValueError, naming the argument, for a size the VAE and UNet cannot take.
+        """
         return self._check_size("height", height), self._check_size("width", width)
 
     def _check_size(self, name: str, value: Optional[int]) -> int:
