@@ -169,3 +169,15 @@ def test_half_vae_with_force_upcast_decodes_in_float32():
     assert vae.dtype == torch.float16
     with upcast_half_vae(vae, enabled=False):
         assert vae.dtype == torch.float16
+
+
+def test_cli_generates_from_an_sdxl_folder(sdxl_folder, tmp_path):
+    from PIL import Image
+
+    from latent_diffusion.cli import main
+
+    out = tmp_path / "out.png"
+    assert main(["generate", "a cat on a sofa", "--model", str(sdxl_folder), "-o", str(out), "--steps", "2",
+                 "--quiet"]) == 0
+    image = Image.open(out)
+    assert image.size == (32, 32) and image.text["guidance"] == "5.0"  # the SDXL default guidance

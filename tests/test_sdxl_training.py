@@ -66,7 +66,9 @@ def test_sdxl_training_two_steps_loads_in_diffusers(sdxl_folder, sdxl_data_dir, 
 
     out = tmp_path / "out"
     train(sdxl_folder, sdxl_data_dir, out, "--max_train_steps", 2, "--checkpointing_steps", 2, "--random_flip",
-          "--caption_dropout", "0.5", cache_dir=str(tmp_path / "cache"))
+          "--caption_dropout", "0.5", "--validation_prompts", "a cat on a sofa", "--validation_steps", 2,
+          "--num_validation_inference_steps", 1, "--validation_metrics", "pixel_std", cache_dir=str(tmp_path / "cache"))
+    assert (out / "validation" / "step-000002.png").is_file()  # sampled with the SDXL pipeline during training
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
     before = StableDiffusionXLPipeline.from_pretrained(sdxl_folder).unet.state_dict()
