@@ -14,6 +14,9 @@ SDXL, as diffusers' `StableDiffusionXLPipeline` does it:
   time_ids    = (orig_h, orig_w, crop_top, crop_left, target_h, target_w)  (B, 6)
 and, with `force_zeros_for_empty_prompt`, the unconditional branch of a call
 without a negative prompt is all zeros (context and pooled), not the encoded "".
+(One deliberate difference: diffusers zeros it whenever `negative_prompt` is
+None, even when a `negative_prompt_2` is given; here that case is encoded:
+"" through the first encoder, `negative_prompt_2` through the second.)
 Prompts longer than the tokenizer's window are encoded in chunks, as for SD;
 the pooled embedding comes from the first chunk (the tokens diffusers keeps).
 """

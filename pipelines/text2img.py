@@ -74,7 +74,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Optional[Union[str, os.PathLike]] = None, **kwargs):
-        """Load a diffusers SD-format folder or Hub id; with no argument, the embedded default model.
+        """Load a diffusers SD- or SDXL-format folder or Hub id; with no argument, the embedded default model.
 
         safety_checker and feature_extractor entries, if the folder has them, are ignored.
         """
