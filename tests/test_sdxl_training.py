@@ -8,7 +8,7 @@ from latent_diffusion.cache import build_or_load_cache, cache_key
 from latent_diffusion.data import ImageTransform, load_caption_dataset
 from latent_diffusion.prompt_conditioning import SDXLConditioner
 from latent_diffusion.tiny import tiny_sdxl_components
-from latent_diffusion.training.sdxl import batch_time_ids
+from latent_diffusion.training.sdxl import SizedCaptionImageDataset, batch_time_ids
 from test_data import make_imagefolder
 from test_training import train
 
@@ -82,6 +82,31 @@ def test_sdxl_training_two_steps_loads_in_diffusers(sdxl_folder, sdxl_data_dir, 
     assert ours.text_encoder_2 is not None
 
 
-def test_sdxl_training_without_cache_is_refused(sdxl_folder, sdxl_data_dir, tmp_path):
-    with pytest.raises(ValueError, match="--no_cache"):
-        train(sdxl_folder, sdxl_data_dir, tmp_path / "out", "--max_train_steps", 1, "--no_cache")
+def test_on_the_fly_samples_carry_size_and_crop(sdxl_data_dir):
+    """--no_cache: each sample's (top, left) is where its pixels were cut from the resized (mirrored) image."""
+    from PIL import Image
+
+    from latent_diffusion.data import decode_image, to_tensor
+
+    dataset = load_caption_dataset(train_data_dir=sdxl_data_dir)
+    samples = SizedCaptionImageDataset(dataset, "image", "text", ImageTransform(32, random_flip=True), seed=0)
+    resized = decode_image(dataset[0]["image"]).resize((36, 32), Image.BILINEAR)  # 40×36 -> shorter side 32
+    sides = set()
+    for epoch in range(8):
+        sample = samples[(0, epoch)]
+        assert sample["original_size"].tolist() == [36, 40]
+        top, left = sample["crop_top_left"].tolist()
+        box = (left, top, left + 32, top + 32)
+        plain = torch.equal(sample["pixels"], to_tensor(resized.crop(box)))
+        mirrored = torch.equal(sample["pixels"], to_tensor(resized.transpose(Image.FLIP_LEFT_RIGHT).crop(box)))
+        assert plain or mirrored
+        sides.add(mirrored)
+    assert sides == {False, True}
+
+
+def test_sdxl_training_without_cache(sdxl_folder, sdxl_data_dir, tmp_path):
+    out = tmp_path / "out"
+    train(sdxl_folder, sdxl_data_dir, out, "--max_train_steps", 1, "--checkpointing_steps", 1, "--no_cache",
+          "--random_flip")
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"

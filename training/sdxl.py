@@ -5,7 +5,8 @@ cross-attention context, the pooled projection of the second text encoder and
 six micro-conditioning ids per image (Podell et al. 2023, §2.2): the image's
 original (height, width) before resizing, the (top, left) of the training crop
 in the resized image, and the target (height, width) = (resolution, resolution).
-The cache stores the first two per image (and per flipped side); the ids are
+The cache stores the first two per image (and per flipped side), and with
+`--no_cache` `SizedCaptionImageDataset` returns them per sample; the ids are
 assembled here for each batch, as diffusers' `train_text_to_image_sdxl.py` does.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from latent_diffusion.data import CaptionImageDataset, crop_box, decode_image, draw_flip, sample_generator
 from latent_diffusion.prompt_conditioning import Conditioning, check_added_embedding, is_sdxl_unet
 
 
@@ -38,8 +40,8 @@ def context_dim(text_encoder, text_encoder_2=None) -> int:
     return sum(dims)
 
 
-def check_sdxl_parts(unet, text_encoder_2, no_cache: bool) -> None:
-    """An SDXL UNet needs the second encoder (and trains from the cache); errors name the flag or the folder."""
+def check_sdxl_parts(unet, text_encoder_2) -> None:
+    """An SDXL UNet needs the second encoder and an added embedding that fits it; errors name the flag or folder."""
     if not is_sdxl_unet(unet):
         if text_encoder_2 is not None:
             raise ValueError("--pretrained_model_name_or_path has text_encoder_2 (SDXL) but the UNet takes no "
@@ -49,9 +51,26 @@ def check_sdxl_parts(unet, text_encoder_2, no_cache: bool) -> None:
         raise ValueError("--pretrained_model_name_or_path: the UNet is an SDXL UNet but the folder has no "
                          "text_encoder_2 / tokenizer_2")
     check_added_embedding(unet, text_encoder_2.config.projection_dim)
-    if no_cache:
-        raise ValueError("--no_cache: SDXL models train from the cache, which holds each image's original size "
-                         "and crop for the micro-conditioning; drop --no_cache")
+
+
+class SizedCaptionImageDataset(CaptionImageDataset):
+    """`CaptionImageDataset` samples plus each image's original (height, width) and crop (top, left), for SDXL.
+
+    The crop and flip are those the transform drew: the same (seed, epoch, index) generator replayed
+    (crop offsets first, then the flip coin, as `ImageTransform` draws them).
+    """
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        sample = super().__getitem__(item)
+        index, epoch = item
+        image = decode_image(self.dataset[int(index)][self.image_column])
+        replay = sample_generator(self.seed, index, epoch)
+        resized_w, _, left, top = crop_box(image.size, self.transform.resolution, self.transform.center_crop, replay)
+        if draw_flip(replay, self.transform.random_flip):
+            left = resized_w - left - self.transform.resolution  # the mirrored image's crop
+        sample["original_size"] = torch.tensor([image.height, image.width])
+        sample["crop_top_left"] = torch.tensor([top, left])
+        return sample
 
 
 def read_force_zeros(path: str, revision: Optional[str] = None, cache_dir: Optional[str] = None) -> Optional[bool]:

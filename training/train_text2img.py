@@ -34,7 +34,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, gather_object
 from tqdm.auto import tqdm
 
-from latent_diffusion.cache import (CachedSamples, build_or_load_cache, cache_key, encode_captions,
+from latent_diffusion.cache import (CachedSamples, build_or_load_cache, cache_key, encode_caption_tensors,
                                     encode_latent_moments, identity, sample_latents)
 from latent_diffusion.conditioning import vae_scale_factor
 from latent_diffusion.data import CaptionImageDataset, ImageTransform, load_caption_dataset, readable_indices
@@ -48,7 +48,8 @@ from latent_diffusion.training.components import load_components
 from latent_diffusion.training.checkpointing import (TrainingState, checkpoint_weights, load_checkpoint,
                                                      resolve_checkpoint, save_checkpoint)
 from latent_diffusion.training.ema import EMA
-from latent_diffusion.training.sdxl import batch_conditioning, check_sdxl_parts, context_dim, read_force_zeros
+from latent_diffusion.training.sdxl import (SizedCaptionImageDataset, batch_conditioning, check_sdxl_parts, context_dim,
+                                            read_force_zeros)
 from latent_diffusion.training.validation import run_validation
 
 logger = get_logger(__name__)
@@ -143,7 +144,7 @@ def check_model_fits(args: argparse.Namespace, unet, vae, text_encoder, text_enc
     if args.resolution % multiple:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of {multiple} "
                          f"(VAE factor {vae_scale_factor(vae)} × the UNet's downsampling)")
-    check_sdxl_parts(unet, text_encoder_2, args.no_cache)
+    check_sdxl_parts(unet, text_encoder_2)
     if unet.config.cross_attention_dim != context_dim(text_encoder, text_encoder_2):
         raise ValueError(f"--unet_config: cross_attention_dim {unet.config.cross_attention_dim} differs from the "
                          f"text encoder(s)' hidden size {context_dim(text_encoder, text_encoder_2)}")
@@ -171,7 +172,8 @@ def load_training_data(args: argparse.Namespace, accelerator: Accelerator, model
     transform = ImageTransform(args.resolution, args.center_crop, args.random_flip)
     if args.no_cache:
         rows, unreadable = find_readable_rows(accelerator, dataset, args.image_column)
-        samples = CaptionImageDataset(dataset, args.image_column, args.caption_column, transform,
+        dataset_cls = SizedCaptionImageDataset if models.text_encoder_2 is not None else CaptionImageDataset
+        samples = dataset_cls(dataset, args.image_column, args.caption_column, transform,
                                       args.caption_dropout, args.seed)
         collate_fn, workers = None, args.dataloader_num_workers
     else:
@@ -341,7 +343,9 @@ def batch_inputs(batch: dict, models: Models, device, generator: torch.Generator
         mean, std, context = batch["latent_mean"], batch["latent_std"], batch["text_embeds"]
     else:
         mean, std = encode_latent_moments(models.vae, batch["pixels"])
-        context = encode_captions(models.tokenizer, models.text_encoder, batch["caption"])
+        texts = encode_caption_tensors(models.tokenizer, models.text_encoder, batch["caption"], models.tokenizer_2,
+                                       models.text_encoder_2)  # and SDXL's pooled embeddings
+        batch, context = {**batch, **texts}, texts["text_embeds"]
     mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
     z0 = sample_latents(mean, std, randn(tuple(mean.shape), generator, torch.float32, device))
     return z0, batch_conditioning(batch, context, resolution, device)
