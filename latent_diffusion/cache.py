@@ -12,7 +12,7 @@ Layout of one cache, `cache_dir/<key>/`:
         pooled_embeds  (m, P)           SDXL only: the second text encoder's pooled projection of each variant
         caption_counts (n,)             variants per row
         original_size  (n, 2)           (height, width) of each image before resizing (SDXL micro-conditioning)
-        crop_top_left  (n, S, 2)        (top, left) of the crop in the resized image, per side (the mirrored crop second when S = 2)
+        crop_top_left  (n, S, 2)        (top, left) of the crop in the resized image, per side (mirrored second)
     empty.safetensors                   embedding of the empty caption (L, D) (and its pooled (P,) for SDXL)
     manifest.json                       written last: the cache is complete when it exists
 

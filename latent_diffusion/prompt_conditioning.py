@@ -148,7 +148,10 @@ class SDXLConditioner:
 
     def encode_texts(self, texts: list[str], texts_2: Optional[list[str]] = None,
                      num_chunks: Optional[int] = None) -> Conditioning:
-        """Context (N, K·L, D₁+D₂) and pooled (N, P) of `texts` (encoder 1) and `texts_2` (encoder 2, default `texts`)."""
+        """Context (N, K·L, D₁+D₂) and pooled (N, P) of `texts` (encoder 1) and `texts_2` (encoder 2; default `texts`).
+
+        Both encoders use the same number of chunks (the larger need of the two) so their states concatenate.
+        """
         per_encoder = [texts, texts if texts_2 is None else texts_2][-len(self.encoders):]
         chunks = num_chunks or max(count_chunks(tok, t) for (tok, _), t in zip(self.encoders, per_encoder))
         hiddens, pooled = [], None
@@ -186,7 +189,9 @@ class SDXLConditioner:
             positive = self.encode_texts(prompts, prompts_2)
             cond = Conditioning.cat([positive.map(torch.zeros_like), positive])
         else:
-            both_2 = None if prompts_2 is None and negatives_2 is None else (negatives_2 or negatives) + (prompts_2 or prompts)
+            both_2 = None  # the second encoder reads the first one's prompts
+            if prompts_2 is not None or negatives_2 is not None:
+                both_2 = (negatives_2 or negatives) + (prompts_2 or prompts)
             cond = self.encode_texts(negatives + prompts, both_2)  # one batch: both halves get the same chunk count
         if size is None and (original_size is None or target_size is None):
             raise ValueError("size: the generated (height, width) is needed for the SDXL size ids")

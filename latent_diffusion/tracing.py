@@ -53,7 +53,8 @@ class TracedUNet:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                  added_cond_kwargs: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
-        inputs = (x, t, context, *(added_cond_kwargs[k] for k in ADDED_COND_KEYS)) if added_cond_kwargs else (x, t, context)
+        added = tuple(added_cond_kwargs[k] for k in ADDED_COND_KEYS) if added_cond_kwargs else ()
+        inputs = (x, t, context, *added)
         if not self.enabled or torch.is_grad_enabled() or self.unet.training:
             return call_unet(self.unet, *inputs)
         key = tuple((tuple(a.shape), a.dtype, a.device) for a in inputs)

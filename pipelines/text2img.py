@@ -305,7 +305,8 @@ def _diffusers_model_index(index: dict[str, Any], sdxl: bool) -> dict[str, Any]:
     if sdxl:
         return {**index, "_class_name": "StableDiffusionXLPipeline", "image_encoder": [None, None],
                 "feature_extractor": [None, None]}
-    index = {k: v for k, v in index.items() if k not in ("text_encoder_2", "tokenizer_2", "force_zeros_for_empty_prompt")}
+    sdxl_only = ("text_encoder_2", "tokenizer_2", "force_zeros_for_empty_prompt")
+    index = {k: v for k, v in index.items() if k not in sdxl_only}
     return {**index, "_class_name": "StableDiffusionPipeline", "safety_checker": [None, None],
             "feature_extractor": [None, None], "requires_safety_checker": False}
 

@@ -77,4 +77,5 @@ def read_force_zeros(path: str, revision: Optional[str] = None, cache_dir: Optio
     """The folder's `force_zeros_for_empty_prompt` (model_index.json), kept in the trained pipeline."""
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.load_config(path, revision=revision, cache_dir=cache_dir).get("force_zeros_for_empty_prompt")
+    index = DiffusionPipeline.load_config(path, revision=revision, cache_dir=cache_dir)
+    return index.get("force_zeros_for_empty_prompt")
