@@ -13,11 +13,13 @@ from typing import Any, Optional
 from latent_diffusion.assets import missing_components
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # loaded where model_index.json names them, else None
 
 
 def load_components(path: str, *, revision: Optional[str] = None, variant: Optional[str] = None,
                     cache_dir: Optional[str] = None, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """{'unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler'} loaded from `path` (those in `skip` are None)."""
+    """{'unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler', 'text_encoder_2', 'tokenizer_2'} loaded from
+    `path` (those in `skip`, and the SDXL ones of an SD folder, are None)."""
     from diffusers import DiffusionPipeline
 
     if os.path.isdir(path):
@@ -29,8 +31,9 @@ def load_components(path: str, *, revision: Optional[str] = None, variant: Optio
         raise ValueError(f"--pretrained_model_name_or_path {path!r} is neither a folder nor a Hub id")
     index = DiffusionPipeline.load_config(path, revision=revision, cache_dir=cache_dir)
     parts = {}
-    for name in COMPONENTS:
-        if name in skip:
+    sdxl = [name for name in SDXL_COMPONENTS if (index.get(name) or [None])[0] is not None]
+    for name in COMPONENTS + SDXL_COMPONENTS:
+        if name in skip or (name in SDXL_COMPONENTS and name not in sdxl):
             parts[name] = None
             continue
         entry = index.get(name)
@@ -39,7 +42,7 @@ def load_components(path: str, *, revision: Optional[str] = None, variant: Optio
         library, class_name = entry
         cls = getattr(importlib.import_module(library), class_name)
         kwargs = dict(subfolder=name, revision=revision, cache_dir=cache_dir)
-        if name in ("unet", "vae", "text_encoder") and variant is not None:
+        if name in ("unet", "vae", "text_encoder", "text_encoder_2") and variant is not None:
             kwargs["variant"] = variant
         parts[name] = cls.from_pretrained(path, **kwargs)
     return parts

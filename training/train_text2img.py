@@ -9,7 +9,9 @@ Any number of GPUs or nodes (see training/README.md and training/configs/):
 
     accelerate launch --config_file training/configs/multi_gpu.yaml training/train_text2img.py ...
 
-Only the UNet learns; the VAE and text encoder are frozen. By default the
+Only the UNet learns; the VAE and text encoder(s) are frozen. SDXL folders (text_encoder_2,
+an SDXL UNet) train the same way, with both encoders cached and each image's
+original size and crop as micro-conditioning (training/sdxl.py). By default the
 VAE latents and text embeddings of the whole dataset are computed once and
 cached (`--no_cache` encodes every step instead). Checkpoints go to
 OUT/checkpoint-N and `--resume_from_checkpoint latest` continues exactly where
@@ -32,11 +34,12 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, gather_object
 from tqdm.auto import tqdm
 
-from latent_diffusion.cache import (CachedSamples, build_or_load_cache, cache_key, encode_captions,
+from latent_diffusion.cache import (CachedSamples, build_or_load_cache, cache_key, encode_caption_tensors,
                                     encode_latent_moments, identity, sample_latents)
 from latent_diffusion.conditioning import vae_scale_factor
 from latent_diffusion.data import CaptionImageDataset, ImageTransform, load_caption_dataset, readable_indices
 from latent_diffusion.losses import DenoisingLoss
+from latent_diffusion.prompt_conditioning import Conditioning
 from latent_diffusion.schedules import NoiseSchedule
 from latent_diffusion.utils import gather, randn
 from latent_diffusion.training.args import parse_args
@@ -45,6 +48,8 @@ from latent_diffusion.training.components import load_components
 from latent_diffusion.training.checkpointing import (TrainingState, checkpoint_weights, load_checkpoint,
                                                      resolve_checkpoint, save_checkpoint)
 from latent_diffusion.training.ema import EMA
+from latent_diffusion.training.sdxl import (SizedCaptionImageDataset, batch_conditioning, check_sdxl_parts, context_dim,
+                                            read_force_zeros)
 from latent_diffusion.training.speed import LossMeter, adamw_options, speed_up_unet
 from latent_diffusion.training.validation import run_validation
 
@@ -98,6 +103,9 @@ class Models:
     scheduler: Any  # the diffusers scheduler config that will be saved with the pipeline
     schedule: NoiseSchedule  # ᾱ_t and the prediction type the loss uses
     weight_dtype: torch.dtype
+    text_encoder_2: Any = None  # SDXL: the second (projection) text encoder and its tokenizer, frozen
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: Optional[bool] = None  # SDXL: kept from the base folder
 
 
 def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
@@ -112,10 +120,11 @@ def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
     scheduler = parts["scheduler"]
     if args.prediction_type is not None:  # the saved scheduler carries the trained prediction type
         scheduler = type(scheduler).from_config(scheduler.config, prediction_type=args.prediction_type)
-    check_model_fits(args, unet, vae, text_encoder)
+    text_encoder_2 = parts["text_encoder_2"]
+    check_model_fits(args, unet, vae, text_encoder, text_encoder_2)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for frozen in (vae, text_encoder):
+    for frozen in (vae, text_encoder) + ((text_encoder_2,) if text_encoder_2 is not None else ()):
         frozen.requires_grad_(False)
         frozen.eval()
         frozen.to(accelerator.device, dtype=weight_dtype)
@@ -126,19 +135,21 @@ def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     speed_up_unet(unet, args.channels_last, args.compile, args.compile_mode)  # --channels_last, --compile
+    force_zeros = read_force_zeros(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     return Models(unet, vae, text_encoder, parts["tokenizer"], scheduler, NoiseSchedule.from_config(scheduler.config),
-                  weight_dtype)
+                  weight_dtype, text_encoder_2, parts["tokenizer_2"], force_zeros)
 
 
-def check_model_fits(args: argparse.Namespace, unet, vae, text_encoder) -> None:
+def check_model_fits(args: argparse.Namespace, unet, vae, text_encoder, text_encoder_2=None) -> None:
     """The resolution and the UNet must fit the VAE and the text encoder (errors name the flag)."""
     multiple = vae_scale_factor(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
     if args.resolution % multiple:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of {multiple} "
                          f"(VAE factor {vae_scale_factor(vae)} × the UNet's downsampling)")
-    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+    check_sdxl_parts(unet, text_encoder_2)
+    if unet.config.cross_attention_dim != context_dim(text_encoder, text_encoder_2):
         raise ValueError(f"--unet_config: cross_attention_dim {unet.config.cross_attention_dim} differs from the "
-                         f"text encoder's hidden size {text_encoder.config.hidden_size}")
+                         f"text encoder(s)' hidden size {context_dim(text_encoder, text_encoder_2)}")
     if unet.config.in_channels != vae.config.latent_channels:
         raise ValueError(f"--unet_config: in_channels {unet.config.in_channels} differs from the VAE's "
                          f"{vae.config.latent_channels} latent channels")
@@ -163,7 +174,8 @@ def load_training_data(args: argparse.Namespace, accelerator: Accelerator, model
     transform = ImageTransform(args.resolution, args.center_crop, args.random_flip)
     if args.no_cache:
         rows, unreadable = find_readable_rows(accelerator, dataset, args.image_column)
-        samples = CaptionImageDataset(dataset, args.image_column, args.caption_column, transform,
+        dataset_cls = SizedCaptionImageDataset if models.text_encoder_2 is not None else CaptionImageDataset
+        samples = dataset_cls(dataset, args.image_column, args.caption_column, transform,
                                       args.caption_dropout, args.seed)
         collate_fn, workers = None, args.dataloader_num_workers
     else:
@@ -196,7 +208,8 @@ def build_cache(args, accelerator: Accelerator, models: Models, dataset, transfo
     """Latents and embeddings of every row, computed once (rows split across processes), then loaded everywhere."""
     key = cache_key(models.vae, models.text_encoder, models.tokenizer, resolution=args.resolution,
                     center_crop=args.center_crop, dataset_fingerprint=dataset._fingerprint,
-                    image_column=args.image_column, caption_column=args.caption_column, random_flip=args.random_flip)
+                    image_column=args.image_column, caption_column=args.caption_column, random_flip=args.random_flip,
+                    text_encoder_2=models.text_encoder_2, tokenizer_2=models.tokenizer_2)
     root = os.path.join(args.cache_dir or args.output_dir, "latent_cache")
     bar = tqdm(total=math.ceil(len(dataset) / accelerator.num_processes), desc="caching latents",
                disable=not accelerator.is_local_main_process)
@@ -205,6 +218,7 @@ def build_cache(args, accelerator: Accelerator, models: Models, dataset, transfo
         transform=transform, image_column=args.image_column, caption_column=args.caption_column,
         batch_size=args.train_batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes,
         barrier=accelerator.wait_for_everyone, progress=bar.update,
+        text_encoder_2=models.text_encoder_2, tokenizer_2=models.tokenizer_2,
     )
     bar.close()
     logger.info(f"latent cache {'hit' if hit else 'built'}: {os.path.join(root, key)}")
@@ -314,8 +328,8 @@ def train_step(args, accelerator: Accelerator, models: Models, unet, optimizer, 
     losses = []
     for batch in micro_batches:
         with accelerator.accumulate(unet):
-            latents, context = batch_inputs(batch, models, accelerator.device, generator)
-            loss = denoising_loss(unet, latents, context, models.schedule, loss_fn, generator, args.noise_offset)
+            latents, cond = batch_inputs(batch, models, accelerator.device, generator, args.resolution)
+            loss = denoising_loss(unet, latents, cond, models.schedule, loss_fn, generator, args.noise_offset)
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -327,19 +341,23 @@ def train_step(args, accelerator: Accelerator, models: Models, unet, optimizer, 
     return accelerator.gather(torch.stack(losses).mean()[None]).mean()  # no .item(): no host sync per step
 
 
-def batch_inputs(batch: dict, models: Models, device, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """z_0 (B, C, h, w), drawn from the VAE posterior, and the text embeddings (B, L, D), from the cache or encoded now."""
+def batch_inputs(batch: dict, models: Models, device, generator: torch.Generator,
+                 resolution: Optional[int] = None) -> tuple[torch.Tensor, Conditioning]:
+    """z_0 (B, C, h, w), drawn from the VAE posterior, and the conditioning: text embeddings (B, L, D), from the
+    cache or encoded now, and for SDXL the pooled embeddings and size ids (`resolution` is the target size)."""
     if "latent_mean" in batch:
         mean, std, context = batch["latent_mean"], batch["latent_std"], batch["text_embeds"]
     else:
         mean, std = encode_latent_moments(models.vae, batch["pixels"])
-        context = encode_captions(models.tokenizer, models.text_encoder, batch["caption"])
+        texts = encode_caption_tensors(models.tokenizer, models.text_encoder, batch["caption"], models.tokenizer_2,
+                                       models.text_encoder_2)  # and SDXL's pooled embeddings
+        batch, context = {**batch, **texts}, texts["text_embeds"]
     mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
     z0 = sample_latents(mean, std, randn(tuple(mean.shape), generator, torch.float32, device))
-    return z0, context.to(device, torch.float32)
+    return z0, batch_conditioning(batch, context, resolution, device)
 
 
-def denoising_loss(unet, z0: torch.Tensor, context: torch.Tensor, schedule: NoiseSchedule, loss_fn: DenoisingLoss,
+def denoising_loss(unet, z0: torch.Tensor, cond: Conditioning, schedule: NoiseSchedule, loss_fn: DenoisingLoss,
                    generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
     """Algorithm 1 of DDPM in latent space.
 
@@ -355,7 +373,7 @@ def denoising_loss(unet, z0: torch.Tensor, context: torch.Tensor, schedule: Nois
         noise = noise + noise_offset * randn((batch, z0.shape[1], 1, 1), generator, z0.dtype, z0.device)
     alpha_bar = gather(schedule.alphas_cumprod, t_host, z0)  # (B, 1, 1, 1); indexed on the host: no sync
     z_t = q_sample(z0, noise, alpha_bar)
-    model_output = unet(z_t, t, encoder_hidden_states=context).sample
+    model_output = unet(z_t, t, encoder_hidden_states=cond.context, added_cond_kwargs=cond.added_cond_kwargs()).sample
     return loss_fn(model_output, z0, noise, alpha_bar)
 
 
@@ -408,7 +426,9 @@ def make_pipeline(models: Models, unet):
     from latent_diffusion.pipelines import LatentDiffusionPipeline
 
     return LatentDiffusionPipeline(unet=unet, vae=models.vae, text_encoder=models.text_encoder,
-                                   tokenizer=models.tokenizer, scheduler=models.scheduler)
+                                   tokenizer=models.tokenizer, scheduler=models.scheduler,
+                                   text_encoder_2=models.text_encoder_2, tokenizer_2=models.tokenizer_2,
+                                   force_zeros_for_empty_prompt=models.force_zeros_for_empty_prompt)
 
 
 # ----------------------------------------------------------------------------- output
@@ -426,13 +446,14 @@ def save_pipeline(args, accelerator: Accelerator, models: Models, unet, ema: Opt
     final_unet.eval()
     if ema is not None:
         ema.copy_to(final_unet)
-    vae, text_encoder = models.vae, models.text_encoder
+    vae, text_encoder, text_encoder_2 = models.vae, models.text_encoder, models.text_encoder_2
     if models.weight_dtype != torch.float32:  # the frozen parts were cast for speed: save the originals
         parts = load_components(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-                                cache_dir=args.cache_dir, skip=("unet", "tokenizer", "scheduler"))
-        vae, text_encoder = parts["vae"], parts["text_encoder"]
+                                cache_dir=args.cache_dir, skip=("unet", "tokenizer", "scheduler", "tokenizer_2"))
+        vae, text_encoder, text_encoder_2 = parts["vae"], parts["text_encoder"], parts["text_encoder_2"]
     pipe = make_pipeline(Models(final_unet, vae, text_encoder, models.tokenizer, models.scheduler, models.schedule,
-                                torch.float32), final_unet)
+                                torch.float32, text_encoder_2, models.tokenizer_2,
+                                models.force_zeros_for_empty_prompt), final_unet)
     pipe.save_pretrained(args.output_dir)
     grid = write_card(args, pipe, step)
     logger.info(f"saved the pipeline to {args.output_dir}" + (f" (validation grid {grid})" if grid else ""))
