@@ -1,6 +1,6 @@
 """Stage 1 of the Shapes recipe: a small `AutoencoderKL` trained on Shapes renders, and its latent scaling factor.
 
-    python training/shapes_stage1_vae.py --output_dir /work/runs/shapes/stage1 --max_train_steps 5000
+    python training/recipes/shapes/stage1_vae.py --output_dir /work/runs/shapes/stage1 --max_train_steps 5000
 
 The VAE is a diffusers `AutoencoderKL` with 4 latent channels; the number of
 entries in `--block_out_channels` sets the downsampling factor 2^(n - 1):
@@ -37,17 +37,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 
 from latent_diffusion.shapes import score_images
-from latent_diffusion.training.shapes_common import (
-    ComputeClock,
+from latent_diffusion.training.recipes.shapes.common import (
+    LoopSettings,
     RunCheckpoints,
-    seed_everything_for_step,
-    set_lr,
     shapes_batch,
     to_uint8_images,
-    warmup_cosine_lr,
+    train_resumable,
     write_json,
 )
 
@@ -192,41 +189,12 @@ def fp16_round_trip(vae):
 # ---------------------------------------------------------------- main
 
 
-def train(args, vae, checkpoints: RunCheckpoints) -> float:
-    """The training loop, resumed from the latest checkpoint; returns the compute seconds of the whole stage."""
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    step, compute = 0, 0.0
-    latest = checkpoints.latest()
-    if latest is not None:
-        state = checkpoints.load(latest, vae, optimizer)
-        step, compute = state["step"], state["compute_s"]
-        print(f"resumed from {latest} (step {step})", flush=True)
-    clock = ComputeClock(compute)
-    vae.train()
-    progress = tqdm(range(step, args.max_train_steps), initial=step, total=args.max_train_steps, desc="stage 1 VAE",
-                    mininterval=10)
-    for step in progress:
-        set_lr(optimizer, warmup_cosine_lr(step, args.max_train_steps, args.learning_rate, args.lr_warmup_steps))
-        seed_everything_for_step(args.seed, step)
+def reconstruction_step(args, vae):
+    """The stage's loss on batch `step`: L1 + L2 + kl_weight · KL."""
+    def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         pixels = shapes_batch(args.seed, step, args.train_batch_size, args.resolution).pixels
-        loss, parts = vae_loss(vae, pixels, args.kl_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), args.max_grad_norm)
-        optimizer.step()
-        progress.set_postfix(l1=f"{parts['l1']:.4f}", kl=f"{parts['kl']:.0f}", refresh=False)
-        done = step + 1
-        pause = args.stop_after_steps is not None and done >= args.stop_after_steps
-        if done % args.checkpointing_steps == 0 or done == args.max_train_steps or pause:
-            checkpoints.save(vae, optimizer, {"step": done, "compute_s": clock.seconds, **parts})
-        if pause:
-            break
-    return clock.seconds
-
-
-def finished(args, checkpoints: RunCheckpoints) -> bool:
-    latest = checkpoints.latest()
-    return latest is not None and int(latest.name.split("-")[1]) >= args.max_train_steps
+        return vae_loss(vae, pixels, args.kl_weight)
+    return step_loss
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
@@ -237,9 +205,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     vae = build_vae(args)
-    checkpoints = RunCheckpoints(output_dir / "checkpoints")
-    compute_s = train(args, vae, checkpoints)
-    if not finished(args, checkpoints):  # paused by --stop_after_steps
+    settings = LoopSettings.from_args(args)
+    trained = train_resumable(vae, RunCheckpoints(output_dir / "checkpoints"), settings,
+                              reconstruction_step(args, vae), desc="stage 1 VAE")
+    if not trained.finished(settings):  # paused by --stop_after_steps
         return None
     vae.eval()
     stats = latent_statistics(vae, args)
@@ -249,7 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
         "stage": "vae",
         "max_train_steps": args.max_train_steps,
         "train_batch_size": args.train_batch_size,
-        "compute_s": compute_s,
+        "compute_s": trained.compute_s,
         "parameters": sum(p.numel() for p in vae.parameters()),
         "downsampling_factor": 2 ** (len(vae.config.block_out_channels) - 1),
         "scaling_factor": 1.0 / stats["std"],

@@ -1,6 +1,6 @@
 """Stage 0 of the Shapes recipe: a tokenizer and a small CLIP text encoder, trained contrastively on Shapes.
 
-    python training/shapes_stage0_text.py --output_dir /work/runs/shapes/stage0
+    python training/recipes/shapes/stage0_text.py --output_dir /work/runs/shapes/stage0
 
 1. A CLIP-format BPE tokenizer (`latent_diffusion.text.train_clip_tokenizer`)
    is trained on Shapes training captions, full and with optional parts
@@ -50,7 +50,6 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from latent_diffusion.conditioning import tokenize_prompts
 from latent_diffusion.shapes import (
@@ -58,7 +57,6 @@ from latent_diffusion.shapes import (
     HELD_OUT_PAIRS,
     OBJECT_COLOURS,
     POSITIONS,
-    RELATIONS,
     SHAPES,
     SIZE_CLASSES,
     caption,
@@ -68,13 +66,11 @@ from latent_diffusion.shapes import (
     sample_scene,
 )
 from latent_diffusion.text import train_clip_tokenizer
-from latent_diffusion.training.shapes_common import (
-    ComputeClock,
+from latent_diffusion.training.recipes.shapes.common import (
+    LoopSettings,
     RunCheckpoints,
-    seed_everything_for_step,
-    set_lr,
     shapes_batch,
-    warmup_cosine_lr,
+    train_resumable,
     write_json,
 )
 
@@ -477,22 +473,9 @@ def export_text_encoder(model, tokenizer, output_dir: Path) -> None:
 # ---------------------------------------------------------------- main
 
 
-def train(args, model, tokenizer, checkpoints: RunCheckpoints) -> float:
-    """The training loop, resumed from the latest checkpoint; returns the compute seconds of the whole stage."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    step, compute = 0, 0.0
-    latest = checkpoints.latest()
-    if latest is not None:
-        state = checkpoints.load(latest, model, optimizer)
-        step, compute = state["step"], state["compute_s"]
-        print(f"resumed from {latest} (step {step})", flush=True)
-    clock = ComputeClock(compute)
-    model.train()
-    progress = tqdm(range(step, args.max_train_steps), initial=step, total=args.max_train_steps, desc="stage 0 CLIP",
-                    mininterval=10)
-    for step in progress:
-        set_lr(optimizer, warmup_cosine_lr(step, args.max_train_steps, args.learning_rate, args.lr_warmup_steps))
-        seed_everything_for_step(args.seed, step)
+def contrastive_step(args, model, tokenizer):
+    """The stage's loss on batch `step`: contrastive with hard negatives, token identity, relation binding."""
+    def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         data = shapes_batch(args.seed, step, args.train_batch_size, args.resolution)
         negatives = None
         if args.hard_negatives:
@@ -500,23 +483,8 @@ def train(args, model, tokenizer, checkpoints: RunCheckpoints) -> float:
             negatives = [hard_negative(c, rng, args.spatial_negative_share) for c in data.captions]
         loss, accuracy = contrastive_loss(model, tokenizer, data.pixels, data.captions, negatives,
                                           args.token_identity_weight, args.relation_binding_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
-        progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.2f}", T=f"{model.logit_scale.exp().item():.1f}", refresh=False)
-        done = step + 1
-        pause = args.stop_after_steps is not None and done >= args.stop_after_steps
-        if done % args.checkpointing_steps == 0 or done == args.max_train_steps or pause:
-            checkpoints.save(model, optimizer, {"step": done, "compute_s": clock.seconds, "loss": loss.item()})
-        if pause:
-            break
-    return clock.seconds
-
-
-def finished(args, checkpoints: RunCheckpoints) -> bool:
-    latest = checkpoints.latest()
-    return latest is not None and int(latest.name.split("-")[1]) >= args.max_train_steps
+        return loss, {"loss": loss.item(), "acc": accuracy, "T": model.logit_scale.exp().item()}
+    return step_loss
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
@@ -528,16 +496,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(args, output_dir / "tokenizer")
     model = build_clip(args, tokenizer)
-    checkpoints = RunCheckpoints(output_dir / "checkpoints")
-    compute_s = train(args, model, tokenizer, checkpoints)
-    if not finished(args, checkpoints):  # paused by --stop_after_steps
+    settings = LoopSettings.from_args(args)
+    trained = train_resumable(model, RunCheckpoints(output_dir / "checkpoints"), settings,
+                              contrastive_step(args, model, tokenizer), desc="stage 0 CLIP")
+    if not trained.finished(settings):  # paused by --stop_after_steps
         return None
     export_text_encoder(model, tokenizer, output_dir)
     metrics = {
         "stage": "text",
         "max_train_steps": args.max_train_steps,
         "train_batch_size": args.train_batch_size,
-        "compute_s": compute_s,
+        "compute_s": trained.compute_s,
         "parameters_text": sum(p.numel() for p in model.text_model.parameters()),
         "parameters_total": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
