@@ -292,10 +292,10 @@ def test_train_resumable_reports_a_pause_and_the_finish(tmp_path):
 
     checkpoints = common.RunCheckpoints(tmp_path)
     paused = common.train_resumable(model, checkpoints, settings, step_loss, desc="test")
-    assert paused.step == 2 and not paused.finished(settings) and paused.compute_s > 0
+    assert paused.step == 2 and not paused.finished and paused.compute_s > 0
     finished = common.train_resumable(model, checkpoints, dataclasses.replace(settings, stop_after_steps=None),
                                       step_loss, desc="test")
-    assert finished.step == 4 and finished.finished(settings) and seen == [0, 1, 2, 3]
+    assert finished.step == 4 and finished.finished and seen == [0, 1, 2, 3]
     assert [p.name for p in checkpoints.list()] == ["checkpoint-3", "checkpoint-4"]
     again = common.train_resumable(model, checkpoints, settings, step_loss, desc="test")  # complete: no steps
     assert again.step == 4 and seen == [0, 1, 2, 3]

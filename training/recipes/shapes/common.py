@@ -3,6 +3,8 @@
 * `shapes_batch(seed, step, ...)`: batch `step` of an endless Shapes stream, a
   pure function of (seed, step), so a resumed run sees exactly the batches it
   would have seen;
+* `add_loop_arguments`, `train_stage`: the flags every stage has, and
+  `train_resumable` run with them;
 * `train_resumable`: the one training loop of both stages: resume from the
   latest checkpoint, then per step the learning rate, the step's RNG seed, the
   stage's loss, a clipped AdamW step, and a checkpoint every
@@ -185,11 +187,39 @@ class LoopResult:
     """Where a stage's training stands after one invocation."""
 
     step: int  # steps done (all invocations)
+    max_train_steps: int
     compute_s: float  # compute seconds of the whole stage, summed over resumes
 
-    def finished(self, settings: LoopSettings) -> bool:
+    @property
+    def finished(self) -> bool:
         """False when --stop_after_steps paused the run before its last step."""
-        return self.step >= settings.max_train_steps
+        return self.step >= self.max_train_steps
+
+
+def add_loop_arguments(p: argparse.ArgumentParser, *, seed: int, train_batch_size: int, max_train_steps: int,
+                       learning_rate: float, adam_weight_decay: float) -> None:
+    """The flags every stage script has: its folder, threads, and `LoopSettings` (with the stage's defaults)."""
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--seed", type=int, default=seed, help="training stream seed")
+    p.add_argument("--train_batch_size", type=int, default=train_batch_size)
+    p.add_argument("--max_train_steps", type=int, default=max_train_steps)
+    p.add_argument("--learning_rate", type=float, default=learning_rate)
+    p.add_argument("--lr_warmup_steps", type=int, default=200)
+    p.add_argument("--adam_weight_decay", type=float, default=adam_weight_decay)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--checkpointing_steps", type=int, default=250)
+    p.add_argument("--num_threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--stop_after_steps", type=int, default=None,
+                   help="end this invocation after that many steps (checkpointed; rerun to go on)")
+
+
+def stage_output_dir(args: argparse.Namespace) -> Path:
+    """Apply --num_threads and create --output_dir; returns it."""
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir
 
 
 StepLoss = Callable[[int], tuple[torch.Tensor, dict[str, float]]]
@@ -229,7 +259,13 @@ def train_resumable(model: torch.nn.Module, checkpoints: RunCheckpoints, setting
             checkpoints.save(model, optimizer, {"step": done, "compute_s": clock.seconds, **logged})
         if pause:
             break
-    return LoopResult(done, clock.seconds)
+    return LoopResult(done, total, clock.seconds)
+
+
+def train_stage(args: argparse.Namespace, model: torch.nn.Module, step_loss: StepLoss, desc: str) -> LoopResult:
+    """`train_resumable` with a stage script's flags (`add_loop_arguments`), checkpoints in OUTPUT_DIR/checkpoints."""
+    checkpoints = RunCheckpoints(Path(args.output_dir) / "checkpoints")
+    return train_resumable(model, checkpoints, LoopSettings.from_args(args), step_loss, desc)
 
 
 def write_json(path: os.PathLike, data: dict) -> None:

@@ -150,33 +150,28 @@ def run_stage0(args, work: Path, compute: ComputeLog) -> dict:
     """Tokenizer and CLIP text encoder in WORK/stage0 (the script resumes by itself)."""
     from latent_diffusion.training.recipes.shapes import stage0_text
 
-    out = work / "stage0"
-    metrics = _read_json(out / "metrics.json")
-    if metrics is None:
-        metrics = stage0_text.main([
-            "--output_dir", str(out), "--max_train_steps", str(args.stage0_steps),
-            "--train_batch_size", str(args.stage0_batch_size), "--num_threads", str(args.num_threads),
-        ])
-    else:
-        _skip("stage 0", f"{out}/metrics.json")
-    compute.set("stage0_text", metrics["compute_s"])
-    return metrics
+    return run_stage_script("stage 0", stage0_text.main, work / "stage0", args.stage0_steps, args.stage0_batch_size,
+                            args.num_threads, compute, "stage0_text")
 
 
 def run_stage1(args, work: Path, compute: ComputeLog) -> dict:
     """AutoencoderKL and its scaling_factor in WORK/stage1 (the script resumes by itself)."""
     from latent_diffusion.training.recipes.shapes import stage1_vae
 
-    out = work / "stage1"
+    return run_stage_script("stage 1", stage1_vae.main, work / "stage1", args.stage1_steps, args.stage1_batch_size,
+                            args.num_threads, compute, "stage1_vae")
+
+
+def run_stage_script(name: str, script_main, out: Path, steps: int, batch_size: int, num_threads: int,
+                     compute: ComputeLog, compute_key: str) -> dict:
+    """Run a stage script's main() into `out` unless its metrics.json says it is complete; log its compute."""
     metrics = _read_json(out / "metrics.json")
     if metrics is None:
-        metrics = stage1_vae.main([
-            "--output_dir", str(out), "--max_train_steps", str(args.stage1_steps),
-            "--train_batch_size", str(args.stage1_batch_size), "--num_threads", str(args.num_threads),
-        ])
+        metrics = script_main(["--output_dir", str(out), "--max_train_steps", str(steps),
+                               "--train_batch_size", str(batch_size), "--num_threads", str(num_threads)])
     else:
-        _skip("stage 1", f"{out}/metrics.json")
-    compute.set("stage1_vae", metrics["compute_s"])
+        _skip(name, f"{out}/metrics.json")
+    compute.set(compute_key, metrics["compute_s"])
     return metrics
 
 

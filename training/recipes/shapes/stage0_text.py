@@ -67,10 +67,10 @@ from latent_diffusion.shapes import (
 )
 from latent_diffusion.text import train_clip_tokenizer
 from latent_diffusion.training.recipes.shapes.common import (
-    LoopSettings,
-    RunCheckpoints,
+    add_loop_arguments,
     shapes_batch,
-    train_resumable,
+    stage_output_dir,
+    train_stage,
     write_json,
 )
 
@@ -81,8 +81,8 @@ OPPOSITE_RELATION = {"above": "below", "below": "above", "to the left of": "to t
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--seed", type=int, default=0, help="training stream seed")
+    add_loop_arguments(p, seed=0, train_batch_size=128, max_train_steps=3500, learning_rate=5e-4,
+                       adam_weight_decay=0.05)
     p.add_argument("--eval_seed", type=int, default=1_000_003, help="seed of the retrieval test images (never trained on)")
     p.add_argument("--resolution", type=int, default=32,
                    help="image side of the vision tower (32 px keeps every attribute visible, at ~40%% of the cost of 64)")
@@ -99,13 +99,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--vision_heads", type=int, default=4)
     p.add_argument("--patch_size", type=int, default=8)
     p.add_argument("--projection_dim", type=int, default=128)
-    # optimisation
-    p.add_argument("--train_batch_size", type=int, default=128)
-    p.add_argument("--max_train_steps", type=int, default=3500)
-    p.add_argument("--learning_rate", type=float, default=5e-4)
-    p.add_argument("--lr_warmup_steps", type=int, default=200)
-    p.add_argument("--adam_weight_decay", type=float, default=0.05)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    # losses
     p.add_argument("--hard_negatives", type=int, default=1, choices=(0, 1), help="add one hard-negative caption per image")
     p.add_argument("--spatial_negative_share", type=float, default=0.8,
                    help="chance that a caption with a position or relation gets a spatial hard negative (position or "
@@ -114,13 +108,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="weight of the loss that keeps each token readable from its last hidden state (0: off)")
     p.add_argument("--relation_binding_weight", type=float, default=1.0,
                    help="weight of the loss that makes a two-object caption's states say which object goes where (0: off)")
-    p.add_argument("--checkpointing_steps", type=int, default=250)
     # evaluation
     p.add_argument("--retrieval_candidates", type=int, default=100)
     p.add_argument("--retrieval_groups", type=int, default=10)
-    p.add_argument("--num_threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--stop_after_steps", type=int, default=None,
-                   help="end this invocation after that many steps (checkpointed; rerun to go on)")
     return p.parse_args(argv)
 
 
@@ -490,16 +480,11 @@ def contrastive_step(args, model, tokenizer):
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     """Train (resuming), export and measure; returns the metrics, or None when paused before the last step."""
     args = parse_args(argv)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = stage_output_dir(args)
     tokenizer = build_tokenizer(args, output_dir / "tokenizer")
     model = build_clip(args, tokenizer)
-    settings = LoopSettings.from_args(args)
-    trained = train_resumable(model, RunCheckpoints(output_dir / "checkpoints"), settings,
-                              contrastive_step(args, model, tokenizer), desc="stage 0 CLIP")
-    if not trained.finished(settings):  # paused by --stop_after_steps
+    trained = train_stage(args, model, contrastive_step(args, model, tokenizer), desc="stage 0 CLIP")
+    if not trained.finished:  # paused by --stop_after_steps
         return None
     export_text_encoder(model, tokenizer, output_dir)
     metrics = {

@@ -30,7 +30,6 @@ import argparse
 import copy
 import sys
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -40,19 +39,18 @@ from PIL import Image
 
 from latent_diffusion.shapes import score_images
 from latent_diffusion.training.recipes.shapes.common import (
-    LoopSettings,
-    RunCheckpoints,
+    add_loop_arguments,
     shapes_batch,
+    stage_output_dir,
     to_uint8_images,
-    train_resumable,
+    train_stage,
     write_json,
 )
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--seed", type=int, default=1, help="training stream seed")
+    add_loop_arguments(p, seed=1, train_batch_size=16, max_train_steps=3000, learning_rate=1e-3, adam_weight_decay=0.0)
     p.add_argument("--eval_seed", type=int, default=2_000_003, help="seed of the test images (never trained on)")
     p.add_argument("--resolution", type=int, default=64)
     # model
@@ -63,22 +61,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--norm_num_groups", type=int, default=4,
                    help="GroupNorm groups; keep several channels per group (one per group is instance norm, which "
                    "erases the colour of flat images and leaves blob artifacts)")
-    # optimisation
-    p.add_argument("--train_batch_size", type=int, default=16)
-    p.add_argument("--max_train_steps", type=int, default=3000)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--lr_warmup_steps", type=int, default=200)
-    p.add_argument("--adam_weight_decay", type=float, default=0.0)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    # loss
     p.add_argument("--kl_weight", type=float, default=1e-6)
-    p.add_argument("--checkpointing_steps", type=int, default=250)
     # measurement
     p.add_argument("--scale_images", type=int, default=4096, help="training images whose latents set scaling_factor")
     p.add_argument("--eval_images", type=int, default=1000)
     p.add_argument("--eval_batch_size", type=int, default=100)
-    p.add_argument("--num_threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--stop_after_steps", type=int, default=None,
-                   help="end this invocation after that many steps (checkpointed; rerun to go on)")
     return p.parse_args(argv)
 
 
@@ -200,15 +188,10 @@ def reconstruction_step(args, vae):
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     """Train (resuming), set the scaling factor, save and measure; returns the metrics, or None when paused."""
     args = parse_args(argv)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = stage_output_dir(args)
     vae = build_vae(args)
-    settings = LoopSettings.from_args(args)
-    trained = train_resumable(vae, RunCheckpoints(output_dir / "checkpoints"), settings,
-                              reconstruction_step(args, vae), desc="stage 1 VAE")
-    if not trained.finished(settings):  # paused by --stop_after_steps
+    trained = train_stage(args, vae, reconstruction_step(args, vae), desc="stage 1 VAE")
+    if not trained.finished:  # paused by --stop_after_steps
         return None
     vae.eval()
     stats = latent_statistics(vae, args)
