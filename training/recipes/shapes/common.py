@@ -165,7 +165,7 @@ class ComputeClock:
 
 @dataclass(frozen=True)
 class LoopSettings:
-    """What the loop of a stage needs from its flags (both stage scripts define them with these names)."""
+    """What the loop of a stage needs from its flags (`add_loop_arguments` defines them)."""
 
     seed: int
     max_train_steps: int
