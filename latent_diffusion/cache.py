@@ -33,8 +33,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .conditioning import encode_prompts, latent_scale
-from .files import atomic_write, write_text_atomic
 from .data import ImageTransform, caption_variants, decode_image, draw_flip, pick_caption_index, sample_generator
+from .files import atomic_write, write_text_atomic
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
