@@ -39,6 +39,7 @@ from .conditioning import encode_prompts, latent_scale
 from .data import (ImageTransform, caption_variants, crop_box, decode_image, draw_flip, pick_caption_index,
                    sample_generator)
 from .prompt_conditioning import SDXLConditioner
+from .files import atomic_write, write_text_atomic
 
 CACHE_FORMAT = 2  # 2: original sizes and crops of every image, pooled embeddings for SDXL
 MANIFEST = "manifest.json"
@@ -185,7 +186,7 @@ def build_or_load_cache(
         if rank == 0:
             shards = [f"shard-{r:05d}-of-{world_size:05d}.safetensors" for r in range(world_size)]
             manifest = dict(format=CACHE_FORMAT, key=key, rows=len(dataset), shards=shards)
-            _write_text_atomic(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=2))
+            write_text_atomic(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=2))
         barrier()
     return load_cache(folder), hit
 
@@ -283,16 +284,8 @@ def _empty_latents(vae, resolution: int, sides: int) -> torch.Tensor:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp)
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp))
 
 
 # ----------------------------------------------------------------------------- training samples

@@ -164,7 +164,24 @@ def _add_eval(commands) -> None:
     p.set_defaults(run=run_eval)
 
 
+# the evaluation library names its parameters; the command names them by its flags
+EVAL_FLAGS = {"samplers": "--samplers", "steps": "--steps", "guidance": "--guidance", "pairs": "--settings",
+              "num_prompts": "--num-prompts", "prompt_file": "--prompts", "batch_size": "--batch-size",
+              "out_dir": "--out"}
+
+
 def run_eval(args: argparse.Namespace) -> list[Path]:
+    """The evaluation, its errors naming this command's flags where the library names its parameters."""
+    from latent_diffusion.evaluation.errors import EvalArgumentError
+
+    try:
+        return _run_eval(args)
+    except EvalArgumentError as error:
+        kind = FileNotFoundError if isinstance(error, FileNotFoundError) else ValueError
+        raise kind(error.message(EVAL_FLAGS)) from None
+
+
+def _run_eval(args: argparse.Namespace) -> list[Path]:
     import torch
 
     from latent_diffusion.evaluation import report
