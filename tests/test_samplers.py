@@ -339,7 +339,7 @@ def test_bad_num_inference_steps(name, steps):
     ("ddim", dict(thresholding=True)),
     ("dpm++", dict(thresholding=True)),
     ("ddpm", dict(variance_type="learned_range")),
-    ("dpm++", dict(use_karras_sigmas=True)),
+    ("dpm++", dict(use_beta_sigmas=True)),  # karras and exponential σ are supported since issue 15
     ("dpm++", dict(algorithm_type="sde-dpmsolver++")),
     ("dpm++", dict(algorithm_type="dpmsolver")),
     ("dpm++", dict(solver_order=4)),
