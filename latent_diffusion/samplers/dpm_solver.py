@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -141,15 +141,6 @@ class DPMSolverSampler(MultistepSigmaSampler):
             )
         return steps
 
-    def grid(self, timesteps: torch.Tensor) -> tuple[list[float], list[float], list[float], list[float]]:
-        """ᾱ at the n timesteps, and α, σ, λ at them and at the end (σ = 0, or σ_min): float64 lists."""
-        alpha_bar = self.plan_alpha_bars(timesteps)  # (n,)
-        final = 1.0 if self.final_sigmas_type == "zero" else self.schedule.alphas_cumprod[0].item()
-        alphas = [math.sqrt(a) for a in alpha_bar + [final]]  # α at the n timesteps and the end
-        sigmas = [math.sqrt(1.0 - a) for a in alpha_bar + [final]]
-        lambdas = [half_log_snr(a, s) for a, s in zip(alphas, sigmas)]
-        return alpha_bar, alphas, sigmas, lambdas
-
     def orders(self, n: int) -> list[int]:
         return step_orders(n, self.solver_order, self.lower_order_final, self.euler_at_final,
                            self.final_sigmas_type == "zero")
@@ -184,14 +175,16 @@ class DPMSolverSampler(MultistepSigmaSampler):
             x_next = x_next + c.K0[i] * (m0 - m1)
         if c.order[i] == 3:
             x_next = x_next + c.K1[i] * (m1 - m2)
-        # 4. the SDE variant's fresh noise (zero coefficient for the ODE)
-        if c.noise[i]:
-            x_next = x_next + c.noise[i] * self.draw_noise(run, x)
+        # 4. the SDE variant's fresh noise N z (the ODE draws none)
+        z = self.draw_noise(run, x)
+        if z is not None:
+            x_next = x_next + c.noise[i] * z
         memory["m1"], memory["m2"] = m0, m1
         return x_next
 
-    def draw_noise(self, run: Run, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # the ODE solver draws none
+    def draw_noise(self, run: Run, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """None: the ODE solver is deterministic (`generator` is accepted for the shared signature and unused)."""
+        return None
 
     def _check_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
         timesteps = super()._check_timesteps(timesteps)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from ..checks import check_choice
 from ..gaussian import q_sample
 from ..utils import append_dims
 from .base import Sampler, check_timestep_range
+from .timesteps import euler_timesteps
 
 SIGMA_SCHEDULES = ("default", "karras", "exponential")
 ZERO_SNR_ALPHA_BAR = 2.0**-24  # ᾱ_T = 0 has σ_T = ∞; diffusers' σ schedulers use 2⁻²⁴ instead
@@ -103,13 +104,19 @@ class SigmaScheduleSampler(Sampler):
     sigma_schedule: str = "default"
 
     fractional_plan: ClassVar[bool] = True  # whether the default plan may visit fractional timesteps
+    sigma_schedules: ClassVar[tuple[str, ...]] = SIGMA_SCHEDULES  # what its diffusers scheduler offers
 
     def __post_init__(self):
         super().__post_init__()
         check_choice("sigma_schedule", self.sigma_schedule, SIGMA_SCHEDULES)
+        if self.sigma_schedule not in self.sigma_schedules:
+            raise ValueError(f"sigma_schedule={self.sigma_schedule!r} is not offered by the {self.name!r} sampler "
+                             f"(only {self.sigma_schedules}), as by its diffusers scheduler")
 
     @classmethod
     def settings_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        if cls.sigma_schedules == ("default",):  # its diffusers scheduler has no such flags and ignores them
+            return {}
         karras, exponential = bool(config.get("use_karras_sigmas")), bool(config.get("use_exponential_sigmas"))
         if karras and exponential:
             raise ValueError("scheduler config sets both use_karras_sigmas and use_exponential_sigmas; choose one")
@@ -181,3 +188,63 @@ class MultistepSigmaSampler(SigmaScheduleSampler):
             return timesteps
         rounds = self.sigma_schedule == "karras" and self.schedule.config.get("beta_schedule") != "squaredcos_cap_v2"
         return (timesteps.round() if rounds else timesteps.floor()).long()
+
+    def grid(self, timesteps: torch.Tensor) -> tuple[list[float], list[float], list[float], list[float]]:
+        """ᾱ at the n timesteps, and α, σ, λ at them and at the end (σ = 0, or σ_min): float64 lists."""
+        alpha_bar = self.plan_alpha_bars(timesteps)  # (n,)
+        final = 1.0 if getattr(self, "final_sigmas_type", "zero") == "zero" else self.schedule.alphas_cumprod[0].item()
+        alphas = [math.sqrt(a) for a in alpha_bar + [final]]  # α at the n timesteps and the end
+        sigmas = [math.sqrt(1.0 - a) for a in alpha_bar + [final]]
+        lambdas = [math.inf if s == 0.0 else math.log(a) - math.log(s) for a, s in zip(alphas, sigmas)]  # λ = log(α/σ)
+        return alpha_bar, alphas, sigmas, lambdas
+
+
+class VECoefficients(NamedTuple):
+    """Per-step values of the Euler family: σ at the n timesteps and the end, and the VP↔VE scales."""
+
+    alpha_bar: list[float]  # ᾱ_i = 1/(1 + σ_i²), i < n
+    sigma: list[float]  # σ_0..σ_n (σ_n = 0)
+    scale: list[float]  # √(1 + σ_i²) = 1/√ᾱ_i, i ≤ n: x_VE = scale · x_VP
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VESigmaSampler(SigmaScheduleSampler):
+    """Base of the Euler family (Karras et al. 2022, Algorithms 1–2; k-diffusion): steps in σ on x_VE = x_VP/√ᾱ.
+
+    Plans as EulerDiscreteScheduler's (float timesteps, default spacing linspace); σ schedules take
+    σ_min, σ_max from the plan's own first and last σ; the network gets t as float32, as diffusers
+    gives it. The plan ends at σ = 0.
+    """
+
+    timestep_spacing: str = "linspace"
+
+    def plan(self, num_inference_steps: int) -> torch.Tensor:
+        num_train = self.schedule.num_train_timesteps
+        timesteps = euler_timesteps(self.timestep_spacing, num_train, num_inference_steps, self.steps_offset)
+        if self.sigma_schedule == "default":
+            return timesteps
+        table = self.sigma_table()
+        sigmas = sigmas_at(timesteps, table, log_interpolation=False)
+        levels = sigma_schedule_levels(self.sigma_schedule, sigmas[-1], sigmas[0], num_inference_steps)
+        return torch.from_numpy(sigma_to_t(levels, table))  # (n,) float64, fractional
+
+    def model_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return timesteps.float()
+
+    def coefficients(self, timesteps: torch.Tensor) -> VECoefficients:
+        sigma = self.plan_sigmas(timesteps).tolist() + [0.0]  # (n + 1,)
+        return VECoefficients(alpha_bar_from_sigma(sigma[:-1]).tolist(), sigma, [math.sqrt(1.0 + s * s) for s in sigma])
+
+    def start_from_noise(self, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x at timesteps[0] from ε ~ N(0, I) as diffusers starts: x_VE = init_noise_sigma · ε, here in VP form.
+
+        init_noise_sigma is σ_max for linspace and trailing spacing and √(σ_max² + 1) for leading.
+        """
+        sigma_max = float(self.plan_sigmas(self._check_timesteps(timesteps)[:1])[0])
+        init = math.sqrt(sigma_max**2 + 1.0) if self.timestep_spacing == "leading" else sigma_max
+        return noise * (init / math.sqrt(sigma_max**2 + 1.0))
+
+
+def to_d(x_ve: torch.Tensor, sigma: float, x0: torch.Tensor) -> torch.Tensor:
+    """dx/dσ = (x − D(x; σ))/σ of the probability-flow ODE (Karras et al. 2022, eq. 3 with s = 1; k-diffusion `to_d`)."""
+    return (x_ve - x0) / sigma
