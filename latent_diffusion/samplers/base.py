@@ -148,6 +148,21 @@ class Sampler:
         """The timesteps the network is called with (here the plan itself)."""
         return timesteps
 
+    def plan_length(self, timesteps: torch.Tensor) -> int:
+        """n of the plan `timesteps(n)` that `timesteps` ends (a tail, as img2img runs it); len(timesteps) for a whole
+        plan, or for timesteps that end no plan. Rules that diffusers ties to n (DDIM's stride T // n, DPM-Solver's
+        "n < 15") read it, so a tail runs exactly as diffusers' scheduler started at its begin index.
+        """
+        k = len(timesteps)
+        for n in range(k, self.schedule.num_train_timesteps + 1):
+            try:
+                full = self.plan(n)
+            except ValueError:  # some n are too many for a spacing
+                continue
+            if len(full) >= k and torch.equal(full[-k:].to(timesteps.dtype), timesteps):
+                return n
+        return k
+
     # ----- starting points ----------------------------------------------------------------------------------
 
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,11 @@ from ..utils import randn
 from .base import Run, Sampler
 
 
-def ddim_previous_alpha_bars(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final: float) -> torch.Tensor:
-    """ᾱ_s for s = t − ⌊T/n⌋, or `final` where s < 0."""
-    prev = timesteps - alphas_cumprod.shape[0] // timesteps.shape[0]
+def ddim_previous_alpha_bars(
+    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final: float, plan_steps: int | None = None
+) -> torch.Tensor:
+    """ᾱ_s for s = t − ⌊T/n⌋, or `final` where s < 0; n is the plan's length (`plan_steps`, for a tail of it)."""
+    prev = timesteps - alphas_cumprod.shape[0] // (plan_steps or timesteps.shape[0])
     picked = alphas_cumprod[prev.clamp(min=0)]
     return torch.where(prev >= 0, picked, torch.full_like(picked, final))
 
@@ -54,7 +56,7 @@ class DDIMSampler(Sampler):
         alphas_cumprod = self.schedule.alphas_cumprod
         final = 1.0 if self.set_alpha_to_one else alphas_cumprod[0].item()
         alpha_bar = alphas_cumprod[timesteps]  # (n,)
-        alpha_bar_prev = ddim_previous_alpha_bars(alphas_cumprod, timesteps, final)  # (n,)
+        alpha_bar_prev = ddim_previous_alpha_bars(alphas_cumprod, timesteps, final, self.plan_length(timesteps))  # (n,)
         sigma = ddim_sigma(alpha_bar, alpha_bar_prev, self.eta)
         coef_x0, coef_eps = ddim_coefficients(alpha_bar_prev, sigma)
         return DDIMCoefficients(alpha_bar.tolist(), coef_x0.tolist(), coef_eps.tolist(), sigma.tolist())

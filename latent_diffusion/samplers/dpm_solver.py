@@ -10,9 +10,8 @@ with B, K_0, K_1 computed once per call from the λ grid (first order: K = 0).
 The default for Stable Diffusion is 2M with the midpoint rule and first order
 at the end (DPM++ 2M); `sigma_schedule="karras"` gives A1111's "DPM++ 2M Karras".
 
-Where a run is a tail of a longer plan (img2img), "n < 15" in diffusers' lower_order_final
-rule counts the whole plan, ours the tail: the two differ only for solver_order 3 or a
-final σ_min, and only when the plan has 15 steps or more and the tail fewer.
+A tail of a plan (img2img) runs as diffusers' scheduler started at its begin index: the
+"n < 15" of lower_order_final counts the whole plan (`plan_length`).
 """
 from __future__ import annotations
 
@@ -73,14 +72,16 @@ def divided_difference_weights(r0: float, r1: float, c_d1: float, c_d2: float) -
 
 
 def step_orders(
-    n: int, solver_order: int, lower_order_final: bool, euler_at_final: bool, final_zero: bool
+    n: int, solver_order: int, lower_order_final: bool, euler_at_final: bool, final_zero: bool,
+    plan_steps: int | None = None,
 ) -> list[int]:
     """The order of each of n steps: warm up from 1, and lower it at the end as diffusers does.
 
-    The last step is first order with euler_at_final, when σ ends at 0, or (lower_order_final and n < 15);
-    the one before it is at most second order with lower_order_final and n < 15.
+    The last step is first order with euler_at_final, when σ ends at 0, or (lower_order_final and N < 15);
+    the one before it is at most second order with lower_order_final and N < 15, N the whole plan's
+    length (`plan_steps`, default n; more for a tail).
     """
-    few = lower_order_final and n < 15
+    few = lower_order_final and (plan_steps or n) < 15
     orders = []
     for i in range(n):
         if solver_order == 1 or i < 1 or (i == n - 1 and (euler_at_final or few or final_zero)):
@@ -141,21 +142,23 @@ class DPMSolverSampler(MultistepSigmaSampler):
             )
         return steps
 
-    def orders(self, n: int) -> list[int]:
-        return step_orders(n, self.solver_order, self.lower_order_final, self.euler_at_final,
-                           self.final_sigmas_type == "zero")
+    def orders(self, timesteps: torch.Tensor) -> list[int]:
+        return step_orders(len(timesteps), self.solver_order, self.lower_order_final, self.euler_at_final,
+                           self.final_sigmas_type == "zero", self.plan_length(timesteps))
 
     def coefficients(self, timesteps: torch.Tensor) -> "DPMSolverCoefficients":
         """ᾱ at each timestep and the update coefficients A = σ_t/σ_s, B, K_0, K_1 per step (float64, once per call)."""
         alpha_bar, alphas, sigmas, lambdas = self.grid(timesteps)
         n = len(alpha_bar)
         h = [lambdas[i + 1] - lambdas[i] for i in range(n)]
-        orders = self.orders(n)
+        orders = self.orders(timesteps)
         c = DPMSolverCoefficients(alpha_bar, orders, [], [], [], [], [0.0] * n)
         for i in range(n):
             a, b = first_order_coefficients(h[i], alphas[i + 1], sigmas[i + 1], sigmas[i])
             k0 = k1 = 0.0
-            if orders[i] == 2:
+            if h[i] == 0.0:  # the plan already ends at σ_min: the last step stays put
+                pass
+            elif orders[i] == 2:
                 k0 = second_order_coefficient(h[i], h[i - 1] / h[i], alphas[i + 1], self.solver_type)
             elif orders[i] == 3:
                 k0, k1 = third_order_coefficients(h[i], h[i - 1] / h[i], h[i - 2] / h[i], alphas[i + 1])

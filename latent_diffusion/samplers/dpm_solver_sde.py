@@ -69,12 +69,14 @@ class DPMSolverSDESampler(DPMSolverSampler):
         alpha_bar, alphas, sigmas, lambdas = self.grid(timesteps)
         n = len(alpha_bar)
         h = [lambdas[i + 1] - lambdas[i] for i in range(n)]
-        orders = self.orders(n)
+        orders = self.orders(timesteps)
         c = DPMSolverCoefficients(alpha_bar, orders, [], [], [], [], [])
         for i in range(n):
             a, b, noise = sde_first_order_coefficients(h[i], alphas[i + 1], sigmas[i + 1], sigmas[i])
             k0 = k1 = 0.0
-            if orders[i] == 2:
+            if h[i] == 0.0:  # the plan already ends at σ_min: the last step stays put
+                pass
+            elif orders[i] == 2:
                 k0 = sde_second_order_coefficient(h[i], h[i - 1] / h[i], alphas[i + 1], self.solver_type)
             elif orders[i] == 3:
                 k0, k1 = sde_third_order_coefficients(h[i], h[i - 1] / h[i], h[i - 2] / h[i], alphas[i + 1])

@@ -172,6 +172,7 @@ class MultistepSigmaSampler(SigmaScheduleSampler):
     """
 
     fractional_plan = False
+    rounds_cosine_karras: ClassVar[bool] = False  # DPMSolverMultistepScheduler truncates there, UniPC rounds
 
     def default_plan(self, num_inference_steps: int) -> torch.Tensor:
         raise NotImplementedError
@@ -186,7 +187,8 @@ class MultistepSigmaSampler(SigmaScheduleSampler):
     def model_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
         if not timesteps.is_floating_point():
             return timesteps
-        rounds = self.sigma_schedule == "karras" and self.schedule.config.get("beta_schedule") != "squaredcos_cap_v2"
+        cosine = self.schedule.config.get("beta_schedule") == "squaredcos_cap_v2"
+        rounds = self.sigma_schedule == "karras" and (self.rounds_cosine_karras or not cosine)
         return (timesteps.round() if rounds else timesteps.floor()).long()
 
     def grid(self, timesteps: torch.Tensor) -> tuple[list[float], list[float], list[float], list[float]]:

@@ -108,6 +108,7 @@ class UniPCSampler(MultistepSigmaSampler):
     final_sigmas_type: str = "zero"
 
     name = "unipc"
+    rounds_cosine_karras = True
     unsupported = {
         "predict_x0": True, "thresholding": False, "disable_corrector": [], "solver_p": None,
         "use_beta_sigmas": False, "use_flow_sigmas": False, "use_dynamic_shifting": False,
