@@ -23,7 +23,7 @@ from diffusers.utils import BaseOutput
 from latent_diffusion.assets import default_model_path, missing_components
 from latent_diffusion.conditioning import count_chunks, decode_latents, encode_prompts, vae_scale_factor
 from latent_diffusion.guidance import guide
-from latent_diffusion.samplers import SAMPLER_NAMES, Denoiser, get_sampler
+from latent_diffusion.samplers import SAMPLER_NAMES, Denoiser, check_sigma_schedule, get_sampler
 from latent_diffusion.schedules import NoiseSchedule
 from latent_diffusion.tracing import TracedUNet
 from latent_diffusion.utils import randn
@@ -123,6 +123,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         generator: Generator = None,
         latents: Optional[torch.Tensor] = None,
         sampler: Optional[str] = None,
+        sigma_schedule: Optional[str] = None,
         eta: float = 0.0,
         output_type: str = "pil",
         callback_on_step_end: Optional[Callable[..., dict]] = None,
@@ -131,19 +132,22 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         """Generate images for `prompt` (a string or a list).
 
         Unset `num_inference_steps`, `guidance_scale` and `sampler` take the model's defaults
-        (its generation_config.json; otherwise 25 steps, 7.5, "dpm++"). `guidance_scale` = 1 runs the
+        (its generation_config.json; otherwise 25 steps, 7.5, "dpm++"). `sigma_schedule` ("default", "karras",
+        "exponential"; unset: the scheduler config's use_karras_sigmas / use_exponential_sigmas) applies to
+        euler, heun, dpm++, dpm++_sde and unipc, as in diffusers. `guidance_scale` = 1 runs the
         conditional model alone; any other value runs both branches in one batched UNet call.
         `callback_on_step_end(pipe, i, t, {"latents": x})` may return {"latents": new_x}.
         """
         steps, scale, sampler = self._resolve_defaults(num_inference_steps, guidance_scale, sampler)
         prompts, negatives = _check_prompts(prompt, negative_prompt)
-        height, width = self._check_call(steps, scale, sampler, output_type, num_images_per_prompt, height, width)
+        height, width = self._check_call(steps, scale, sampler, output_type, num_images_per_prompt, height, width,
+                                         sigma_schedule=sigma_schedule)
         batch = len(prompts) * num_images_per_prompt
         context = self.encode_prompt(prompts, negatives if scale != 1.0 else None, num_images_per_prompt)
         schedule = NoiseSchedule.from_config(self.scheduler.config)
-        solver = get_sampler(sampler, schedule, **({"eta": eta} if sampler == "ddim" else {}))
+        solver = get_sampler(sampler, schedule, sigma_schedule=sigma_schedule, **({"eta": eta} if sampler == "ddim" else {}))
         timesteps = solver.timesteps(steps)
-        x = self.prepare_latents(batch, height, width, context.dtype, generator, latents)
+        x = solver.start_from_noise(self.prepare_latents(batch, height, width, context.dtype, generator, latents), timesteps)
         denoiser = Denoiser(self._guided_unet(context, scale, guidance_rescale), schedule)
         with self.progress_bar(total=len(timesteps)) as bar:
             step_callback = self._step_callback(bar, callback_on_step_end)
@@ -235,7 +239,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             d["sampler"] if sampler is None else sampler,
         )
 
-    def _check_call(self, steps, scale, sampler, output_type, num_images_per_prompt, height, width) -> tuple[int, int]:
+    def _check_call(self, steps, scale, sampler, output_type, num_images_per_prompt, height, width,
+                    sigma_schedule=None) -> tuple[int, int]:
         """Validate scalar arguments, with errors naming the argument; return the checked (height, width)."""
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
@@ -243,6 +248,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"guidance_scale must be >= 0, got {scale}")
         if sampler not in SAMPLER_NAMES:
             raise ValueError(f"sampler must be one of {SAMPLER_NAMES}, got {sampler!r}")
+        check_sigma_schedule(sampler, sigma_schedule)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
