@@ -106,10 +106,6 @@ class Sampler:
         check_choice("timestep_spacing", self.timestep_spacing, SPACINGS)
 
     @classmethod
-    def setting_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.name != "schedule"]
-
-    @classmethod
     def from_schedule(cls, schedule: NoiseSchedule, **overrides: Any) -> "Sampler":
         """Settings from `schedule.config` (this class's defaults where a key is missing), then `overrides`."""
         settings = [f for f in dataclasses.fields(cls) if f.name != "schedule"]
