@@ -5,6 +5,8 @@ import argparse
 import os
 from typing import Optional, Sequence
 
+from .speed import add_speed_args, check_speed_args
+
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -14,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(p.add_argument_group("data"))
     add_optimisation_args(p.add_argument_group("optimisation"))
     add_output_args(p.add_argument_group("checkpoints, logging, validation, output"))
+    add_speed_args(p.add_argument_group("speed (training/speed.py)"))
     return p
 
 
@@ -136,6 +139,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
                         "(give a checkpoint folder or 'latest')")
     if (args.push_to_hub or args.push_checkpoints_to_hub) and not args.hub_model_id:
         problems.append("--push_to_hub and --push_checkpoints_to_hub need --hub_model_id")
+    problems += check_speed_args(args)
     from .validation import VALIDATION_METRICS
 
     for name in args.validation_metrics:
