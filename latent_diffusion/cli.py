@@ -44,6 +44,8 @@ def run_shapes_export(args: argparse.Namespace) -> list[Path]:
 
 
 def _add_generate(commands) -> None:
+    from latent_diffusion.samplers import SAMPLER_NAMES, SIGMA_SCHEDULES
+
     p = commands.add_parser("generate", help="generate images for a prompt")
     p.add_argument("prompt")
     p.add_argument("-o", "--output", default="out.png", help="PNG path; with --n K > 1, files NAME-0.png … NAME-(K-1).png")
@@ -52,7 +54,9 @@ def _add_generate(commands) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--guidance-rescale", type=float, default=0.0)
-    p.add_argument("--sampler", default=None, help="ddpm, ddim or dpm++ (default: the model's)")
+    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help="sampler (default: the model's)")
+    p.add_argument("--sigma-schedule", default=None, choices=SIGMA_SCHEDULES,
+                   help="σ schedule of euler, heun, dpm++, dpm++_sde, unipc (default: the scheduler config's)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's η")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
     p.add_argument("--height", type=int, default=None)
@@ -92,6 +96,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         guidance_scale=args.guidance,
         guidance_rescale=args.guidance_rescale,
         sampler=args.sampler,
+        sigma_schedule=args.sigma_schedule,
         eta=args.eta,
         height=args.height,
         width=args.width,

@@ -24,7 +24,7 @@ from latent_diffusion.assets import default_model_path, missing_components
 from latent_diffusion.conditioning import decode_latents, upcast_half_vae, vae_scale_factor
 from latent_diffusion.guidance import guide
 from latent_diffusion.prompt_conditioning import Conditioning, conditioner_for
-from latent_diffusion.samplers import SAMPLER_NAMES, Denoiser, get_sampler
+from latent_diffusion.samplers import SAMPLER_NAMES, Denoiser, check_sigma_schedule, get_sampler
 from latent_diffusion.schedules import NoiseSchedule
 from latent_diffusion.tracing import TracedUNet
 from latent_diffusion.utils import randn
@@ -133,6 +133,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         mask_image: Optional[Any] = None,
         strength: Optional[float] = None,
         sampler: Optional[str] = None,
+        sigma_schedule: Optional[str] = None,
         eta: float = 0.0,
         output_type: str = "pil",
         callback_on_step_end: Optional[Callable[..., dict]] = None,
@@ -146,7 +147,9 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         """Generate images for `prompt` (a string or a list).
 
         Unset `num_inference_steps`, `guidance_scale` and `sampler` take the model's defaults
-        (its generation_config.json; otherwise 25 steps, 7.5, "dpm++"). `guidance_scale` = 1 runs the
+        (its generation_config.json; otherwise 25 steps, 7.5, "dpm++"). `sigma_schedule` ("default", "karras",
+        "exponential"; unset: the scheduler config's use_karras_sigmas / use_exponential_sigmas) applies to
+        euler, heun, dpm++, dpm++_sde and unipc, as in diffusers. `guidance_scale` = 1 runs the
         conditional model alone; any other value runs both branches in one batched UNet call.
         `callback_on_step_end(pipe, i, t, {"latents": x})` may return {"latents": new_x}.
 
@@ -166,20 +169,22 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         strength = check_image_arguments(self, image, mask_image, strength, latents)
         if image is not None:
             height, width = default_size(self, image, height, width)
-        height, width = self._check_call(steps, scale, sampler, output_type, num_images_per_prompt, height, width)
+        height, width = self._check_call(steps, scale, sampler, output_type, num_images_per_prompt, height, width,
+                                         sigma_schedule=sigma_schedule)
         batch = len(prompts) * num_images_per_prompt
         second = _check_second_prompts(len(prompts), prompt_2, negative_prompt, negative_prompt_2)
         cond = self.encode_prompt(prompts, negatives if scale != 1.0 else None, num_images_per_prompt, **second,
                                   size=(height, width), original_size=original_size,
                                   crops_coords_top_left=crops_coords_top_left, target_size=target_size)
         schedule = NoiseSchedule.from_config(self.scheduler.config)
-        solver = get_sampler(sampler, schedule, **({"eta": eta} if sampler == "ddim" else {}))
+        solver = get_sampler(sampler, schedule, sigma_schedule=sigma_schedule, **({"eta": eta} if sampler == "ddim" else {}))
         timesteps = solver.timesteps(steps)
         edit = None if image is None else prepare_image_edit(
             self, solver, timesteps, image, mask_image, strength, len(prompts), num_images_per_prompt, height, width,
             generator, torch.float32, guided=scale != 1.0)  # sampler math in fp32
         if edit is None:
             x = self.prepare_latents(batch, height, width, torch.float32, generator, latents)  # sampler math in fp32
+            x = solver.start_from_noise(x, timesteps)  # diffusers' init_noise_sigma, in VP form
         else:
             timesteps, x = edit.timesteps, edit.x
         denoiser = Denoiser(self._guided_unet(cond, scale, guidance_rescale, edit.unet_extra if edit else None), schedule)
@@ -290,7 +295,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             d["sampler"] if sampler is None else sampler,
         )
 
-    def _check_call(self, steps, scale, sampler, output_type, num_images_per_prompt, height, width) -> tuple[int, int]:
+    def _check_call(self, steps, scale, sampler, output_type, num_images_per_prompt, height, width,
+                    sigma_schedule=None) -> tuple[int, int]:
         """Validate scalar arguments, with errors naming the argument; return the checked (height, width)."""
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
@@ -298,6 +304,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"guidance_scale must be >= 0, got {scale}")
         if sampler not in SAMPLER_NAMES:
             raise ValueError(f"sampler must be one of {SAMPLER_NAMES}, got {sampler!r}")
+        check_sigma_schedule(sampler, sigma_schedule)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
