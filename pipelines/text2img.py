@@ -28,6 +28,8 @@ from latent_diffusion.schedules import NoiseSchedule
 from latent_diffusion.tracing import TracedUNet
 from latent_diffusion.utils import randn
 
+from .lora import LatentDiffusionLoraMixin
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 TRACE_MAX_PARAMETERS = 50_000_000  # the embedded model is ~4M; SD 1.5's UNet is 860M
 GENERATION_CONFIG = "generation_config.json"
@@ -44,8 +46,10 @@ class LatentDiffusionPipelineOutput(BaseOutput):
     images: Union[list[PIL.Image.Image], np.ndarray, torch.Tensor]
 
 
-class LatentDiffusionPipeline(DiffusionPipeline):
+class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
     """Text-to-image generation with a latent diffusion model (Rombach et al. 2022).
+
+    LoRA adapters: `load_lora_weights`, `set_adapters`, `fuse_lora`, ... (diffusers' loader, see `pipelines/lora.py`).
 
     >>> pipe = LatentDiffusionPipeline.from_pretrained()            # the embedded Shapes model
     >>> pipe("a red circle above a blue square").images[0]
