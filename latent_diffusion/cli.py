@@ -57,6 +57,9 @@ def _add_generate(commands) -> None:
     p.add_argument("--n", type=int, default=1, help="number of images")
     p.add_argument("--device", default=None, help="cpu, cuda, mps… (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA adapter (.safetensors file, folder or Hub id; diffusers or kohya layout) and its scale "
+                        "(default 1); repeat to combine several")
     p.set_defaults(run=run_generate)
 
 
@@ -69,6 +72,10 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     if args.n < 1:
         raise SystemExit(f"--n must be >= 1, got {args.n}")
     pipe = LatentDiffusionPipeline.from_pretrained(args.model) if args.model else LatentDiffusionPipeline.from_pretrained()
+    if args.lora:
+        from latent_diffusion.pipelines.lora import apply_loras
+
+        apply_loras(pipe, args.lora)
     pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.set_progress_bar_config(disable=args.quiet)
     seeds = [args.seed + k for k in range(args.n)]

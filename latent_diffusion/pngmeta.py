@@ -35,6 +35,7 @@ def generation_metadata(pipe, args: Any, seed: int) -> dict[str, str]:
         "height": str(image_size[0]),
         "width": str(image_size[1]),
         "model": str(args.model or "embedded default"),
+        **({"lora": " ".join(args.lora)} if getattr(args, "lora", None) else {}),  # PATH[:SCALE] of each adapter
         "versions": json.dumps(library_versions()),
     }
 

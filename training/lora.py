@@ -105,7 +105,10 @@ def add_adapters(args: argparse.Namespace, unet, text_encoder) -> None:
     _upcast_trainable(unet)
     if args.train_text_encoder_lora:
         text_encoder.requires_grad_(False)
-        text_encoder.add_adapter(lora_config(args, TEXT_ENCODER_TARGETS))
+        try:  # transformers' peft integration; it may want a newer peft than diffusers does
+            text_encoder.add_adapter(lora_config(args, TEXT_ENCODER_TARGETS))
+        except ValueError as error:
+            raise ValueError(f"--train_text_encoder_lora: {error}") from None
         _upcast_trainable(text_encoder)
         text_encoder.train()  # marks it as trained: batch_inputs then encodes captions with gradients
 
