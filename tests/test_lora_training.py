@@ -151,3 +151,58 @@ def test_bucketed_training_on_mixed_aspect_images(sd_folder, mixed_dir, tmp_path
             w, h = expected[row]
             assert tuple(mean.shape) == (2, 4, h // 2, w // 2)  # [unflipped, flipped], C, bucket size / VAE factor
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+def test_lora_push_to_hub_uploads_the_adapter_and_card_only(sd_folder, data_dir, cache_dir, tmp_path,  # noqa: F811
+                                                            monkeypatch):
+    from huggingface_hub import constants
+    from hub_server import FakeHub
+
+    repo = "someone/tiny-lora"
+    with FakeHub() as fake:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+        monkeypatch.setattr(constants, "ENDPOINT", fake.url)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        train(sd_folder, data_dir, tmp_path / "out", *LORA, "--max_train_steps", 1, "--checkpointing_steps", 1,
+              "--push_to_hub", "--hub_model_id", repo, "--hub_token", "hf_fake", cache_dir=cache_dir)
+        pushed = fake.files(repo)
+        assert fake.unhandled == [] and fake.errors == []
+    assert set(pushed) == {"pytorch_lora_weights.safetensors", "README.md"}
+    assert pushed["pytorch_lora_weights.safetensors"] == (tmp_path / "out" / "pytorch_lora_weights.safetensors").read_bytes()
+
+
+@pytest.mark.distributed
+def test_two_process_lora_with_buckets(sd_folder, mixed_dir, tmp_path):
+    """accelerate launch, two CPU processes: LoRA + buckets, one bucket per step on both ranks, same final adapter."""
+    import socket
+    import subprocess
+    import sys
+
+    from test_training import ROOT, SCRIPT
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), str(SCRIPT), "--pretrained_model_name_or_path", str(sd_folder), "--train_data_dir", mixed_dir,
+               "--output_dir", str(tmp_path / "out"), "--resolution", "32", "--train_batch_size", "1",
+               "--max_train_steps", "3", "--checkpointing_steps", "2", "--report_to", "none", "--use_ema",
+               "--lora_rank", "4", "--enable_bucket", "--min_bucket_reso", "16", "--max_bucket_reso", "64",
+               "--bucket_reso_steps", "8", "--sample_index_log", str(tmp_path / "rows")]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    buckets = make_buckets(32, 16, 64, 8)
+    expected = {i: nearest_bucket(*size, buckets) for i, size in enumerate([(40, 40)] * 6 + [(60, 24)] * 3 + [(24, 60)] * 3)}
+    logs = [(tmp_path / f"rows.rank{r}").read_text().splitlines() for r in range(2)]
+    steps = [[line.split() for line in log if not line.startswith("weights")] for log in logs]
+    assert len(steps[0]) == len(steps[1]) == 3
+    for a, b in zip(*steps):
+        assert a[0] == b[0] and not set(a[1:]) & set(b[1:])
+        assert len({expected[int(r)] for r in a[1:] + b[1:]}) == 1  # both ranks train one bucket per step
+    assert logs[0][-1].startswith("weights") and logs[0][-1] == logs[1][-1]
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "out" / "checkpoint-2" / "lora_model_0.safetensors").is_file()
