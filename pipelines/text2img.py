@@ -251,6 +251,13 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+        return self.resolve_size(height, width)
+
+    def resolve_size(self, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int]:
+        """The (height, width) a call with these sizes makes: the model's native size where None.
+
+        ValueError, naming the argument, for a size the VAE and UNet cannot take.
+        """
         return self._check_size("height", height), self._check_size("width", width)
 
     def _check_size(self, name: str, value: Optional[int]) -> int:
