@@ -16,6 +16,11 @@ Layout of one cache, `cache_dir/<key>/`:
     empty.safetensors                   embedding of the empty caption (L, D) (and its pooled (P,) for SDXL)
     manifest.json                       written last: the cache is complete when it exists
 
+With aspect-ratio buckets (`latent_diffusion.buckets.BucketTransform`) each row
+has its bucket's latent size, so `latent_mean` / `latent_std` are stored flat,
+row after row, with `latent_shapes` (n, 4) = (S, C, h, w) per row, and load as
+a list of per-row (S, C, h, w) tensors.
+
 The key hashes the VAE and text-encoder weights (both encoders for SDXL), the tokenizer(s), the
 resolution, the crop and flip modes and the dataset fingerprint, so a change to any of
 them selects a fresh folder and the cache is rebuilt. Images are cropped
@@ -26,11 +31,13 @@ library does not know about accelerate.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -68,8 +75,9 @@ def fingerprint_tokenizer(tokenizer) -> str:
 
 def cache_key(vae, text_encoder, tokenizer, *, resolution: int, center_crop: bool, dataset_fingerprint: str,
               image_column: str = "image", caption_column: str = "text", random_flip: bool = True,
-              text_encoder_2=None, tokenizer_2=None) -> str:
-    """A short hex key naming everything the cached tensors depend on (the second encoder too, for SDXL)."""
+              text_encoder_2=None, tokenizer_2=None, buckets: Optional[Sequence[int]] = None) -> str:
+    """A short hex key naming everything the cached tensors depend on (the second encoder too, for SDXL;
+    `buckets`: the bucket settings, if any)."""
     parts = dict(
         format=CACHE_FORMAT,
         vae=fingerprint_module(vae),
@@ -83,6 +91,8 @@ def cache_key(vae, text_encoder, tokenizer, *, resolution: int, center_crop: boo
     )
     if text_encoder_2 is not None:
         parts.update(text_encoder_2=fingerprint_module(text_encoder_2), tokenizer_2=fingerprint_tokenizer(tokenizer_2))
+    if buckets is not None:  # only then, so caches of square crops keep their keys
+        parts["buckets"] = [int(b) for b in buckets]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -128,8 +138,8 @@ class LatentCache:
 
     indices: torch.Tensor  # (N,) dataset rows
     unreadable: torch.Tensor  # (U,) dataset rows skipped
-    latent_mean: torch.Tensor  # (N, S, C, h, w), S = 2 with mirrored latents, else 1
-    latent_std: torch.Tensor  # (N, S, C, h, w)
+    latent_mean: Union[torch.Tensor, list]  # (N, S, C, h, w), S = 2 with mirrored latents; bucketed: N × (S, C, h, w)
+    latent_std: Union[torch.Tensor, list]  # (N, S, C, h, w), or N × (S, C, h, w)
     text_embeds: torch.Tensor  # (M, L, D)
     caption_offsets: torch.Tensor  # (N + 1,) row i's variants are text_embeds[offsets[i]:offsets[i+1]]
     empty_embed: torch.Tensor  # (L, D)
@@ -211,8 +221,8 @@ def load_cache(folder: str) -> LatentCache:
     return LatentCache(
         indices=indices[order],
         unreadable=torch.sort(torch.cat([s["unreadable"] for s in shards])).values,
-        latent_mean=torch.cat([s["latent_mean"] for s in shards])[order],
-        latent_std=torch.cat([s["latent_std"] for s in shards])[order],
+        latent_mean=_load_latents(shards, "latent_mean", order),
+        latent_std=_load_latents(shards, "latent_std", order),
         text_embeds=variants_in_row_order("text_embeds"),
         caption_offsets=torch.cat([torch.zeros(1, dtype=torch.long), counts[order].cumsum(0)]),
         empty_embed=empty["empty_embed"],
@@ -223,9 +233,21 @@ def load_cache(folder: str) -> LatentCache:
     )
 
 
+def _load_latents(shards: list[dict], name: str, order: torch.Tensor) -> Union[torch.Tensor, list]:
+    """One (N, S, C, h, w) tensor in `order`, or for bucketed shards a list of per-row (S, C, h, w) tensors."""
+    if "latent_shapes" not in shards[0]:
+        return torch.cat([s[name] for s in shards])[order]
+    rows = []
+    for shard in shards:
+        shapes = [tuple(shape) for shape in shard["latent_shapes"].tolist()]
+        rows += [flat.view(shape) for flat, shape in zip(shard[name].split([math.prod(s) for s in shapes]), shapes)]
+    return [rows[i] for i in order.tolist()]
+
+
 def _encode_rows(dataset, rows, vae, encoders: dict, transform, image_column, caption_column,
                  batch_size, progress) -> dict[str, torch.Tensor]:
-    fixed_crop = ImageTransform(transform.resolution, transform.center_crop, random_flip=False)
+    fixed_crop = dataclasses.replace(transform, random_flip=False)  # ImageTransform, or a BucketTransform
+    bucketed = hasattr(transform, "buckets")
     num_sides = 2 if transform.random_flip else 1  # [unflipped, flipped] only when training flips
     kept, unreadable, means, stds, counts, sizes, crops = [], [], [], [], [], [], []
     texts: dict[str, list[torch.Tensor]] = {}
@@ -246,23 +268,20 @@ def _encode_rows(dataset, rows, vae, encoders: dict, transform, image_column, ca
             counts.append(len(variants))
             kept.append(index)
         if pixels:
-            batch = torch.stack(pixels)  # (b, 3, H, W)
-            sides = [batch, batch.flip(-1)][:num_sides]
-            mean, std = encode_latent_moments(vae, torch.cat(sides))  # (S·b, C, h, w)
-            means.append(torch.stack(mean.float().cpu().chunk(num_sides), dim=1))  # (b, S, C, h, w)
-            stds.append(torch.stack(std.float().cpu().chunk(num_sides), dim=1))
+            mean, std = _encode_same_sizes(vae, pixels, num_sides)  # b × (S, C, h, w), in row order
+            means += mean
+            stds += std
             for name, tensor in encode_caption_tensors(captions=captions, **encoders).items():
                 texts.setdefault(name, []).append(tensor.cpu())  # (m, L, D) and, for SDXL, (m, P)
         if progress is not None:
             progress(len(rows[start:start + batch_size]))
     if not kept:  # an empty shard still has the right trailing shapes
-        means = stds = [_empty_latents(vae, transform.resolution, num_sides)]
         texts = {name: [t.cpu()[:0]] for name, t in encode_caption_tensors(captions=[""], **encoders).items()}
+    latents = _pack_latents(means, stds, bucketed, _empty_latents(vae, transform.resolution, num_sides))
     return {
         "indices": torch.tensor(kept, dtype=torch.long),
         "unreadable": torch.tensor(unreadable, dtype=torch.long),
-        "latent_mean": torch.cat(means).contiguous(),
-        "latent_std": torch.cat(stds).contiguous(),
+        **latents,
         **{name: torch.cat(parts).contiguous() for name, parts in texts.items()},
         "caption_counts": torch.tensor(counts, dtype=torch.long),
         "original_size": torch.tensor(sizes, dtype=torch.long).reshape(-1, 2),
@@ -276,6 +295,34 @@ def _crop_per_side(size: tuple[int, int], transform: ImageTransform, generator: 
     resized_w, _, left, top = crop_box(size, transform.resolution, transform.center_crop, generator)
     mirrored_left = resized_w - left - transform.resolution  # the flipped image's crop starts this far from the left
     return [(top, left), (top, mirrored_left)][:num_sides]
+
+
+def _encode_same_sizes(vae, pixels: list[torch.Tensor], num_sides: int) -> tuple[list, list]:
+    """Encode images (3, H, W) in batches of equal size (buckets give several); per-row (S, C, h, w) moments."""
+    means, stds = [None] * len(pixels), [None] * len(pixels)
+    groups: dict[tuple, list[int]] = {}
+    for position, image in enumerate(pixels):
+        groups.setdefault(tuple(image.shape), []).append(position)
+    for positions in groups.values():
+        batch = torch.stack([pixels[p] for p in positions])  # (b, 3, H, W)
+        sides = [batch, batch.flip(-1)][:num_sides]
+        mean, std = encode_latent_moments(vae, torch.cat(sides))  # (S·b, C, h, w)
+        mean = torch.stack(mean.float().cpu().chunk(num_sides), dim=1)  # (b, S, C, h, w)
+        std = torch.stack(std.float().cpu().chunk(num_sides), dim=1)
+        for k, p in enumerate(positions):
+            means[p], stds[p] = mean[k], std[k]
+    return means, stds
+
+
+def _pack_latents(means: list, stds: list, bucketed: bool, empty: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-row (S, C, h, w) moments as stacked (n, S, C, h, w) tensors, or flat with their shapes when bucketed."""
+    if bucketed:
+        shapes = torch.tensor([list(m.shape) for m in means], dtype=torch.long).reshape(-1, 4)
+        flat = lambda xs: torch.cat([x.reshape(-1) for x in xs]) if xs else torch.zeros(0)  # noqa: E731
+        return {"latent_mean": flat(means), "latent_std": flat(stds), "latent_shapes": shapes}
+    if not means:
+        return {"latent_mean": empty, "latent_std": empty.clone()}
+    return {"latent_mean": torch.stack(means).contiguous(), "latent_std": torch.stack(stds).contiguous()}
 
 
 def _empty_latents(vae, resolution: int, sides: int) -> torch.Tensor:
@@ -300,7 +347,7 @@ class CachedSamples(torch.utils.data.Dataset):
     """
 
     def __init__(self, cache: LatentCache, random_flip: bool = False, caption_dropout: float = 0.0, seed: int = 0):
-        if random_flip and cache.latent_mean.shape[1] < 2:
+        if random_flip and _num_sides(cache) < 2:
             raise ValueError("random_flip: this cache holds no mirrored latents (it was built without random_flip)")
         self.cache, self.random_flip, self.caption_dropout, self.seed = cache, random_flip, caption_dropout, seed
         self.row_of = {int(index): row for row, index in enumerate(cache.indices.tolist())}
@@ -326,8 +373,8 @@ class CachedSamples(torch.utils.data.Dataset):
             rows.append(row)
         rows_t, sides_t = torch.tensor(rows), torch.tensor(sides)
         batch = {
-            "latent_mean": cache.latent_mean[rows_t, sides_t],  # (B, C, h, w)
-            "latent_std": cache.latent_std[rows_t, sides_t],
+            "latent_mean": _gather_latents(self.cache.latent_mean, rows, sides),  # (B, C, h, w)
+            "latent_std": _gather_latents(self.cache.latent_std, rows, sides),
             "text_embeds": torch.stack(embeds),  # (B, L, D)
             "index": torch.tensor([int(i) for i, _ in items]),
             "original_size": cache.original_size[rows_t],  # (B, 2) (height, width)
@@ -336,6 +383,20 @@ class CachedSamples(torch.utils.data.Dataset):
         if pooled:
             batch["pooled_embeds"] = torch.stack(pooled)  # (B, P)
         return batch
+
+
+def _num_sides(cache: LatentCache) -> int:
+    """S: 2 when the cache holds mirrored latents, else 1 (an empty bucketed cache counts as either)."""
+    if isinstance(cache.latent_mean, torch.Tensor):
+        return cache.latent_mean.shape[1]
+    return cache.latent_mean[0].shape[0] if cache.latent_mean else 2
+
+
+def _gather_latents(latents: Union[torch.Tensor, list], rows: list[int], sides: list[int]) -> torch.Tensor:
+    """(B, C, h, w) moments of the given rows and sides; bucketed rows of one batch share a size."""
+    if isinstance(latents, torch.Tensor):
+        return latents[torch.tensor(rows), torch.tensor(sides)]
+    return torch.stack([latents[r][s] for r, s in zip(rows, sides)])
 
 
 def identity(batch):

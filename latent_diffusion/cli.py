@@ -70,6 +70,9 @@ def _add_generate(commands) -> None:
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="weights' dtype (default: float32; bfloat16/float16 halve memory, fast where the device has them)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA adapter (.safetensors file, folder or Hub id; diffusers or kohya layout) and its scale "
+                        "(default 1); repeat to combine several")
     p.set_defaults(run=run_generate)
 
 
@@ -86,6 +89,10 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, **dtype)
     if pipe.trace_unet is None:  # one pipeline call per process: tracing the UNet would cost more than it saves
         pipe.trace_unet = False
+    if args.lora:
+        from latent_diffusion.pipelines.lora import apply_loras
+
+        apply_loras(pipe, args.lora)
     pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.set_progress_bar_config(disable=args.quiet)
     seeds = [args.seed + k for k in range(args.n)]
@@ -107,7 +114,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     )
     settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, sampler=args.sampler, steps=args.steps,
                     guidance=args.guidance, guidance_rescale=args.guidance_rescale, eta=args.eta,
-                    height=args.height, width=args.width, model=args.model)
+                    height=args.height, width=args.width, model=args.model, lora=args.lora)
     return [save_png(out, path, {**generation_metadata(pipe, seed=seed, **settings), **image_input_metadata(args, out)})
             for out, path, seed in zip(result.images, output_paths(args.output, args.n), seeds)]
 

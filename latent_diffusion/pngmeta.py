@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from PIL import Image, PngImagePlugin
 
@@ -35,6 +35,7 @@ def generation_metadata(
     height: Optional[int] = None,
     width: Optional[int] = None,
     model: Optional[str] = None,
+    lora: Optional[Sequence[str]] = None,
 ) -> dict[str, str]:
     """What a generated PNG records: the settings actually used.
 
@@ -57,6 +58,7 @@ def generation_metadata(
         "height": str(image_height),
         "width": str(image_width),
         "model": str(model or "embedded default"),
+        **({"lora": " ".join(lora)} if lora else {}),  # PATH[:SCALE] of each adapter
         "versions": json.dumps(library_versions()),
     }
 

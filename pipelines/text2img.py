@@ -30,6 +30,7 @@ from latent_diffusion.tracing import TracedUNet
 from latent_diffusion.utils import randn
 
 from .image_inputs import check_image_arguments, default_size, prepare_image_edit
+from .lora import LatentDiffusionLoraMixin
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 TRACE_MAX_PARAMETERS = 50_000_000  # the embedded model is ~4M; SD 1.5's UNet is 860M
@@ -48,8 +49,10 @@ class LatentDiffusionPipelineOutput(BaseOutput):
     images: Union[list[PIL.Image.Image], np.ndarray, torch.Tensor]
 
 
-class LatentDiffusionPipeline(DiffusionPipeline):
+class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
     """Text-to-image generation with a latent diffusion model (Rombach et al. 2022).
+
+    LoRA adapters: `load_lora_weights`, `set_adapters`, `fuse_lora`, ... (diffusers' loader, see `pipelines/lora.py`).
 
     >>> pipe = LatentDiffusionPipeline.from_pretrained()            # the embedded Shapes model
     >>> pipe("a red circle above a blue square").images[0]

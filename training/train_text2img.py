@@ -26,6 +26,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 
 from latent_diffusion.cache import (CachedSamples, build_or_load_cache, cache_key, encode_caption_tensors,
                                     encode_latent_moments, identity, sample_latents)
-from latent_diffusion.conditioning import vae_scale_factor
+from latent_diffusion.conditioning import encode_prompts, vae_scale_factor
 from latent_diffusion.data import CaptionImageDataset, ImageTransform, load_caption_dataset, readable_indices
 from latent_diffusion.losses import DenoisingLoss
 from latent_diffusion.prompt_conditioning import Conditioning
@@ -48,6 +49,7 @@ from latent_diffusion.training.components import load_components
 from latent_diffusion.training.checkpointing import (TrainingState, checkpoint_weights, load_checkpoint,
                                                      resolve_checkpoint, save_checkpoint)
 from latent_diffusion.training.ema import EMA
+from latent_diffusion.training import bucketing, lora
 from latent_diffusion.training.sdxl import (SizedCaptionImageDataset, batch_conditioning, check_sdxl_parts, context_dim,
                                             read_force_zeros)
 from latent_diffusion.training.speed import LossMeter, adamw_options, speed_up_unet
@@ -62,8 +64,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     models = load_models(args, accelerator)  # the UNet learns; VAE and text encoder are frozen
     data = load_training_data(args, accelerator, models)  # cached latents, or images encoded on the fly
     max_steps = args.max_train_steps or args.num_train_epochs * data.steps_per_epoch
-    optimizer, lr_scheduler = make_optimizer(args, accelerator, models.unet, max_steps)
+    trained = lora.trained_modules(args, models.unet, models.text_encoder)  # the UNet (+ text encoder LoRA)
+    optimizer, lr_scheduler = make_optimizer(args, accelerator, trained, max_steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
+    if lora.lora_enabled(args):  # checkpoints hold the adapters only; text encoder LoRA gradients are averaged
+        lora.register_checkpoint_hooks(accelerator, models.text_encoder if args.train_text_encoder_lora else None)
+        if args.train_text_encoder_lora:
+            lora.sync_text_encoder_gradients(accelerator, optimizer, models.text_encoder)
     ema = EMA(accelerator.unwrap_model(unet), args.ema_decay) if args.use_ema else None
     state = resume(args, accelerator, ema)  # a fresh TrainingState when not resuming
     start_trackers(args, accelerator)
@@ -132,6 +139,9 @@ def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
         unet.to(dtype=torch.float32)
     unet.requires_grad_(True)
     unet.train()
+    if lora.lora_enabled(args):  # freezes the UNet and adds trainable peft adapters (training/lora.py)
+        lora.add_adapters(args, unet, text_encoder)
+        logger.info("LoRA: %d of %d UNet parameters train", *lora.count_parameters(unet))
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     speed_up_unet(unet, args.channels_last, args.compile, args.compile_mode)  # --channels_last, --compile
@@ -147,6 +157,9 @@ def check_model_fits(args: argparse.Namespace, unet, vae, text_encoder, text_enc
         raise ValueError(f"--resolution {args.resolution} must be a multiple of {multiple} "
                          f"(VAE factor {vae_scale_factor(vae)} × the UNet's downsampling)")
     check_sdxl_parts(unet, text_encoder_2)
+    if text_encoder_2 is not None and (args.enable_bucket or args.train_text_encoder_lora):
+        raise ValueError("--enable_bucket and --train_text_encoder_lora are not supported for SDXL models yet "
+                         "(the size ids assume square --resolution crops; the second encoder has no LoRA path)")
     if unet.config.cross_attention_dim != context_dim(text_encoder, text_encoder_2):
         raise ValueError(f"--unet_config: cross_attention_dim {unet.config.cross_attention_dim} differs from the "
                          f"text encoder(s)' hidden size {context_dim(text_encoder, text_encoder_2)}")
@@ -164,6 +177,7 @@ class TrainingData:
     collate_fn: Any
     num_workers: int
     name: str
+    buckets: Optional[dict] = None  # --enable_bucket: row -> (width, height) of its bucket
 
 
 def load_training_data(args: argparse.Namespace, accelerator: Accelerator, models: Models) -> TrainingData:
@@ -172,6 +186,9 @@ def load_training_data(args: argparse.Namespace, accelerator: Accelerator, model
         dataset = load_caption_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir,
                                        args.image_column, args.caption_column, args.max_train_samples, args.cache_dir)
     transform = ImageTransform(args.resolution, args.center_crop, args.random_flip)
+    if args.enable_bucket:  # each image at its aspect-ratio bucket's size, centre-cropped (training/bucketing.py)
+        transform = bucketing.bucket_transform(args, models.vae, models.unet)
+    cache = None
     if args.no_cache:
         rows, unreadable = find_readable_rows(accelerator, dataset, args.image_column)
         dataset_cls = SizedCaptionImageDataset if models.text_encoder_2 is not None else CaptionImageDataset
@@ -187,13 +204,21 @@ def load_training_data(args: argparse.Namespace, accelerator: Accelerator, model
         logger.warning(f"skipped {len(unreadable)} unreadable image(s) of {len(dataset)}: rows {unreadable[:20]}")
     steps = steps_per_epoch(len(rows), world_size=accelerator.num_processes, batch_size=args.train_batch_size,
                             accumulation=args.gradient_accumulation_steps)
+    buckets = None
+    if args.enable_bucket:
+        buckets = bucketing.row_buckets_for(args, cache, dataset, rows, transform, models.vae)
+        steps = bucketing.bucket_steps_per_epoch(buckets, world_size=accelerator.num_processes,
+                                                 batch_size=args.train_batch_size,
+                                                 accumulation=args.gradient_accumulation_steps)
+        logger.info(f"{len(transform.buckets)} buckets; images per bucket (width×height): "
+                    f"{bucketing.describe_buckets(buckets)}")
     if steps < 1:
         raise ValueError(f"{len(rows)} usable images cannot fill one step of --train_batch_size "
                          f"{args.train_batch_size} × --gradient_accumulation_steps {args.gradient_accumulation_steps} "
-                         f"× {accelerator.num_processes} process(es)")
+                         f"× {accelerator.num_processes} process(es)" + (" within one bucket" if buckets else ""))
     logger.info(f"{len(rows)} images, {steps} steps per epoch, {len(unreadable)} unreadable skipped")
     name = args.dataset_name or os.path.basename(os.path.normpath(args.train_data_dir))
-    return TrainingData(samples, rows, steps, not args.no_cache, collate_fn, workers, name)
+    return TrainingData(samples, rows, steps, not args.no_cache, collate_fn, workers, name, buckets)
 
 
 def find_readable_rows(accelerator: Accelerator, dataset, image_column: str) -> tuple[list[int], list[int]]:
@@ -209,7 +234,8 @@ def build_cache(args, accelerator: Accelerator, models: Models, dataset, transfo
     key = cache_key(models.vae, models.text_encoder, models.tokenizer, resolution=args.resolution,
                     center_crop=args.center_crop, dataset_fingerprint=dataset._fingerprint,
                     image_column=args.image_column, caption_column=args.caption_column, random_flip=args.random_flip,
-                    text_encoder_2=models.text_encoder_2, tokenizer_2=models.tokenizer_2)
+                    text_encoder_2=models.text_encoder_2, tokenizer_2=models.tokenizer_2,
+                    buckets=bucketing.cache_setting(args))
     root = os.path.join(args.cache_dir or args.output_dir, "latent_cache")
     bar = tqdm(total=math.ceil(len(dataset) / accelerator.num_processes), desc="caching latents",
                disable=not accelerator.is_local_main_process)
@@ -309,9 +335,10 @@ def train(args, accelerator: Accelerator, models: Models, data: TrainingData, un
 
 def epoch_loader(args, accelerator: Accelerator, data: TrainingData, state: TrainingState):
     """The rest of the current epoch's batches for this process, from the saved position on."""
-    batches = epoch_batches(data.rows, epoch=state.epoch, seed=args.seed, rank=accelerator.process_index,
-                            world_size=accelerator.num_processes, batch_size=args.train_batch_size,
-                            accumulation=args.gradient_accumulation_steps)
+    plan = epoch_batches if data.buckets is None else partial(bucketing.bucket_epoch_batches, data.buckets)
+    batches = plan(data.rows, epoch=state.epoch, seed=args.seed, rank=accelerator.process_index,
+                   world_size=accelerator.num_processes, batch_size=args.train_batch_size,
+                   accumulation=args.gradient_accumulation_steps)
     remaining = batches[state.step_in_epoch * args.gradient_accumulation_steps :]
     return torch.utils.data.DataLoader(data.samples, batch_sampler=remaining, collate_fn=data.collate_fn,
                                        num_workers=data.num_workers)
@@ -349,9 +376,12 @@ def batch_inputs(batch: dict, models: Models, device, generator: torch.Generator
         mean, std, context = batch["latent_mean"], batch["latent_std"], batch["text_embeds"]
     else:
         mean, std = encode_latent_moments(models.vae, batch["pixels"])
-        texts = encode_caption_tensors(models.tokenizer, models.text_encoder, batch["caption"], models.tokenizer_2,
-                                       models.text_encoder_2)  # and SDXL's pooled embeddings
-        batch, context = {**batch, **texts}, texts["text_embeds"]
+        if models.text_encoder.training:  # --train_text_encoder_lora: embeddings with gradients
+            context = encode_prompts(models.tokenizer, models.text_encoder, list(batch["caption"]), num_chunks=1)
+        else:
+            texts = encode_caption_tensors(models.tokenizer, models.text_encoder, batch["caption"], models.tokenizer_2,
+                                           models.text_encoder_2)  # and SDXL's pooled embeddings
+            batch, context = {**batch, **texts}, texts["text_embeds"]
     mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
     z0 = sample_latents(mean, std, randn(tuple(mean.shape), generator, torch.float32, device))
     return z0, batch_conditioning(batch, context, resolution, device)
@@ -436,6 +466,8 @@ def make_pipeline(models: Models, unet):
 
 def save_pipeline(args, accelerator: Accelerator, models: Models, unet, ema: Optional[EMA], step: int) -> None:
     """OUT/ as a diffusers folder holding the (EMA) UNet in float32, a model card, and optionally upload it."""
+    if lora.lora_enabled(args):  # OUT/pytorch_lora_weights.safetensors and its card instead (training/lora.py)
+        return lora.save_lora_run(args, accelerator, models, unet, ema, step, make_pipeline)
     accelerator.wait_for_everyone()
     weights = accelerator.get_state_dict(unet)  # collective: gathers sharded (FSDP, ZeRO) weights on the main process
     if not accelerator.is_main_process:
