@@ -131,9 +131,9 @@ def test_report_only_notes_missing_fid_weights(grid_out, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--samplers", "ddim", "euler"], "--samplers"),
+    (["--samplers", "ddim", "lms"], "--samplers"),
     (["--settings", "ddim:50,x"], "--settings"),
-    (["--settings", "heun:10"], "--settings"),
+    (["--settings", "lms:10"], "--settings"),
     (["--samplers", "ddim", "--settings", "ddim:5"], "--settings"),
     (["--guidance", "-1"], "--guidance"),
     (["--steps", "0"], "--steps"),

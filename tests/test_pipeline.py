@@ -176,7 +176,7 @@ def test_long_prompt_is_encoded_in_chunks(sd_folder):
         (dict(width=10), "width"),
         (dict(num_inference_steps=0), "num_inference_steps"),
         (dict(guidance_scale=-1.0), "guidance_scale"),
-        (dict(sampler="euler"), "sampler"),
+        (dict(sampler="lms"), "sampler"),
         (dict(output_type="jpeg"), "output_type"),
         (dict(num_images_per_prompt=0), "num_images_per_prompt"),
         (dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), "negative_prompt"),
