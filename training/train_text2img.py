@@ -22,6 +22,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -32,6 +33,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, gather_object
 from tqdm.auto import tqdm
 
+from latent_diffusion.checks import NonFiniteError
 from latent_diffusion.cache import (CachedSamples, build_or_load_cache, cache_key, encode_captions,
                                     encode_latent_moments, identity, sample_latents)
 from latent_diffusion.conditioning import vae_scale_factor
@@ -42,8 +44,8 @@ from latent_diffusion.utils import gather, randn
 from latent_diffusion.training.args import parse_args
 from latent_diffusion.training.batches import epoch_batches, step_groups, steps_per_epoch
 from latent_diffusion.training.components import load_components
-from latent_diffusion.training.checkpointing import (TrainingState, checkpoint_weights, load_checkpoint,
-                                                     resolve_checkpoint, save_checkpoint)
+from latent_diffusion.training.checkpointing import (TrainingState, checkpoint_weights, discard_partial_checkpoints,
+                                                     load_checkpoint, resolve_checkpoint, save_checkpoint)
 from latent_diffusion.training.ema import EMA
 from latent_diffusion.training.validation import run_validation
 
@@ -169,6 +171,10 @@ def load_training_data(args: argparse.Namespace, accelerator: Accelerator, model
         rows, unreadable = cache.indices.tolist(), cache.unreadable.tolist()
         samples = CachedSamples(cache, args.random_flip, args.caption_dropout, args.seed)
         collate_fn, workers = identity, 0  # tensors in memory: worker processes would only add overhead
+    if not rows:
+        source = f"--dataset_name {args.dataset_name!r}" if args.dataset_name else f"--train_data_dir {args.train_data_dir!r}"
+        raise ValueError(f"{source}: none of its {len(dataset)} image(s) could be read (column "
+                         f"--image_column {args.image_column!r}); give a dataset with readable images")
     if unreadable:
         logger.warning(f"skipped {len(unreadable)} unreadable image(s) of {len(dataset)}: rows {unreadable[:20]}")
     steps = steps_per_epoch(len(rows), world_size=accelerator.num_processes, batch_size=args.train_batch_size,
@@ -233,6 +239,10 @@ def make_optimizer(args: argparse.Namespace, accelerator: Accelerator, unet, max
 
 def resume(args: argparse.Namespace, accelerator: Accelerator, ema: Optional[EMA]) -> TrainingState:
     """Load the checkpoint named by --resume_from_checkpoint (weights, optimizer, LR, EMA, data position)."""
+    if accelerator.is_main_process:  # a killed save's .checkpoint-N.tmp is never resumed from: clear it
+        for leftover in discard_partial_checkpoints(args.output_dir):
+            logger.info(f"cleared {leftover}, left by an interrupted checkpoint save")
+    accelerator.wait_for_everyone()
     path = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if path is None:
         if args.resume_from_checkpoint == "latest":
@@ -262,6 +272,7 @@ def train(args, accelerator: Accelerator, models: Models, data: TrainingData, un
             generator = step_generator(args.seed, state.global_step, accelerator.process_index)
             loss = train_step(args, accelerator, models, unet, optimizer, lr_scheduler, loss_fn, micro_batches,
                               generator)
+            check_loss(loss, state.global_step + 1)  # before EMA and checkpoint: the last good checkpoint stays
             if ema is not None:
                 ema.update(accelerator.unwrap_model(unet))
             state.global_step += 1
@@ -285,6 +296,13 @@ def train(args, accelerator: Accelerator, models: Models, data: TrainingData, un
         with open(f"{args.sample_index_log}.rank{accelerator.process_index}", "a") as f:
             f.write(f"weights {fingerprint_module(accelerator.unwrap_model(unet))}\n")
     return state
+
+
+def check_loss(loss: float, step: int) -> None:
+    """Stop on a NaN/inf loss (already on the host and the same on every rank, so all ranks stop together)."""
+    if not math.isfinite(loss):
+        raise NonFiniteError(f"the training loss became {loss} at step {step}; stopped without saving it (the last "
+                             "checkpoint is intact). Lower --learning_rate, set --max_grad_norm, or use bf16/fp32")
 
 
 def epoch_loader(args, accelerator: Accelerator, data: TrainingData, state: TrainingState):
@@ -460,5 +478,18 @@ def write_card(args, pipe, step: int) -> Optional[str]:
     return grid
 
 
+def cli(argv: Optional[list[str]] = None) -> int:
+    """main() as a command: a usage error (bad flag, data or model) prints one line and exits 2, a diverged run 1."""
+    try:
+        main(argv)
+    except ValueError as error:
+        print(f"train_text2img.py: error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteError as error:
+        print(f"train_text2img.py: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
