@@ -292,6 +292,7 @@ def test_training_pickle_only_model(sd_folder, data_dir, tmp_path, capsys, no_un
     assert "--pretrained_model_name_or_path" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_training_script_exit_status_2_without_traceback(sd_folder, data_dir, tmp_path):
     """As a user runs it: a data error after the model loaded is one line and status 2."""
     done = subprocess.run([sys.executable, str(SCRIPT), "--pretrained_model_name_or_path", str(sd_folder),
