@@ -57,6 +57,7 @@ def weights(checkpoint):
     return tensors
 
 
+@pytest.mark.slow  # over 30 s on a loaded 2-core box
 def test_end_to_end_output_folder(sd_folder, data_dir, cache_dir, tmp_path, caplog):
     from diffusers import StableDiffusionPipeline
 
@@ -93,6 +94,7 @@ def test_end_to_end_output_folder(sd_folder, data_dir, cache_dir, tmp_path, capl
     assert list((out / "logs").rglob("events.out.tfevents.*"))  # loss, lr, samples/s and images went to TensorBoard
 
 
+@pytest.mark.slow  # over 30 s on a loaded 2-core box
 @pytest.mark.parametrize("cached", [True, False], ids=["cache", "no_cache"])
 def test_resume_is_exact(sd_folder, data_dir, cache_dir, tmp_path, cached):
     """4 steps straight == 2 steps, stop, resume 2 more: mid-epoch (3 steps per epoch), EMA on, accumulation 1 and LR warm-up."""
