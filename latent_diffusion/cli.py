@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(commands)
     _add_shapes_export(commands)
     _add_eval(commands)
+    _add_serve(commands)
     return parser
 
 
@@ -83,7 +84,10 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         width=args.width,
         generator=[torch.Generator().manual_seed(s) for s in seeds],
     )
-    return [save_png(image, path, generation_metadata(pipe, args, seed)) for image, path, seed in
+    settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, sampler=args.sampler, steps=args.steps,
+                    guidance=args.guidance, guidance_rescale=args.guidance_rescale, eta=args.eta,
+                    height=args.height, width=args.width, model=args.model)
+    return [save_png(image, path, generation_metadata(pipe, seed=seed, **settings)) for image, path, seed in
             zip(result.images, output_paths(args.output, args.n), seeds)]
 
 
@@ -206,6 +210,37 @@ def _eval_size(pipe, size: Optional[int]) -> int:
         return pipe._check_size("height", size)
     except ValueError as error:
         raise ValueError(f"--size: {error}") from None
+
+
+def _add_serve(commands) -> None:
+    p = commands.add_parser("serve", help="a web page and HTTP API for generating images (needs the ui extra: pip install -e '.[ui]')",
+                            description="Serve a Gradio page and its `generate` API over one loaded model.")
+    p.add_argument("--model", default=None, help="diffusers folder or Hub id (default: the embedded Shapes model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more are refused")
+    p.add_argument("--output-dir", default=None, help="where the PNGs go (default: a new temporary folder)")
+    p.add_argument("--no-example", action="store_true", help="skip the example image generated at start")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps… (default: cuda when available)")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> list[Path]:
+    import torch
+
+    from latent_diffusion.pipelines import LatentDiffusionPipeline
+    from latent_diffusion.webui import serve
+
+    try:
+        import gradio  # noqa: F401  (the optional ui extra)
+    except ImportError:
+        raise SystemExit("latent-diffusion serve: the web UI needs gradio: pip install -e '.[ui]'") from None
+    pipe = LatentDiffusionPipeline.from_pretrained(args.model) if args.model else LatentDiffusionPipeline.from_pretrained()
+    pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    serve(pipe, args.model, host=args.host, port=args.port, share=args.share, max_queue=args.max_queue,
+          output_dir=args.output_dir, example=not args.no_example)
+    return []
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Optional, Union
 
 from PIL import Image, PngImagePlugin
+
+from latent_diffusion.files import atomic_write
 
 
 def library_versions() -> dict[str, str]:
@@ -19,31 +21,59 @@ def library_versions() -> dict[str, str]:
             "transformers": transformers.__version__}
 
 
-def generation_metadata(pipe, args: Any, seed: int) -> dict[str, str]:
-    """What a generated PNG records: the settings actually used (the model's defaults filled in)."""
+def generation_metadata(
+    pipe,
+    *,
+    prompt: str,
+    seed: int,
+    negative_prompt: Optional[str] = None,
+    sampler: Optional[str] = None,
+    steps: Optional[int] = None,
+    guidance: Optional[float] = None,
+    guidance_rescale: Optional[float] = None,
+    eta: Optional[float] = None,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    model: Optional[str] = None,
+) -> dict[str, str]:
+    """What a generated PNG records: the settings actually used.
+
+    None takes what the pipeline call takes for it: the model's defaults (`pipe.generation_defaults`) for
+    sampler, steps and guidance, its native size (`pipe.resolve_size`), 0 for guidance_rescale and eta,
+    "embedded default" for the model. The CLI and the web UI both write through this, so the same
+    settings give the same PNG.
+    """
     d = pipe.generation_defaults
-    image_size = pipe._check_size("height", args.height), pipe._check_size("width", args.width)
+    image_height, image_width = pipe.resolve_size(height, width)
     return {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt or "",
+        "prompt": prompt,
+        "negative_prompt": negative_prompt or "",
         "seed": str(seed),
-        "sampler": args.sampler or d["sampler"],
-        "steps": str(args.steps or d["num_inference_steps"]),
-        "guidance": str(d["guidance_scale"] if args.guidance is None else args.guidance),
-        "guidance_rescale": str(args.guidance_rescale),
-        "eta": str(args.eta),
-        "height": str(image_size[0]),
-        "width": str(image_size[1]),
-        "model": str(args.model or "embedded default"),
+        "sampler": sampler or d["sampler"],
+        "steps": str(steps or d["num_inference_steps"]),
+        "guidance": str(d["guidance_scale"] if guidance is None else guidance),
+        "guidance_rescale": str(0.0 if guidance_rescale is None else guidance_rescale),
+        "eta": str(0.0 if eta is None else eta),
+        "height": str(image_height),
+        "width": str(image_width),
+        "model": str(model or "embedded default"),
         "versions": json.dumps(library_versions()),
     }
 
 
 def save_png(image: Image.Image, path: Path, metadata: dict[str, str]) -> Path:
-    """Write `image` with `metadata` as PNG tEXt chunks; parent folders are created."""
+    """Write `image` with `metadata` as PNG tEXt chunks, atomically; parent folders are created."""
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=info)
-    return path
+    with atomic_write(path, suffix=".png") as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return Path(path)
+
+
+def read_png_metadata(path: Union[str, Path]) -> dict[str, str]:
+    """The text metadata of a PNG (what `save_png` wrote); ValueError if the file is not a PNG."""
+    with Image.open(path) as image:
+        if image.format != "PNG":
+            raise ValueError(f"{Path(path).name} is a {image.format} image, not a PNG with generation metadata")
+        return dict(image.text)

@@ -246,6 +246,13 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         check_choice("sampler", sampler, SAMPLER_NAMES)
         check_choice("output_type", output_type, OUTPUT_TYPES)
         check_int("num_images_per_prompt", num_images_per_prompt, 1)
+        return self.resolve_size(height, width)
+
+    def resolve_size(self, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int]:
+        """The (height, width) a call with these sizes makes: the model's native size where None.
+
+        ValueError, naming the argument, for a size the VAE and UNet cannot take.
+        """
         return self._check_size("height", height), self._check_size("width", width)
 
     def _check_size(self, name: str, value: Optional[int]) -> int:

@@ -1,0 +1,300 @@
+"""`latent-diffusion serve`: a Gradio page and HTTP API over one loaded pipeline.
+
+    latent-diffusion serve --model PATH --port 7860          # open http://127.0.0.1:7860
+
+    from gradio_client import Client                        # the same from a script
+    paths = Client("http://127.0.0.1:7860/").predict(prompt="a red circle", seed=0, api_name="/generate")
+
+The page has the pipeline's settings (prompt, negative prompt, every sampler in
+`SAMPLER_NAMES`, steps, guidance, seed with -1 for a random one, size, number
+of images), a gallery, a progress bar over the denoising steps, the PNGs for
+download (the same files, with the same metadata, that `latent-diffusion
+generate` writes: `pngmeta`) and "reuse settings", which reads an uploaded
+PNG's metadata back into the form. Where the pipeline's `__call__` takes
+`image`, `strength` or `mask_image` (img2img, inpainting), the page shows
+inputs for them and the API takes them.
+
+Every request passes Gradio's queue (at most `max_queue` waiting, more are
+refused) and one lock: the pipeline, which is not thread-safe, serves one
+request at a time, each with its own generators, so seeds and images never mix.
+Bad settings raise the pipeline's `ValueError`, shown as a `gr.Error` in the
+page and returned through the API; the server keeps serving.
+
+gradio is an optional extra (`pip install -e ".[ui]"`), imported only inside
+the functions that build the app. This module takes a loaded pipeline and never
+imports `pipelines/` (the CLI, the outermost layer, loads it).
+"""
+from __future__ import annotations
+
+import inspect
+import itertools
+import os
+import random
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from PIL import Image
+
+from latent_diffusion.checks import check_int
+from latent_diffusion.pngmeta import generation_metadata, read_png_metadata, save_png
+
+RANDOM_SEED = -1  # the seed field's "random" choice
+MAX_SEED = 2**31 - 1  # random seeds are drawn from [0, MAX_SEED]
+MAX_IMAGES = 8  # per request
+EXAMPLE_PROMPT = "a red circle above a blue square"
+# The page's names for the pipeline's arguments, so an error names the field the user filled in.
+PAGE_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance"}
+# Optional pipeline inputs the page offers when the pipeline's __call__ accepts them.
+IMAGE_INPUTS = ("image", "strength", "mask_image")
+
+
+class Studio:
+    """One loaded pipeline behind a lock: turns the form's settings into PNG files in `out_dir`.
+
+    `model` is the name the PNGs record (None: "embedded default"), as the CLI records `--model`.
+    """
+
+    def __init__(self, pipe, model: Optional[str], out_dir: Union[str, os.PathLike]):
+        self.pipe = pipe
+        self.model = model
+        self.out_dir = Path(out_dir)
+        self._lock = threading.Lock()
+        self._numbers = itertools.count()
+
+    def defaults(self) -> dict[str, Any]:
+        """The form's initial values: the model's own sampler, steps, guidance and native size."""
+        d = self.pipe.generation_defaults
+        height, width = self.pipe.resolve_size(None, None)
+        return {"sampler": d["sampler"], "steps": d["num_inference_steps"], "guidance": d["guidance_scale"],
+                "width": width, "height": height}
+
+    def optional_inputs(self) -> tuple[str, ...]:
+        """Which of IMAGE_INPUTS (img2img, inpainting) this pipeline's __call__ accepts."""
+        parameters = inspect.signature(self.pipe.__call__).parameters
+        return tuple(name for name in IMAGE_INPUTS if name in parameters)
+
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: Optional[str] = None,
+        sampler: Optional[str] = None,
+        steps: Optional[int] = None,
+        guidance: Optional[float] = None,
+        seed: Optional[int] = RANDOM_SEED,
+        width: Optional[int] = None,
+        height: Optional[int] = None,
+        num_images: int = 1,
+        on_step: Optional[Callable[[int, int], None]] = None,
+        **image_inputs: Any,
+    ) -> list[Path]:
+        """PNGs of `num_images` images with seeds seed, seed + 1, ... (as `generate --n`); seed -1 or None draws one.
+
+        None takes the model's default, as in the pipeline. `on_step(done, total)` follows the denoising
+        steps. `image_inputs` (image, strength, mask_image) go to the pipeline as they are; None ones are
+        left out. ValueError, naming the argument, for bad settings.
+        """
+        seeds = [resolve_seed(seed) + k for k in range(check_int("num_images", num_images, 1, MAX_IMAGES))]
+        extra = {name: value for name, value in image_inputs.items() if value is not None}
+        settings = dict(prompt=prompt, negative_prompt=negative_prompt or None, sampler=sampler or None, steps=steps,
+                        guidance=guidance, guidance_rescale=0.0, eta=0.0, height=height, width=width)
+        with self._lock:
+            result = self.pipe(
+                [prompt] * len(seeds),
+                negative_prompt=settings["negative_prompt"],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                guidance_rescale=settings["guidance_rescale"],
+                sampler=settings["sampler"],
+                eta=settings["eta"],
+                height=height,
+                width=width,
+                generator=[torch.Generator().manual_seed(s) for s in seeds],
+                callback_on_step_end=self._step_callback(steps, on_step),
+                **extra,
+            )
+            return [save_png(image, self._next_path(s), generation_metadata(self.pipe, seed=s, model=self.model,
+                                                                             **settings))
+                    for image, s in zip(result.images, seeds)]
+
+    def _next_path(self, seed: int) -> Path:
+        return self.out_dir / f"{next(self._numbers):05d}-seed{seed}.png"
+
+    def _step_callback(self, steps: Optional[int], on_step: Optional[Callable[[int, int], None]]):
+        """callback_on_step_end for the pipeline: reports (done, total) and leaves the latents alone."""
+        if on_step is None:
+            return None
+        total = steps if steps is not None else self.pipe.generation_defaults["num_inference_steps"]
+
+        def callback(pipe, i: int, t, tensors: dict) -> dict:
+            on_step(min(i + 1, total), total)
+            return {}
+
+        return callback
+
+
+def resolve_seed(seed: Optional[int]) -> int:
+    """The seed a request uses: a fresh random one for -1 (or None), else the given one, checked."""
+    if seed is None or seed == RANDOM_SEED:
+        return random.SystemRandom().randint(0, MAX_SEED)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, or {RANDOM_SEED} for a random seed, got {seed!r}")
+    return seed
+
+
+def page_message(error: Exception) -> str:
+    """The pipeline's message, led by the page's name for the argument when it differs (steps, guidance)."""
+    message = str(error)
+    for argument, field in PAGE_NAMES.items():
+        if message.startswith(argument):
+            return f"{field}: {message}"
+    return message
+
+
+def form_values(metadata: dict[str, str]) -> list[Any]:
+    """prompt, negative_prompt, sampler, steps, guidance, seed, width, height from a generated PNG's metadata.
+
+    The form's fields in the order of the `generate` endpoint's parameters; ValueError when the PNG has none.
+    """
+    missing = [key for key in ("prompt", "seed", "sampler", "steps", "guidance", "height", "width") if key not in metadata]
+    if missing:
+        raise ValueError(f"png: no generation settings in this image (missing {', '.join(missing)}); "
+                         "reuse settings reads PNGs made by this page or `latent-diffusion generate`")
+    return [metadata["prompt"], metadata.get("negative_prompt", ""), metadata["sampler"], int(metadata["steps"]),
+            float(metadata["guidance"]), int(metadata["seed"]), int(metadata["width"]), int(metadata["height"])]
+
+
+def describe(metadata: dict[str, str]) -> str:
+    """One line of the settings an image was made with, for its caption and the page."""
+    return (f"seed {metadata['seed']} · {metadata['sampler']}, {metadata['steps']} steps, guidance "
+            f"{metadata['guidance']}, {metadata['width']}×{metadata['height']}")
+
+
+def gallery_items(paths: list) -> list[tuple[str, str]]:
+    """(path, caption) for each PNG, the caption read back from its own metadata."""
+    return [(str(path), describe(read_png_metadata(path))) for path in paths]
+
+
+def mask_from_editor(value: Optional[dict]) -> Optional[Image.Image]:
+    """An ImageMask value -> the mask the pipeline takes: white where the user painted, black elsewhere."""
+    if not value or not value.get("layers"):
+        return None
+    painted = value["layers"][0].convert("RGBA").getchannel("A")
+    return painted.point(lambda alpha: 255 if alpha else 0).convert("L")
+
+
+def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[list[Path]] = None):
+    """The Gradio Blocks app over `studio`, its queue holding at most `max_queue` waiting requests.
+
+    `example`: PNGs the gallery shows when the page opens (the prompt box starts with their prompt).
+    """
+    import gradio as gr
+
+    from latent_diffusion.samplers import SAMPLER_NAMES  # read now: samplers added later appear in the page
+
+    defaults = studio.defaults()
+    first = read_png_metadata(example[0]) if example else {}
+    with gr.Blocks(title="latent-diffusion") as demo:
+        gr.Markdown(f"## latent-diffusion\nModel: `{studio.model or 'embedded default'}`")
+        with gr.Row():
+            with gr.Column(scale=2):
+                prompt = gr.Textbox(label="Prompt", value=first.get("prompt", ""), lines=2, placeholder=EXAMPLE_PROMPT)
+                negative_prompt = gr.Textbox(label="Negative prompt", value="")
+                with gr.Row():
+                    sampler = gr.Dropdown(label="Sampler", choices=list(SAMPLER_NAMES), value=defaults["sampler"],
+                                          allow_custom_value=True)  # the pipeline names the allowed ones
+                    steps = gr.Number(label="Steps", value=defaults["steps"], precision=0)
+                    guidance = gr.Number(label="Guidance", value=defaults["guidance"], step=0.5)
+                with gr.Row():
+                    seed = gr.Number(label=f"Seed ({RANDOM_SEED}: random)", value=RANDOM_SEED, precision=0)
+                    random_seed = gr.Button("Random seed", scale=0)
+                with gr.Row():
+                    width = gr.Number(label="Width", value=defaults["width"], precision=0, step=8)
+                    height = gr.Number(label="Height", value=defaults["height"], precision=0, step=8)
+                    num_images = gr.Slider(label="Images", minimum=1, maximum=MAX_IMAGES, value=1, step=1)
+                image_inputs = _image_inputs(gr, studio.optional_inputs())
+                run = gr.Button("Generate", variant="primary")
+                reuse = gr.File(label="Reuse settings: drop a PNG made here or by `latent-diffusion generate`",
+                                file_types=[".png"], type="filepath")
+            with gr.Column(scale=3):
+                gallery = gr.Gallery(label="Results", value=gallery_items(example or []), columns=3,
+                                     fit_columns=False, object_fit="contain", height="auto", preview=False)
+                used = gr.Markdown(describe(first) if first else "")
+                files = gr.File(label="PNG files (with their generation settings)", file_count="multiple",
+                                value=[str(path) for path in example or []], interactive=False)
+        form = [prompt, negative_prompt, sampler, steps, guidance, seed, width, height]
+
+        def generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height, num_images=1,
+                     progress=gr.Progress(), **image_inputs):
+            """Generate images; returns the PNG file(s), each with its settings in its metadata."""
+            if "mask_image" in image_inputs:
+                image_inputs["mask_image"] = mask_from_editor(image_inputs["mask_image"])
+            try:
+                paths = studio.generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height,
+                                        1 if num_images is None else int(num_images),
+                                        on_step=lambda done, total: progress((done, total), desc="denoising"),
+                                        **image_inputs)
+                return [str(path) for path in paths]
+            except ValueError as error:
+                raise gr.Error(page_message(error)) from None
+
+        def show(paths):
+            items = gallery_items(paths or [])
+            return items, "  \n".join(caption for _, caption in items)
+
+        def reuse_settings(png):
+            """Read a generated PNG's settings into the form (prompt, ..., height)."""
+            try:
+                return form_values(read_png_metadata(png))
+            except (ValueError, OSError) as error:
+                raise gr.Error(page_message(error)) from None
+
+        gr.on([run.click, prompt.submit], generate, inputs=form + [num_images], inputs_kwargs=image_inputs,
+              outputs=files, api_name="generate", concurrency_limit=1
+              ).success(show, inputs=files, outputs=[gallery, used], api_visibility="private")
+        random_seed.click(lambda: RANDOM_SEED, outputs=seed, api_visibility="private")
+        reuse.upload(reuse_settings, inputs=reuse, outputs=form, api_name="reuse_settings")
+    return demo.queue(max_size=max_queue, default_concurrency_limit=1)
+
+
+def _image_inputs(gr, accepted: tuple[str, ...]) -> dict[str, Any]:
+    """Components for the optional pipeline inputs the pipeline accepts, keyed by argument name."""
+    components = {}
+    if "image" in accepted:
+        components["image"] = gr.Image(label="Init image (img2img)", type="pil", sources=["upload", "clipboard"])
+    if "strength" in accepted:
+        components["strength"] = gr.Slider(label="Strength (img2img)", minimum=0.0, maximum=1.0, value=0.8, step=0.05)
+    if "mask_image" in accepted:
+        components["mask_image"] = gr.ImageMask(label="Inpainting mask: paint where to repaint", type="pil")
+    return components
+
+
+def serve(
+    pipe,
+    model: Optional[str] = None,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    share: bool = False,
+    max_queue: int = 16,
+    output_dir: Optional[Union[str, os.PathLike]] = None,
+    example: bool = True,
+    block: bool = True,
+):
+    """Serve `pipe` at http://host:port/; returns the launched app (at once when `block` is False).
+
+    PNGs go to `output_dir` (default: a new temporary folder). `example` generates one image of
+    EXAMPLE_PROMPT at seed 0 first, shown when the page opens.
+    """
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no usage pings
+    check_int("--port", port, 1, 65535)
+    check_int("--max-queue", max_queue, 1)
+    out_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="latent-diffusion-serve-"))
+    pipe.set_progress_bar_config(disable=True)  # the page has its own progress bar
+    studio = Studio(pipe, model, out_dir)
+    shown = studio.generate(EXAMPLE_PROMPT, seed=0) if example else None
+    demo = build_app(studio, max_queue, shown)
+    demo.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(out_dir)],
+                prevent_thread_lock=not block, show_error=True)
+    return demo
