@@ -9,7 +9,9 @@ Each run starts new processes (so nothing is cached in memory but the OS's file 
 2. `latent-diffusion generate PROMPT --model PATH ...`: the CLI's wall time to a PNG on disk (time to first image);
 3. a worker process timing its own parts: import (`latent_diffusion.pipelines`), load (`from_pretrained`),
    the first image, then the warm per-image time (median of `--warm` more images, same settings);
-4. the same worker with diffusers' `StableDiffusionPipeline` (same weights, the equivalent scheduler): the peer.
+4. the same worker with diffusers' `StableDiffusionPipeline` (same weights, the equivalent scheduler): the peer;
+5. the import floor: a process importing only the model classes both need (diffusers' UNet2DConditionModel and
+   AutoencoderKL modules, transformers' CLIP text model), which no pipeline built on them can go below.
 
 Medians over `--runs`. `--threads N` sets OMP_NUM_THREADS in every process (on a shared, busy CPU,
 1 thread can be many times faster than 2). Without --model a tiny SD folder is built from config.
@@ -106,19 +108,24 @@ def worker_command(args: argparse.Namespace, kind: str) -> list[str]:
             "--sampler", args.sampler, "--guidance", str(args.guidance), "--warm", str(args.warm), *size]
 
 
+FLOOR_IMPORTS = ("import diffusers.models.unets.unet_2d_condition, diffusers.models.autoencoders.autoencoder_kl, "
+                 "transformers.models.clip.modeling_clip")
+
+
 def one_run(args: argparse.Namespace, out: str) -> dict:
     python, _ = wall_time([sys.executable, "-c", "pass"])
+    floor, _ = wall_time([sys.executable, "-c", FLOOR_IMPORTS])
     cli, _ = wall_time(cli_command(args, out))
     ours = json.loads(wall_time(worker_command(args, "ours"))[1].strip().splitlines()[-1])
     theirs = json.loads(wall_time(worker_command(args, "diffusers"))[1].strip().splitlines()[-1])
-    return dict(python=python, cli=cli, ours=ours, diffusers=theirs)
+    return dict(python=python, floor=floor, cli=cli, ours=ours, diffusers=theirs)
 
 
 def medians(runs: list[dict]) -> dict:
     def med(get):
         return statistics.median(get(r) for r in runs)
 
-    result = dict(python=med(lambda r: r["python"]), cli=med(lambda r: r["cli"]))
+    result = dict(python=med(lambda r: r["python"]), cli=med(lambda r: r["cli"]), floor=med(lambda r: r["floor"]))
     for kind in ("ours", "diffusers"):
         for key in ("import_s", "load_s", "first_image_s", "warm_image_s"):
             result[f"{kind}_{key}"] = med(lambda r: r[kind][key])
@@ -144,6 +151,9 @@ def print_results(args: argparse.Namespace, m: dict, label: str) -> None:
               f"{m[f'{kind}_first_image_s']:.3f} s, warm image {m[f'{kind}_warm_image_s']:.3f} s "
               f"-> cold {m[f'{kind}_cold']:.2f} s")
     ratio = m["ours_cold"] / m["diffusers_cold"]
+    print(f"import floor (model classes only, python start included) {m['floor']:.2f} s = "
+          f"{m['floor'] / m['diffusers_cold']:.2f} of diffusers' cold total; CLI / diffusers cold total "
+          f"{m['cli'] / m['diffusers_cold']:.2f}")
     command = "python benchmarks/bench_cold_start.py " + " ".join(sys.argv[1:])
     print(f"| {label} | {m['cli']:.2f} s | {m['python']:.2f} s | {m['ours_import_s']:.2f} s | "
           f"{m['ours_load_s']:.2f} s | {m['ours_first_image_s']:.3f} s | {m['ours_warm_image_s']:.3f} s | "

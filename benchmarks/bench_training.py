@@ -1,6 +1,23 @@
-"""Training throughput: samples/s from the latent cache vs encoding images and captions every step, in one run.
+"""Training throughput: samples/s from the latent cache vs encoding every step; or ours vs diffusers' script.
 
     python benchmarks/bench_training.py [--steps 30] [--images 64] [--batch_size 8] [--resolution 64]
+    python benchmarks/bench_training.py --peer [--unet tiny|small|sd15] [--resolution 64] [--batch_size 16]
+                                        [--short 2] [--long 12] [--rounds 3] [--threads 1] [--ours_flags "..."]
+
+`--peer`: our training/train_text2img.py against diffusers' train_text_to_image.py
+(../shared/peers/diffusers/, run through ../shared/peers/run_peer.py), each as its own command line on
+the same SD folder (built from config: `--unet` picks the UNet), the same image folder with captions,
+resolution, batch, seed and `--long` steps, fp32, no validation, no checkpoints but ours at the end. The
+time per step of each comes from the run's own progress bar: the driver timestamps every update of the
+tqdm "k/N" counter on the child's stderr, and takes (t_N − t_short) / (N − short), which leaves out imports,
+loading, our cache build, the first `--short` (warm-up) steps and the final save. With `--cpu_time` the
+child's CPU seconds (/proc/PID/stat) between those updates are used instead of wall seconds: on a loaded
+machine with `--threads 1` that counts the work of each step and not the time other jobs held the core. (A difference of a long
+and a short run's wall times does the same in principle, but on the loaded 2-core box start-up jitter of
+tens of seconds swamped it: it gave negative step times.) Runs alternate ours/peer (the order flips every
+round); the medians over `--rounds` are reported. Prints a markdown line for RESULTS.md.
+
+Without `--peer`:
 
 Both paths run the same training step (training/train_text2img.py's
 `train_step`) on the same tiny model and data; only where z_0 and the text
@@ -21,6 +38,8 @@ import time
 import numpy as np
 import torch
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sd_configs
 
 
 def make_data(folder: str, n: int, size: int) -> None:
@@ -72,6 +91,124 @@ def measure(train_args: list[str], steps: int, warmup: int) -> tuple[float, floa
     return samples / timed, prepare
 
 
+# ---------------------------------------------------------------- ours vs diffusers' train_text_to_image.py
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS = os.path.join(os.path.dirname(REPO), "shared", "peers")  # ../shared/peers from the checkout
+UNETS = {  # UNet2DConditionModel settings on top of latent_diffusion.tiny's; cross_attention_dim stays 32
+    "tiny": {},
+    "small": dict(block_out_channels=(32, 64, 128), layers_per_block=2, attention_head_dim=8, norm_num_groups=8,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+}
+
+
+def peer_folder(folder: str, unet: str) -> None:
+    """A diffusers SD folder: latent_diffusion.tiny's VAE, text encoder and tokenizer with the `--unet` UNet,
+    or SD 1.5's UNet and VAE (`sd15`, random weights; `sd15/32`: every block 32x narrower, for dry runs)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from latent_diffusion.tiny import tiny_components, tiny_unet_config
+
+    if unet.startswith("sd15"):  # SD 1.5's UNet and VAE (benchmarks/sd_configs.py); "sd15/32": 32x narrower
+        from sd_configs import sd15_folder
+
+        sd15_folder(folder, width_divisor=int(unet.partition("/")[2] or 1))
+        return
+    parts = tiny_components()
+    if UNETS[unet]:
+        parts["unet"] = UNet2DConditionModel(**{**tiny_unet_config(), **UNETS[unet]})
+    StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+
+
+def training_command(kind: str, opts, model: str, data: str, out: str, steps: int) -> list[str]:
+    """The command line of one run of our script or the peer's, with the same settings."""
+    common = ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", out,
+              "--resolution", str(opts.resolution), "--train_batch_size", str(opts.batch_size),
+              "--max_train_steps", str(steps), "--checkpointing_steps", str(10**6), "--seed", "0",
+              "--lr_warmup_steps", "0", "--center_crop", "--random_flip", "--mixed_precision", opts.mixed_precision]
+    if kind == "ours":
+        script = os.path.join(REPO, "training", "train_text2img.py")
+        return [sys.executable, script, *common, "--report_to", "none", *opts.ours_flags.split()]
+    peer = os.path.join(PEERS, "diffusers", "train_text_to_image.py")
+    return [sys.executable, os.path.join(PEERS, "run_peer.py"), peer, *common, "--report_to", "tensorboard",
+            *opts.peer_flags.split()]
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by process `pid` (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
+def step_times(command: list[str], env: dict) -> list[tuple[int, float, float]]:
+    """Run a training command; (steps done, wall seconds since start, the child's CPU seconds) at every update
+    of its tqdm progress bar."""
+    import re
+    import subprocess
+
+    pattern = re.compile(r"(\d+)/(\d+) \[")  # tqdm's "k/N [elapsed<remaining" field
+    start, seen, text = time.perf_counter(), [], ""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    while chunk := process.stderr.read1(4096) if hasattr(process.stderr, "read1") else process.stderr.read(1):
+        now, text = time.perf_counter() - start, (text + chunk.decode(errors="replace"))[-20000:]
+        for match in pattern.finditer(text[-len(chunk) - 40:]):
+            done, total = int(match.group(1)), int(match.group(2))
+            if total == int(command[command.index("--max_train_steps") + 1]) and (not seen or done > seen[-1][0]):
+                seen.append((done, now, cpu_seconds(process.pid)))
+    if process.wait() != 0:
+        raise SystemExit(f"failed ({process.returncode}): {' '.join(command)}\n{text[-3000:]}")
+    return seen
+
+
+def seconds_per_step(seen: list[tuple[int, float, float]], skip: int, clock: int) -> float:
+    """Mean time of the steps after the first `skip` (warm-up) from the progress-bar timestamps: wall time
+    (clock 1) or the child's CPU time (clock 2)."""
+    after = [row for row in seen if row[0] >= skip]
+    first, last = after[0], after[-1]
+    if last[0] <= first[0]:
+        raise SystemExit(f"too few progress updates after step {skip}: {seen}")
+    return (last[clock] - first[clock]) / (last[0] - first[0])
+
+
+def compare_with_peer(opts) -> dict:
+    """Per-step time of ours and of diffusers' script from their progress bars, alternating runs; medians."""
+    import statistics
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(opts.threads), TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    per_step, wall = {"ours": [], "diffusers": []}, {"ours": [], "diffusers": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        model, data = os.path.join(tmp, "model"), os.path.join(tmp, "data")
+        peer_folder(model, opts.unet)
+        make_data(data, opts.images, opts.resolution + opts.resolution // 4)
+        for r in range(opts.rounds):
+            order = ("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")
+            for kind in order:
+                out = os.path.join(tmp, f"{kind}-{r}")
+                seen = step_times(training_command(kind, opts, model, data, out, opts.long), env)
+                per_step[kind].append(seconds_per_step(seen, opts.short, 2 if opts.cpu_time else 1))
+                wall[kind].append(seconds_per_step(seen, opts.short, 1))
+                print(f"round {r} {kind}: {per_step[kind][-1]:.3f} {'CPU ' if opts.cpu_time else ''}s/step, wall "
+                      f"{wall[kind][-1]:.3f} s/step (steps {opts.short}..{seen[-1][0]}, run {seen[-1][1]:.0f} s)",
+                      flush=True)
+    ours, theirs = (statistics.median(per_step[k]) for k in ("ours", "diffusers"))
+    ratio = theirs / ours  # = our samples/s over theirs
+    command = "python benchmarks/bench_training.py " + " ".join(sys.argv[1:])
+    print(f"ours {opts.batch_size / ours:.2f} samples/s ({ours:.3f} s/step), diffusers' train_text_to_image.py "
+          f"{opts.batch_size / theirs:.2f} samples/s ({theirs:.3f} s/step): ours/peer {ratio:.2f}x")
+    clock = ", CPU time" if opts.cpu_time else ""
+    print(f"| {opts.unet} UNet, {opts.resolution} px, batch {opts.batch_size}, {opts.threads} thread(s){clock}, "
+          f"{opts.ours_flags or 'defaults'} | {opts.batch_size / ours:.2f} | {opts.batch_size / theirs:.2f} | "
+          f"**{ratio:.2f}x** | `{command.strip()}` |")
+    return dict(ours_samples_per_s=opts.batch_size / ours, peer_samples_per_s=opts.batch_size / theirs, ratio=ratio,
+                ours_s_per_step=per_step["ours"], peer_s_per_step=per_step["diffusers"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -80,8 +217,25 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="alternating measurements of each path; best kept")
+    parser.add_argument("--peer", action="store_true", help="ours against diffusers' train_text_to_image.py")
+    parser.add_argument("--unet", default="tiny", choices=(*UNETS, "sd15", "sd15/32"),
+                        help="--peer: the UNet of the SD folder (sd15: SD 1.5's UNet and VAE)")
+    parser.add_argument("--short", type=int, default=2, help="--peer: warm-up steps left out of the timing")
+    parser.add_argument("--long", type=int, default=12, help="--peer: steps of each run")
+    parser.add_argument("--threads", type=int, default=1, help="--peer: OMP_NUM_THREADS of every run")
+    parser.add_argument("--ours_flags", default="", help="--peer: extra flags of our script, e.g. '--compile'")
+    parser.add_argument("--peer_flags", default="", help="--peer: extra flags of the peer script")
+    parser.add_argument("--cpu_time", action="store_true",
+                        help="--peer: time steps by the child's CPU time, not wall time (with --threads 1 on a "
+                             "loaded CPU: what other jobs take is not counted)")
+    parser.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"), help="--peer: both scripts")
     opts = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if opts.peer:
+        if opts.long <= opts.short:
+            parser.error("--long must be greater than --short")
+        compare_with_peer(opts)
+        return
     import logging
 
     from diffusers import StableDiffusionPipeline

@@ -146,7 +146,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         schedule = NoiseSchedule.from_config(self.scheduler.config)
         solver = get_sampler(sampler, schedule, **({"eta": eta} if sampler == "ddim" else {}))
         timesteps = solver.timesteps(steps)
-        x = self.prepare_latents(batch, height, width, context.dtype, generator, latents)
+        x = self.prepare_latents(batch, height, width, torch.float32, generator, latents)  # sampler math in fp32
         denoiser = Denoiser(self._guided_unet(context, scale, guidance_rescale), schedule)
         with self.progress_bar(total=len(timesteps)) as bar:
             step_callback = self._step_callback(bar, callback_on_step_end)

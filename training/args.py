@@ -7,6 +7,8 @@ from typing import Optional, Sequence
 
 from latent_diffusion.checks import MAX_IMAGE_SIDE, check_finite_flags
 
+from .speed import add_speed_args, check_speed_args
+
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 FLOAT_FLAG_BOUNDS = {  # every float flag: finite, within (minimum, maximum); None is unbounded
     "--learning_rate": (0, None), "--adam_beta1": (0, 1), "--adam_beta2": (0, 1), "--adam_weight_decay": (0, None),
@@ -21,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(p.add_argument_group("data"))
     add_optimisation_args(p.add_argument_group("optimisation"))
     add_output_args(p.add_argument_group("checkpoints, logging, validation, output"))
+    add_speed_args(p.add_argument_group("speed (training/speed.py)"))
     return p
 
 
@@ -142,6 +145,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
                         "(give a checkpoint folder or 'latest')")
     if (args.push_to_hub or args.push_checkpoints_to_hub) and not args.hub_model_id:
         problems.append("--push_to_hub and --push_checkpoints_to_hub need --hub_model_id")
+    problems += check_speed_args(args)
     from .validation import VALIDATION_METRICS
 
     for name in args.validation_metrics:

@@ -47,6 +47,7 @@ from latent_diffusion.training.components import load_components
 from latent_diffusion.training.checkpointing import (TrainingState, checkpoint_weights, discard_partial_checkpoints,
                                                      load_checkpoint, resolve_checkpoint, save_checkpoint)
 from latent_diffusion.training.ema import EMA
+from latent_diffusion.training.speed import LossMeter, adamw_options, speed_up_unet
 from latent_diffusion.training.validation import run_validation
 
 logger = get_logger(__name__)
@@ -126,6 +127,7 @@ def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
     unet.train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    speed_up_unet(unet, args.channels_last, args.compile, args.compile_mode)  # --channels_last, --compile
     return Models(unet, vae, text_encoder, parts["tokenizer"], scheduler, NoiseSchedule.from_config(scheduler.config),
                   weight_dtype)
 
@@ -222,16 +224,16 @@ def make_optimizer(args: argparse.Namespace, accelerator: Accelerator, unet, max
     lr = args.learning_rate
     if args.scale_lr:
         lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    adamw = torch.optim.AdamW
+    adamw, kernel = torch.optim.AdamW, adamw_options(args.adamw_implementation, accelerator.device)
     if args.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError as err:
             raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from err
-        adamw = bnb.optim.AdamW8bit
+        adamw, kernel = bnb.optim.AdamW8bit, {}
     optimizer = adamw([p for p in unet.parameters() if p.requires_grad], lr=lr,
                       betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                      eps=args.adam_epsilon)
+                      eps=args.adam_epsilon, **kernel)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_steps)
     return optimizer, lr_scheduler
@@ -266,23 +268,29 @@ def train(args, accelerator: Accelerator, models: Models, data: TrainingData, un
     """Run optimizer steps until `max_steps`, checkpointing and validating on the way."""
     loss_fn = DenoisingLoss(models.schedule.prediction_type, args.snr_gamma)
     bar = tqdm(total=max_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    losses = LossMeter(args.loss_log_steps)  # the loss is read back from the device every --loss_log_steps steps
     while state.global_step < max_steps:
         last = time.perf_counter()
         for micro_batches in step_groups(epoch_loader(args, accelerator, data, state), args.gradient_accumulation_steps):
             generator = step_generator(args.seed, state.global_step, accelerator.process_index)
             loss = train_step(args, accelerator, models, unet, optimizer, lr_scheduler, loss_fn, micro_batches,
                               generator)
-            check_loss(loss, state.global_step + 1)  # before EMA and checkpoint: the last good checkpoint stays
             if ema is not None:
                 ema.update(accelerator.unwrap_model(unet))
             state.global_step += 1
             state.step_in_epoch += 1
-            log_step(args, accelerator, state, loss, lr_scheduler, micro_batches, time.perf_counter() - last)
+            losses.add(loss)
+            mean_loss = losses.read() if losses.due(state.global_step, max_steps) else None
+            if mean_loss is not None:  # a NaN anywhere in the window makes its mean NaN
+                check_loss(mean_loss, state.global_step)
+            log_step(args, accelerator, state, mean_loss, lr_scheduler, micro_batches, time.perf_counter() - last)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
+            if mean_loss is not None:
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
             if state.step_in_epoch == data.steps_per_epoch:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
             if state.global_step % args.checkpointing_steps == 0 or state.global_step == max_steps:
+                check_pending_loss(losses, state.global_step)  # never save weights a NaN/inf loss went into
                 checkpoint(args, accelerator, state, ema)
             if args.validation_prompts and state.global_step % args.validation_steps == 0:
                 validate(args, accelerator, models, unet, ema, state.global_step)
@@ -299,10 +307,20 @@ def train(args, accelerator: Accelerator, models: Models, data: TrainingData, un
 
 
 def check_loss(loss: float, step: int) -> None:
-    """Stop on a NaN/inf loss (already on the host and the same on every rank, so all ranks stop together)."""
+    """Stop on a NaN/inf loss (gathered, so the same on every rank: all ranks stop together).
+
+    Checked where the loss is read back anyway (every --loss_log_steps) and before each checkpoint, so
+    there is no extra host sync per step and no checkpoint holds weights a non-finite loss went into.
+    """
     if not math.isfinite(loss):
         raise NonFiniteError(f"the training loss became {loss} at step {step}; stopped without saving it (the last "
                              "checkpoint is intact). Lower --learning_rate, set --max_grad_norm, or use bf16/fp32")
+
+
+def check_pending_loss(losses, step: int) -> None:
+    """check_loss on the losses summed since the last read (one host sync per checkpoint)."""
+    if losses.total is not None:
+        check_loss(float(losses.total), step)
 
 
 def epoch_loader(args, accelerator: Accelerator, data: TrainingData, state: TrainingState):
@@ -321,8 +339,8 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 
 def train_step(args, accelerator: Accelerator, models: Models, unet, optimizer, lr_scheduler, loss_fn,
-               micro_batches: list, generator: torch.Generator) -> float:
-    """One optimizer step over the accumulated micro-batches; returns the mean loss over processes."""
+               micro_batches: list, generator: torch.Generator) -> torch.Tensor:
+    """One optimizer step over the accumulated micro-batches; the mean loss over processes (0-d, on the device)."""
     losses = []
     for batch in micro_batches:
         with accelerator.accumulate(unet):
@@ -336,7 +354,7 @@ def train_step(args, accelerator: Accelerator, models: Models, unet, optimizer, 
                 lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
-    return accelerator.gather(torch.stack(losses).mean()[None]).mean().item()
+    return accelerator.gather(torch.stack(losses).mean()[None]).mean()  # no .item(): no host sync per step
 
 
 def batch_inputs(batch: dict, models: Models, device, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,22 +378,25 @@ def denoising_loss(unet, z0: torch.Tensor, context: torch.Tensor, schedule: Nois
     from latent_diffusion.gaussian import q_sample
 
     batch = z0.shape[0]
-    t = torch.randint(0, schedule.num_train_timesteps, (batch,), generator=generator).to(z0.device)  # (B,)
+    t_host = torch.randint(0, schedule.num_train_timesteps, (batch,), generator=generator)  # (B,)
+    t = t_host.to(z0.device)
     noise = randn(tuple(z0.shape), generator, z0.dtype, z0.device)  # (B, C, h, w)
     if noise_offset:  # offset noise: a per-channel constant shift (Guttenberg 2023)
         noise = noise + noise_offset * randn((batch, z0.shape[1], 1, 1), generator, z0.dtype, z0.device)
-    alpha_bar = gather(schedule.alphas_cumprod, t.cpu(), z0)  # (B, 1, 1, 1)
+    alpha_bar = gather(schedule.alphas_cumprod, t_host, z0)  # (B, 1, 1, 1); indexed on the host: no sync
     z_t = q_sample(z0, noise, alpha_bar)
     model_output = unet(z_t, t, encoder_hidden_states=context).sample
     return loss_fn(model_output, z0, noise, alpha_bar)
 
 
-def log_step(args, accelerator: Accelerator, state: TrainingState, loss: float, lr_scheduler, micro_batches,
-             seconds: float) -> None:
-    """Loss, learning rate and throughput to the trackers; each rank's sample rows to --sample_index_log."""
+def log_step(args, accelerator: Accelerator, state: TrainingState, loss: Optional[float], lr_scheduler,
+             micro_batches, seconds: float) -> None:
+    """Loss (on the steps it is read back), learning rate, throughput to the trackers; rows to --sample_index_log."""
     samples = sum(len(b["index"]) for b in micro_batches) * accelerator.num_processes
-    accelerator.log({"train/loss": loss, "train/lr": lr_scheduler.get_last_lr()[0],
-                     "train/samples_per_second": samples / max(seconds, 1e-9)}, step=state.global_step)
+    metrics = {"train/lr": lr_scheduler.get_last_lr()[0], "train/samples_per_second": samples / max(seconds, 1e-9)}
+    if loss is not None:
+        metrics["train/loss"] = loss
+    accelerator.log(metrics, step=state.global_step)
     if args.sample_index_log:
         rows = [int(i) for b in micro_batches for i in b["index"]]
         with open(f"{args.sample_index_log}.rank{accelerator.process_index}", "a") as f:

@@ -1,0 +1,55 @@
+"""benchmarks/gpu_suite.py in --dry-run mode: the GPU suite's code paths on the CPU with tiny sizes."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def dry_run(out: Path, *flags: str) -> dict:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--dry-run", "--out", str(out),
+                           *flags], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "gpu_suite.json").read_text())
+
+
+def check_parts(results: dict, names: list[str]) -> None:
+    assert [p["part"] for p in results["parts"]] == names
+    for part in results["parts"]:
+        assert "error" not in part, part
+        assert part["ours"] > 0 and part["diffusers"] > 0
+        assert part["ratio"] == pytest.approx(part["ours"] / part["diffusers"])
+
+
+INFERENCE = ["inference float32", "inference float32 compiled", "inference bfloat16", "inference bfloat16 compiled"]
+
+
+def test_suite_records_results_errors_and_skips(tmp_path):
+    from gpu_suite import Suite
+
+    suite = Suite(str(tmp_path), budget=3600, settings={"dry": True})
+    suite.run("fine", lambda: dict(ours=1.0, diffusers=2.0, ratio=0.5, unit="s/image"))
+    suite.run("broken", lambda: 1 / 0)
+    suite.budget = -1
+    suite.run("late", lambda: dict(ours=1.0, diffusers=1.0, ratio=1.0, unit="s/image"))
+    parts = json.loads((tmp_path / "gpu_suite.json").read_text())["parts"]
+    assert [p["part"] for p in parts] == ["fine", "broken", "late"]
+    assert parts[0]["ratio"] == 0.5 and "ZeroDivisionError" in parts[1]["error"] and "budget" in parts[2]["skipped"]
+    assert "| fine | 1.0000 s/image | 2.0000 s/image | **0.50** |" in (tmp_path / "gpu_suite.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run_inference(tmp_path):
+    results = dry_run(tmp_path, "--skip-training")
+    check_parts(results, INFERENCE)
+    assert "| inference bfloat16 compiled |" in (tmp_path / "gpu_suite.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run_with_training_against_the_peer(tmp_path):
+    results = dry_run(tmp_path)
+    check_parts(results, INFERENCE + ["training"])
