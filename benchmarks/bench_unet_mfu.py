@@ -1,6 +1,6 @@
 """Model FLOP utilisation (MFU) of one UNet step: analytic FLOPs / measured time, against this machine's matmul peak.
 
-    python benchmarks/bench_unet_mfu.py [--config training/shapes_unet_config.json | sd15-scaled | --model PATH]
+    python benchmarks/bench_unet_mfu.py [--config training/recipes/shapes/unet_config.json | sd15-scaled | --model PATH]
                                         [--batch 2] [--latent 8] [--seq-len 77] [--repeats 20] [--device cpu]
 
 FLOPs of one UNet forward are counted analytically with forward hooks, from
@@ -17,7 +17,7 @@ Time: the median wall time of `--repeats` forwards after warm-up, under
 inference_mode. Peak: the best of several fp32 `torch.matmul` of two n×n
 matrices (2 n³ FLOPs each), on the same device in the same run.
 
-The default config is the embedded default model's UNet (training/shapes_unet_config.json);
+The default config is the embedded default model's UNet (training/recipes/shapes/unet_config.json);
 without it, an SD-1.5-shaped UNet scaled down (channels 320/640/1280/1280 → 64/128/256/256).
 Batch 2 is one guided sampling step of one image (conditional and unconditional rows).
 Prints a markdown line for benchmarks/RESULTS.md.
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES_CONFIG = ROOT / "training" / "shapes_unet_config.json"
+SHAPES_CONFIG = ROOT / "training" / "recipes" / "shapes" / "unet_config.json"
 SD15_SCALED = dict(  # SD 1.5's layout, channels divided by 5 (rounded to multiples of 32)
     sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
     block_out_channels=[64, 128, 256, 256],

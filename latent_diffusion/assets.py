@@ -1,10 +1,12 @@
 """Where the embedded default model lives inside the installed package."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # required where model_index.json names them
 
 
 def default_model_path() -> Path:
@@ -19,5 +21,8 @@ def default_model_path() -> Path:
 
 def missing_components(folder: Path) -> list[str]:
     """Components a local diffusers folder lacks (model_index.json counts as one)."""
-    missing = [] if (folder / "model_index.json").is_file() else ["model_index.json"]
-    return missing + [name for name in REQUIRED_COMPONENTS if not (folder / name).is_dir()]
+    index_file = folder / "model_index.json"
+    missing = [] if index_file.is_file() else ["model_index.json"]
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    listed = [name for name in SDXL_COMPONENTS if (index.get(name) or [None])[0] is not None]
+    return missing + [name for name in REQUIRED_COMPONENTS + tuple(listed) if not (folder / name).is_dir()]

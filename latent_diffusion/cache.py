@@ -9,11 +9,19 @@ Layout of one cache, `cache_dir/<key>/`:
                                         transform flips at random, else S = 1 [unflipped] (half the encoding)
         latent_std     (n, S, C, h, w)  scaled posterior std, so every step draws a fresh z like the on-the-fly path
         text_embeds    (m, L, D)        every caption variant of those rows, in row order
+        pooled_embeds  (m, P)           SDXL only: the second text encoder's pooled projection of each variant
         caption_counts (n,)             variants per row
-    empty.safetensors                   embedding of the empty caption (L, D), for caption dropout
+        original_size  (n, 2)           (height, width) of each image before resizing (SDXL micro-conditioning)
+        crop_top_left  (n, S, 2)        (top, left) of the crop in the resized image, per side (mirrored second)
+    empty.safetensors                   embedding of the empty caption (L, D) (and its pooled (P,) for SDXL)
     manifest.json                       written last: the cache is complete when it exists
 
-The key hashes the VAE and text-encoder weights, the tokenizer, the
+With aspect-ratio buckets (`latent_diffusion.buckets.BucketTransform`) each row
+has its bucket's latent size, so `latent_mean` / `latent_std` are stored flat,
+row after row, with `latent_shapes` (n, 4) = (S, C, h, w) per row, and load as
+a list of per-row (S, C, h, w) tensors.
+
+The key hashes the VAE and text-encoder weights (both encoders for SDXL), the tokenizer(s), the
 resolution, the crop and flip modes and the dataset fingerprint, so a change to any of
 them selects a fresh folder and the cache is rebuilt. Images are cropped
 once: centred with `center_crop`, else at a fixed random offset per image.
@@ -23,19 +31,24 @@ library does not know about accelerate.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .conditioning import encode_prompts, latent_scale
-from .data import ImageTransform, caption_variants, decode_image, draw_flip, pick_caption_index, sample_generator
+from .data import (ImageTransform, caption_variants, crop_box, decode_image, draw_flip, pick_caption_index,
+                   sample_generator)
+from .prompt_conditioning import SDXLConditioner
+from .files import atomic_write, write_text_atomic
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: original sizes and crops of every image, pooled embeddings for SDXL
 MANIFEST = "manifest.json"
 
 
@@ -61,8 +74,10 @@ def fingerprint_tokenizer(tokenizer) -> str:
 
 
 def cache_key(vae, text_encoder, tokenizer, *, resolution: int, center_crop: bool, dataset_fingerprint: str,
-              image_column: str = "image", caption_column: str = "text", random_flip: bool = True) -> str:
-    """A short hex key naming everything the cached tensors depend on."""
+              image_column: str = "image", caption_column: str = "text", random_flip: bool = True,
+              text_encoder_2=None, tokenizer_2=None, buckets: Optional[Sequence[int]] = None) -> str:
+    """A short hex key naming everything the cached tensors depend on (the second encoder too, for SDXL;
+    `buckets`: the bucket settings, if any)."""
     parts = dict(
         format=CACHE_FORMAT,
         vae=fingerprint_module(vae),
@@ -74,6 +89,10 @@ def cache_key(vae, text_encoder, tokenizer, *, resolution: int, center_crop: boo
         dataset=str(dataset_fingerprint),
         columns=[image_column, caption_column],
     )
+    if text_encoder_2 is not None:
+        parts.update(text_encoder_2=fingerprint_module(text_encoder_2), tokenizer_2=fingerprint_tokenizer(tokenizer_2))
+    if buckets is not None:  # only then, so caches of square crops keep their keys
+        parts["buckets"] = [int(b) for b in buckets]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -99,6 +118,17 @@ def encode_captions(tokenizer, text_encoder, captions: Sequence[str]) -> torch.T
     return encode_prompts(tokenizer, text_encoder, list(captions), num_chunks=1)
 
 
+@torch.no_grad()
+def encode_caption_tensors(tokenizer, text_encoder, captions: Sequence[str], tokenizer_2=None,
+                           text_encoder_2=None) -> dict[str, torch.Tensor]:
+    """{"text_embeds": (B, L, D)}, plus "pooled_embeds" (B, P) for SDXL (both encoders, as the pipeline encodes)."""
+    if text_encoder_2 is None:
+        return {"text_embeds": encode_captions(tokenizer, text_encoder, captions)}
+    cond = SDXLConditioner(tokenizer, text_encoder, tokenizer_2, text_encoder_2).encode_texts(list(captions),
+                                                                                              num_chunks=1)
+    return {"text_embeds": cond.context, "pooled_embeds": cond.text_embeds}
+
+
 # ----------------------------------------------------------------------------- the cache
 
 
@@ -108,11 +138,15 @@ class LatentCache:
 
     indices: torch.Tensor  # (N,) dataset rows
     unreadable: torch.Tensor  # (U,) dataset rows skipped
-    latent_mean: torch.Tensor  # (N, S, C, h, w), S = 2 with mirrored latents, else 1
-    latent_std: torch.Tensor  # (N, S, C, h, w)
+    latent_mean: Union[torch.Tensor, list]  # (N, S, C, h, w), S = 2 with mirrored latents; bucketed: N × (S, C, h, w)
+    latent_std: Union[torch.Tensor, list]  # (N, S, C, h, w), or N × (S, C, h, w)
     text_embeds: torch.Tensor  # (M, L, D)
     caption_offsets: torch.Tensor  # (N + 1,) row i's variants are text_embeds[offsets[i]:offsets[i+1]]
     empty_embed: torch.Tensor  # (L, D)
+    original_size: torch.Tensor  # (N, 2) (height, width) before resizing
+    crop_top_left: torch.Tensor  # (N, S, 2) (top, left) in the resized image, per side
+    pooled_embeds: Optional[torch.Tensor] = None  # (M, P), SDXL only
+    empty_pooled: Optional[torch.Tensor] = None  # (P,), SDXL only
 
     def __len__(self) -> int:
         return self.indices.shape[0]
@@ -134,28 +168,35 @@ def build_or_load_cache(
     world_size: int = 1,
     barrier: Callable[[], None] = lambda: None,
     progress: Optional[Callable[[int], Any]] = None,
+    text_encoder_2=None,
+    tokenizer_2=None,
 ) -> tuple[LatentCache, bool]:
     """(cache, hit): load `cache_dir/key`, or build it first with each rank encoding rows rank::world_size.
 
     Every rank must call this (it holds barriers). `progress(n)` is called as rows are encoded.
+    With `text_encoder_2` (SDXL) the captions go through both encoders and their pooled embeddings are kept.
     """
+    encoders = dict(tokenizer=tokenizer, text_encoder=text_encoder, tokenizer_2=tokenizer_2,
+                    text_encoder_2=text_encoder_2)
     folder = os.path.join(cache_dir, key)
     hit = os.path.exists(os.path.join(folder, MANIFEST))
     if not hit:
         os.makedirs(folder, exist_ok=True)
         shard = f"shard-{rank:05d}-of-{world_size:05d}.safetensors"
         rows = range(rank, len(dataset), world_size)
-        tensors = _encode_rows(dataset, rows, vae, text_encoder, tokenizer, transform, image_column,
-                               caption_column, batch_size, progress)
+        tensors = _encode_rows(dataset, rows, vae, encoders, transform, image_column, caption_column, batch_size,
+                               progress)
         _save_atomic(tensors, os.path.join(folder, shard))
         if rank == 0:
-            empty = encode_captions(tokenizer, text_encoder, [""])[0].cpu()
-            _save_atomic({"empty_embed": empty.contiguous()}, os.path.join(folder, "empty.safetensors"))
+            empty = encode_caption_tensors(captions=[""], **encoders)
+            names = {"text_embeds": "empty_embed", "pooled_embeds": "empty_pooled"}
+            _save_atomic({names[k]: v[0].cpu().contiguous() for k, v in empty.items()},
+                         os.path.join(folder, "empty.safetensors"))
         barrier()
         if rank == 0:
             shards = [f"shard-{r:05d}-of-{world_size:05d}.safetensors" for r in range(world_size)]
             manifest = dict(format=CACHE_FORMAT, key=key, rows=len(dataset), shards=shards)
-            _write_text_atomic(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=2))
+            write_text_atomic(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=2))
         barrier()
     return load_cache(folder), hit
 
@@ -169,24 +210,47 @@ def load_cache(folder: str) -> LatentCache:
     order = torch.argsort(indices)
     counts = torch.cat([s["caption_counts"] for s in shards])
     starts = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # offsets in concatenated order
-    embeds = torch.cat([s["text_embeds"] for s in shards])
-    text_embeds = torch.cat([embeds[starts[i]:starts[i + 1]] for i in order.tolist()]) if len(order) else embeds
+
+    def variants_in_row_order(name: str) -> Optional[torch.Tensor]:
+        if name not in shards[0]:
+            return None
+        embeds = torch.cat([s[name] for s in shards])
+        return torch.cat([embeds[starts[i]:starts[i + 1]] for i in order.tolist()]) if len(order) else embeds
+
+    empty = load_file(os.path.join(folder, "empty.safetensors"))
     return LatentCache(
         indices=indices[order],
         unreadable=torch.sort(torch.cat([s["unreadable"] for s in shards])).values,
-        latent_mean=torch.cat([s["latent_mean"] for s in shards])[order],
-        latent_std=torch.cat([s["latent_std"] for s in shards])[order],
-        text_embeds=text_embeds,
+        latent_mean=_load_latents(shards, "latent_mean", order),
+        latent_std=_load_latents(shards, "latent_std", order),
+        text_embeds=variants_in_row_order("text_embeds"),
         caption_offsets=torch.cat([torch.zeros(1, dtype=torch.long), counts[order].cumsum(0)]),
-        empty_embed=load_file(os.path.join(folder, "empty.safetensors"))["empty_embed"],
+        empty_embed=empty["empty_embed"],
+        original_size=torch.cat([s["original_size"] for s in shards])[order],
+        crop_top_left=torch.cat([s["crop_top_left"] for s in shards])[order],
+        pooled_embeds=variants_in_row_order("pooled_embeds"),
+        empty_pooled=empty.get("empty_pooled"),
     )
 
 
-def _encode_rows(dataset, rows, vae, text_encoder, tokenizer, transform, image_column, caption_column,
+def _load_latents(shards: list[dict], name: str, order: torch.Tensor) -> Union[torch.Tensor, list]:
+    """One (N, S, C, h, w) tensor in `order`, or for bucketed shards a list of per-row (S, C, h, w) tensors."""
+    if "latent_shapes" not in shards[0]:
+        return torch.cat([s[name] for s in shards])[order]
+    rows = []
+    for shard in shards:
+        shapes = [tuple(shape) for shape in shard["latent_shapes"].tolist()]
+        rows += [flat.view(shape) for flat, shape in zip(shard[name].split([math.prod(s) for s in shapes]), shapes)]
+    return [rows[i] for i in order.tolist()]
+
+
+def _encode_rows(dataset, rows, vae, encoders: dict, transform, image_column, caption_column,
                  batch_size, progress) -> dict[str, torch.Tensor]:
-    fixed_crop = ImageTransform(transform.resolution, transform.center_crop, random_flip=False)
+    fixed_crop = dataclasses.replace(transform, random_flip=False)  # ImageTransform, or a BucketTransform
+    bucketed = hasattr(transform, "buckets")
     num_sides = 2 if transform.random_flip else 1  # [unflipped, flipped] only when training flips
-    kept, unreadable, means, stds, embeds, counts = [], [], [], [], [], []
+    kept, unreadable, means, stds, counts, sizes, crops = [], [], [], [], [], [], []
+    texts: dict[str, list[torch.Tensor]] = {}
     rows = list(rows)
     for start in range(0, len(rows), batch_size):
         pixels, captions = [], []
@@ -198,29 +262,67 @@ def _encode_rows(dataset, rows, vae, text_encoder, tokenizer, transform, image_c
                 continue
             variants = caption_variants(row[caption_column])
             pixels.append(fixed_crop(image, sample_generator(0, index, epoch=-1)))  # one crop per image
+            sizes.append((image.height, image.width))
+            crops.append(_crop_per_side(image.size, transform, sample_generator(0, index, epoch=-1), num_sides))
             captions.extend(variants)
             counts.append(len(variants))
             kept.append(index)
         if pixels:
-            batch = torch.stack(pixels)  # (b, 3, H, W)
-            sides = [batch, batch.flip(-1)][:num_sides]
-            mean, std = encode_latent_moments(vae, torch.cat(sides))  # (S·b, C, h, w)
-            means.append(torch.stack(mean.float().cpu().chunk(num_sides), dim=1))  # (b, S, C, h, w)
-            stds.append(torch.stack(std.float().cpu().chunk(num_sides), dim=1))
-            embeds.append(encode_captions(tokenizer, text_encoder, captions).cpu())
+            mean, std = _encode_same_sizes(vae, pixels, num_sides)  # b × (S, C, h, w), in row order
+            means += mean
+            stds += std
+            for name, tensor in encode_caption_tensors(captions=captions, **encoders).items():
+                texts.setdefault(name, []).append(tensor.cpu())  # (m, L, D) and, for SDXL, (m, P)
         if progress is not None:
             progress(len(rows[start:start + batch_size]))
     if not kept:  # an empty shard still has the right trailing shapes
-        means = stds = [_empty_latents(vae, transform.resolution, num_sides)]
-        embeds = [encode_captions(tokenizer, text_encoder, [""]).cpu()[:0]]
+        texts = {name: [t.cpu()[:0]] for name, t in encode_caption_tensors(captions=[""], **encoders).items()}
+    latents = _pack_latents(means, stds, bucketed, _empty_latents(vae, transform.resolution, num_sides))
     return {
         "indices": torch.tensor(kept, dtype=torch.long),
         "unreadable": torch.tensor(unreadable, dtype=torch.long),
-        "latent_mean": torch.cat(means).contiguous(),
-        "latent_std": torch.cat(stds).contiguous(),
-        "text_embeds": torch.cat(embeds).contiguous(),
+        **latents,
+        **{name: torch.cat(parts).contiguous() for name, parts in texts.items()},
         "caption_counts": torch.tensor(counts, dtype=torch.long),
+        "original_size": torch.tensor(sizes, dtype=torch.long).reshape(-1, 2),
+        "crop_top_left": torch.tensor(crops, dtype=torch.long).reshape(-1, num_sides, 2),
     }
+
+
+def _crop_per_side(size: tuple[int, int], transform: ImageTransform, generator: torch.Generator,
+                   num_sides: int) -> list[tuple[int, int]]:
+    """(top, left) of the image's crop in its resized frame: as cropped, then (for S = 2) as mirrored."""
+    resized_w, _, left, top = crop_box(size, transform.resolution, transform.center_crop, generator)
+    mirrored_left = resized_w - left - transform.resolution  # the flipped image's crop starts this far from the left
+    return [(top, left), (top, mirrored_left)][:num_sides]
+
+
+def _encode_same_sizes(vae, pixels: list[torch.Tensor], num_sides: int) -> tuple[list, list]:
+    """Encode images (3, H, W) in batches of equal size (buckets give several); per-row (S, C, h, w) moments."""
+    means, stds = [None] * len(pixels), [None] * len(pixels)
+    groups: dict[tuple, list[int]] = {}
+    for position, image in enumerate(pixels):
+        groups.setdefault(tuple(image.shape), []).append(position)
+    for positions in groups.values():
+        batch = torch.stack([pixels[p] for p in positions])  # (b, 3, H, W)
+        sides = [batch, batch.flip(-1)][:num_sides]
+        mean, std = encode_latent_moments(vae, torch.cat(sides))  # (S·b, C, h, w)
+        mean = torch.stack(mean.float().cpu().chunk(num_sides), dim=1)  # (b, S, C, h, w)
+        std = torch.stack(std.float().cpu().chunk(num_sides), dim=1)
+        for k, p in enumerate(positions):
+            means[p], stds[p] = mean[k], std[k]
+    return means, stds
+
+
+def _pack_latents(means: list, stds: list, bucketed: bool, empty: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-row (S, C, h, w) moments as stacked (n, S, C, h, w) tensors, or flat with their shapes when bucketed."""
+    if bucketed:
+        shapes = torch.tensor([list(m.shape) for m in means], dtype=torch.long).reshape(-1, 4)
+        flat = lambda xs: torch.cat([x.reshape(-1) for x in xs]) if xs else torch.zeros(0)  # noqa: E731
+        return {"latent_mean": flat(means), "latent_std": flat(stds), "latent_shapes": shapes}
+    if not means:
+        return {"latent_mean": empty, "latent_std": empty.clone()}
+    return {"latent_mean": torch.stack(means).contiguous(), "latent_std": torch.stack(stds).contiguous()}
 
 
 def _empty_latents(vae, resolution: int, sides: int) -> torch.Tensor:
@@ -229,16 +331,8 @@ def _empty_latents(vae, resolution: int, sides: int) -> torch.Tensor:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp)
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp))
 
 
 # ----------------------------------------------------------------------------- training samples
@@ -253,7 +347,7 @@ class CachedSamples(torch.utils.data.Dataset):
     """
 
     def __init__(self, cache: LatentCache, random_flip: bool = False, caption_dropout: float = 0.0, seed: int = 0):
-        if random_flip and cache.latent_mean.shape[1] < 2:
+        if random_flip and _num_sides(cache) < 2:
             raise ValueError("random_flip: this cache holds no mirrored latents (it was built without random_flip)")
         self.cache, self.random_flip, self.caption_dropout, self.seed = cache, random_flip, caption_dropout, seed
         self.row_of = {int(index): row for row, index in enumerate(cache.indices.tolist())}
@@ -265,22 +359,44 @@ class CachedSamples(torch.utils.data.Dataset):
         return self.__getitems__([item])
 
     def __getitems__(self, items) -> dict[str, torch.Tensor]:
-        rows, sides, embeds = [], [], []
+        rows, sides, embeds, pooled = [], [], [], []
+        cache = self.cache
         for index, epoch in items:
             row = self.row_of[int(index)]
             generator = sample_generator(self.seed, index, epoch)
             sides.append(int(draw_flip(generator, self.random_flip)))
-            first, last = self.cache.caption_offsets[row : row + 2].tolist()
+            first, last = cache.caption_offsets[row : row + 2].tolist()
             choice = pick_caption_index(last - first, generator, self.caption_dropout)
-            embeds.append(self.cache.empty_embed if choice is None else self.cache.text_embeds[first + choice])
+            embeds.append(cache.empty_embed if choice is None else cache.text_embeds[first + choice])
+            if cache.pooled_embeds is not None:
+                pooled.append(cache.empty_pooled if choice is None else cache.pooled_embeds[first + choice])
             rows.append(row)
         rows_t, sides_t = torch.tensor(rows), torch.tensor(sides)
-        return {
-            "latent_mean": self.cache.latent_mean[rows_t, sides_t],  # (B, C, h, w)
-            "latent_std": self.cache.latent_std[rows_t, sides_t],
+        batch = {
+            "latent_mean": _gather_latents(self.cache.latent_mean, rows, sides),  # (B, C, h, w)
+            "latent_std": _gather_latents(self.cache.latent_std, rows, sides),
             "text_embeds": torch.stack(embeds),  # (B, L, D)
             "index": torch.tensor([int(i) for i, _ in items]),
+            "original_size": cache.original_size[rows_t],  # (B, 2) (height, width)
+            "crop_top_left": cache.crop_top_left[rows_t, sides_t],  # (B, 2) (top, left) of the side drawn
         }
+        if pooled:
+            batch["pooled_embeds"] = torch.stack(pooled)  # (B, P)
+        return batch
+
+
+def _num_sides(cache: LatentCache) -> int:
+    """S: 2 when the cache holds mirrored latents, else 1 (an empty bucketed cache counts as either)."""
+    if isinstance(cache.latent_mean, torch.Tensor):
+        return cache.latent_mean.shape[1]
+    return cache.latent_mean[0].shape[0] if cache.latent_mean else 2
+
+
+def _gather_latents(latents: Union[torch.Tensor, list], rows: list[int], sides: list[int]) -> torch.Tensor:
+    """(B, C, h, w) moments of the given rows and sides; bucketed rows of one batch share a size."""
+    if isinstance(latents, torch.Tensor):
+        return latents[torch.tensor(rows), torch.tensor(sides)]
+    return torch.stack([latents[r][s] for r, s in zip(rows, sides)])
 
 
 def identity(batch):

@@ -44,6 +44,8 @@ def run_shapes_export(args: argparse.Namespace) -> list[Path]:
 
 
 def _add_generate(commands) -> None:
+    from latent_diffusion.samplers import SAMPLER_NAMES, SIGMA_SCHEDULES
+
     p = commands.add_parser("generate", help="generate images for a prompt")
     p.add_argument("prompt")
     p.add_argument("-o", "--output", default="out.png", help="PNG path; with --n K > 1, files NAME-0.png … NAME-(K-1).png")
@@ -52,16 +54,25 @@ def _add_generate(commands) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--guidance-rescale", type=float, default=0.0)
-    p.add_argument("--sampler", default=None, help="ddpm, ddim or dpm++ (default: the model's)")
+    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help="sampler (default: the model's)")
+    p.add_argument("--sigma-schedule", default=None, choices=SIGMA_SCHEDULES,
+                   help="σ schedule of euler, heun, dpm++, dpm++_sde, unipc (default: the scheduler config's)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's η")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--n", type=int, default=1, help="number of images")
+    p.add_argument("--image", default=None, help="input image (PNG, JPEG…) for image-to-image; its size is the default")
+    p.add_argument("--strength", type=float, default=None,
+                   help="with --image: how much to change it, in (0, 1] (default 0.8; with --mask 1.0)")
+    p.add_argument("--mask", default=None, help="with --image: inpainting mask, white = repaint, black = keep")
     p.add_argument("--device", default=None, help="cpu, cuda, mps… (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="weights' dtype (default: float32; bfloat16/float16 halve memory, fast where the device has them)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA adapter (.safetensors file, folder or Hub id; diffusers or kohya layout) and its scale "
+                        "(default 1); repeat to combine several")
     p.set_defaults(run=run_generate)
 
 
@@ -69,13 +80,18 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     import torch
 
     from latent_diffusion.pipelines import LatentDiffusionPipeline
-    from latent_diffusion.pngmeta import generation_metadata, save_png
+    from latent_diffusion.pngmeta import generation_metadata, image_input_metadata, save_png
 
     check_generate_args(args)  # before the model loads: a typo fails in milliseconds
+    image, mask = _read_image_inputs(args)
     dtype = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, **dtype)
     if pipe.trace_unet is None:  # one pipeline call per process: tracing the UNet would cost more than it saves
         pipe.trace_unet = False
+    if args.lora:
+        from latent_diffusion.pipelines.lora import apply_loras
+
+        apply_loras(pipe, args.lora)
     pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.set_progress_bar_config(disable=args.quiet)
     seeds = [args.seed + k for k in range(args.n)]
@@ -86,16 +102,41 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         guidance_scale=args.guidance,
         guidance_rescale=args.guidance_rescale,
         sampler=args.sampler,
+        sigma_schedule=args.sigma_schedule,
         eta=args.eta,
         height=args.height,
         width=args.width,
         generator=[torch.Generator().manual_seed(s) for s in seeds],
+        image=image,
+        mask_image=mask,
+        strength=args.strength,
     )
     settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, sampler=args.sampler, steps=args.steps,
                     guidance=args.guidance, guidance_rescale=args.guidance_rescale, eta=args.eta,
-                    height=args.height, width=args.width, model=args.model)
-    return [save_png(image, path, generation_metadata(pipe, seed=seed, **settings)) for image, path, seed in
-            zip(result.images, output_paths(args.output, args.n), seeds)]
+                    height=args.height, width=args.width, model=args.model, lora=args.lora)
+    return [save_png(out, path, {**generation_metadata(pipe, seed=seed, **settings), **image_input_metadata(args, out)})
+            for out, path, seed in zip(result.images, output_paths(args.output, args.n), seeds)]
+
+
+def _read_image_inputs(args: argparse.Namespace):
+    """The --image and --mask files as PIL images (None when not given); errors name the flag."""
+    from PIL import Image
+
+    if args.image is None:
+        for flag, value in (("--mask", args.mask), ("--strength", args.strength)):
+            if value is not None:
+                raise ValueError(f"{flag} needs --image (the picture to edit)")
+        return None, None
+    images = []
+    for flag, path in (("--image", args.image), ("--mask", args.mask)):
+        if path is None:
+            images.append(None)
+            continue
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{flag}: no such file {path!r}")
+        with Image.open(path) as opened:
+            images.append(opened.copy())
+    return tuple(images)
 
 
 def check_generate_args(args: argparse.Namespace) -> None:
@@ -112,6 +153,8 @@ def check_generate_args(args: argparse.Namespace) -> None:
         check_finite("--guidance", args.guidance, 0)
     if args.sampler is not None:
         check_choice("--sampler", args.sampler, SAMPLER_NAMES)
+    if args.strength is not None:
+        check_finite("--strength", args.strength, 0, 1)
     for flag, side in (("--height", args.height), ("--width", args.width)):
         if side is not None:
             check_int(flag, side, 1, MAX_IMAGE_SIDE)
@@ -160,7 +203,24 @@ def _add_eval(commands) -> None:
     p.set_defaults(run=run_eval)
 
 
+# the evaluation library names its parameters; the command names them by its flags
+EVAL_FLAGS = {"samplers": "--samplers", "steps": "--steps", "guidance": "--guidance", "pairs": "--settings",
+              "num_prompts": "--num-prompts", "prompt_file": "--prompts", "batch_size": "--batch-size",
+              "out_dir": "--out"}
+
+
 def run_eval(args: argparse.Namespace) -> list[Path]:
+    """The evaluation, its errors naming this command's flags where the library names its parameters."""
+    from latent_diffusion.evaluation.errors import EvalArgumentError
+
+    try:
+        return _run_eval(args)
+    except EvalArgumentError as error:
+        kind = FileNotFoundError if isinstance(error, FileNotFoundError) else ValueError
+        raise kind(error.message(EVAL_FLAGS)) from None
+
+
+def _run_eval(args: argparse.Namespace) -> list[Path]:
     import torch
 
     from latent_diffusion.evaluation import report

@@ -7,6 +7,7 @@ start token (T5) are truncated with a warning instead.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Optional, Sequence
@@ -115,3 +116,20 @@ def decode_latents_fp32(vae, latents: torch.Tensor) -> torch.Tensor:
         return vae.decode(latents.to(torch.float32) / scale + shift).sample  # (B, 3, H, W)
     finally:
         vae.to(dtype)
+
+
+@contextlib.contextmanager
+def upcast_half_vae(vae, enabled: bool = True):
+    """Run the block with a float16 VAE whose config sets `force_upcast` in float32, then cast it back.
+
+    SDXL's VAE overflows in float16 (diffusers' StableDiffusionXLPipeline upcasts it the same way);
+    `decode_latents` casts the latents to the VAE's dtype, so they follow.
+    """
+    upcast = enabled and vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        yield
+    finally:
+        if upcast:
+            vae.to(torch.float16)

@@ -123,17 +123,24 @@ def pick_caption(variants: Sequence[str], generator: torch.Generator, caption_dr
     return "" if choice is None else variants[choice]
 
 
-def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool, generator: torch.Generator) -> Image.Image:
-    """Resize the shorter side to `resolution` (bilinear), then crop a square: centred, or at a random offset."""
-    width, height = image.size
+def crop_box(size: tuple[int, int], resolution: int, center_crop: bool,
+             generator: torch.Generator) -> tuple[int, int, int, int]:
+    """(resized width, resized height, left, top) of `resize_and_crop` for an image of `size` (width, height)."""
+    width, height = size
     scale = resolution / min(width, height)
     new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
-    image = image.resize((new_w, new_h), Image.BILINEAR)
     if center_crop:
         left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
     else:
         left = int(torch.randint(new_w - resolution + 1, (), generator=generator))
         top = int(torch.randint(new_h - resolution + 1, (), generator=generator))
+    return new_w, new_h, left, top
+
+
+def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool, generator: torch.Generator) -> Image.Image:
+    """Resize the shorter side to `resolution` (bilinear), then crop a square: centred, or at a random offset."""
+    new_w, new_h, left, top = crop_box(image.size, resolution, center_crop, generator)
+    image = image.resize((new_w, new_h), Image.BILINEAR)
     return image.crop((left, top, left + resolution, top + resolution))
 
 

@@ -16,19 +16,26 @@ def q_sample(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> 
     return alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * noise
 
 
+def posterior_variance(alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor) -> torch.Tensor:
+    """β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t (DDPM eq. 7), with β_t = 1 − ᾱ_t / ᾱ_{t−1} (so strided steps work too).
+
+    The one definition of β̃: q_posterior's variance, DDPM's "fixed_small" σ_t², and DDIM's σ_t(η)² / η² (DDIM eq. 16).
+    """
+    return (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * (1.0 - alpha_bar / alpha_bar_prev)
+
+
 def q_posterior(
     x0: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean μ̃_t and variance β̃_t of q(x_{t−1} | x_t, x_0) (DDPM eq. 6–7).
 
-    μ̃_t = √ᾱ_{t−1} β_t / (1 − ᾱ_t) · x_0 + √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · x_t,
-    β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t, with α_t = ᾱ_t / ᾱ_{t−1} (so strided steps work too).
+    μ̃_t = √ᾱ_{t−1} β_t / (1 − ᾱ_t) · x_0 + √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · x_t, with α_t = ᾱ_t / ᾱ_{t−1};
+    β̃_t: `posterior_variance`.
     """
     alpha = alpha_bar / alpha_bar_prev
     beta = 1.0 - alpha
     mean = (alpha_bar_prev.sqrt() * beta * x0 + alpha.sqrt() * (1.0 - alpha_bar_prev) * x_t) / (1.0 - alpha_bar)
-    variance = (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * beta
-    return mean, variance
+    return mean, posterior_variance(alpha_bar, alpha_bar_prev)
 
 
 def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
 
+from .files import atomic_write
+
 PathLike = Union[str, os.PathLike]
 
 # What a diffusers model folder is made of (tokenizers bring merges.txt / vocab.json / spiece.model).
@@ -121,9 +123,8 @@ def write_model_card(
     )
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     path = folder / "README.md"
-    tmp = folder / ".README.md.tmp"
-    card.save(tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        card.save(tmp)
     return str(path)
 
 

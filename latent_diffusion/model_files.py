@@ -15,7 +15,7 @@ from typing import Sequence, Union
 
 from .assets import missing_components
 
-WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the last: SDXL only
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 ARGUMENT = "pretrained_model_name_or_path"
 
@@ -47,7 +47,8 @@ def check_model_path(path: Union[str, os.PathLike], argument: str = ARGUMENT,
         raise ValueError(f"{argument} {text!r} is missing {missing}; a diffusers text-to-image folder "
                          "holds model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/")
     for name in components:
-        check_weights_folder(folder / name, f"{argument} {text!r}: {name}/")
+        if (folder / name).is_dir():  # missing_components has checked that every one the folder needs is there
+            check_weights_folder(folder / name, f"{argument} {text!r}: {name}/")
 
 
 def check_weights_folder(folder: Path, label: str) -> None:

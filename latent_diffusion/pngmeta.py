@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from PIL import Image, PngImagePlugin
 
@@ -35,6 +35,7 @@ def generation_metadata(
     height: Optional[int] = None,
     width: Optional[int] = None,
     model: Optional[str] = None,
+    lora: Optional[Sequence[str]] = None,
 ) -> dict[str, str]:
     """What a generated PNG records: the settings actually used.
 
@@ -57,8 +58,20 @@ def generation_metadata(
         "height": str(image_height),
         "width": str(image_width),
         "model": str(model or "embedded default"),
+        **({"lora": " ".join(lora)} if lora else {}),  # PATH[:SCALE] of each adapter
         "versions": json.dumps(library_versions()),
     }
+
+
+def image_input_metadata(args: Any, image: Image.Image) -> dict[str, str]:
+    """What an img2img / inpainting PNG adds: the input and mask paths, the strength used, the output's real size."""
+    if getattr(args, "image", None) is None:
+        return {}
+    from .sdedit import default_strength
+
+    meta = {"image": str(args.image), "strength": str(default_strength(args.strength, inpainting=args.mask is not None)),
+            "height": str(image.height), "width": str(image.width)}
+    return {**meta, "mask": str(args.mask)} if args.mask is not None else meta
 
 
 def save_png(image: Image.Image, path: Path, metadata: dict[str, str]) -> Path:

@@ -79,3 +79,43 @@ def tiny_components(seed: int = 0, prediction_type: str = "epsilon", scheduler: 
         prediction_type=prediction_type,
     ))
     return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, scheduler=sched)
+
+
+def tiny_sdxl_unet_config(cross_attention_dim: int = 64, projection_dim: int = 16, time_embed_dim: int = 8,
+                          sample_size: int = 16) -> dict[str, Any]:
+    """An SDXL-style UNet: pooled text + 6 size/crop ids through `addition_embed_type="text_time"`.
+
+    The added embedding takes 6·`time_embed_dim` + `projection_dim` inputs
+    (original size, crop top-left and target size, each (h, w), plus the pooled projection).
+    """
+    return dict(
+        tiny_unet_config(cross_attention_dim, sample_size),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + projection_dim,
+        transformer_layers_per_block=(1, 2),
+    )
+
+
+def tiny_sdxl_components(seed: int = 0, scheduler: str = "euler") -> dict[str, Any]:
+    """The parts of a tiny SDXL model: two CLIP text encoders (the second with a projection), two tokenizers.
+
+    As in SDXL, the UNet cross-attends to both encoders' penultimate hidden
+    states concatenated (32 + 32 features) and its added embedding takes the
+    second encoder's pooled projection (16) and the micro-conditioning ids.
+    """
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    base = tiny_components(seed=seed, scheduler="ddim" if scheduler == "euler" else scheduler)
+    tokenizer = base["tokenizer"]
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**tiny_sdxl_unet_config())
+    config_2 = CLIPTextConfig(**{**base["text_encoder"].config.to_dict(), "projection_dim": 16, "num_hidden_layers": 3})
+    text_encoder_2 = CLIPTextModelWithProjection(config_2)
+    sched = base["scheduler"]
+    if scheduler == "euler":  # SDXL base ships EulerDiscreteScheduler with the "leading" spacing of SD
+        sched = EulerDiscreteScheduler.from_config(dict(sched.config, timestep_spacing="leading"))
+    return dict(unet=unet.eval(), vae=base["vae"], text_encoder=base["text_encoder"], tokenizer=tokenizer,
+                text_encoder_2=text_encoder_2.eval(), tokenizer_2=tokenizer, scheduler=sched)

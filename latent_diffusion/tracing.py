@@ -14,24 +14,34 @@ structure (new attention processors, fused projections) needs `clear()`.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 
 class _UNetCall(torch.nn.Module):
-    """The UNet as a positional (x_t, t, context) -> output function, for tracing."""
+    """The UNet as a positional (x_t, t, context[, text_embeds, time_ids]) -> output function, for tracing."""
 
     def __init__(self, unet: torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *added: torch.Tensor) -> torch.Tensor:
+        return call_unet(self.unet, x, t, context, *added)
+
+
+ADDED_COND_KEYS = ("text_embeds", "time_ids")  # SDXL's added_cond_kwargs, passed positionally after the context
+
+
+def call_unet(unet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *added: torch.Tensor) -> torch.Tensor:
+    """One UNet forward; `added` are SDXL's (text_embeds, time_ids) when the UNet takes them."""
+    added_cond_kwargs = dict(zip(ADDED_COND_KEYS, added)) if added else None
+    return unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
 
 
 class TracedUNet:
-    """Calls `unet(x, t, encoder_hidden_states=context)`, through a cached trace when `enabled` and not training.
+    """Calls `unet(x, t, encoder_hidden_states=context, added_cond_kwargs=...)`, through a cached trace when `enabled`
+    and not training.
 
     If tracing a signature fails, that signature falls back to the eager UNet with a warning.
     """
@@ -41,21 +51,24 @@ class TracedUNet:
         self.enabled = enabled
         self._traces: dict[tuple, Callable] = {}
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                 added_cond_kwargs: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        added = tuple(added_cond_kwargs[k] for k in ADDED_COND_KEYS) if added_cond_kwargs else ()
+        inputs = (x, t, context, *added)
         if not self.enabled or torch.is_grad_enabled() or self.unet.training:
-            return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
-        key = tuple((tuple(a.shape), a.dtype, a.device) for a in (x, t, context))
+            return call_unet(self.unet, *inputs)
+        key = tuple((tuple(a.shape), a.dtype, a.device) for a in inputs)
         with torch.jit.optimized_execution(False):
             if key not in self._traces:
-                self._traces[key] = self._trace(x, t, context)
-            return self._traces[key](x, t, context)
+                self._traces[key] = self._trace(inputs)
+            return self._traces[key](*inputs)
 
-    def _trace(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> Callable:
+    def _trace(self, inputs: tuple[torch.Tensor, ...]) -> Callable:
         eager = _UNetCall(self.unet)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape-only branches, fixed per key
-                return torch.jit.trace(eager, (x, t, context), check_trace=False)
+                return torch.jit.trace(eager, inputs, check_trace=False)
         except Exception as error:  # a UNet variant the tracer cannot follow: run it eagerly
             warnings.warn(f"UNet tracing failed ({error}); running it eagerly", RuntimeWarning, stacklevel=3)
             return eager

@@ -22,18 +22,23 @@ from diffusers.utils import BaseOutput
 
 from latent_diffusion.assets import default_model_path
 from latent_diffusion.checks import check_all_finite, check_choice, check_finite, check_image_side, check_int
-from latent_diffusion.conditioning import count_chunks, decode_latents, encode_prompts, vae_scale_factor
+from latent_diffusion.conditioning import decode_latents, upcast_half_vae, vae_scale_factor
 from latent_diffusion.guidance import guide
 from latent_diffusion.model_files import check_model_path
-from latent_diffusion.samplers import SAMPLER_NAMES, Denoiser, get_sampler
+from latent_diffusion.prompt_conditioning import Conditioning, conditioner_for
+from latent_diffusion.samplers import SAMPLER_NAMES, Denoiser, check_sigma_schedule, get_sampler
 from latent_diffusion.schedules import NoiseSchedule
 from latent_diffusion.tracing import TracedUNet
 from latent_diffusion.utils import randn
+
+from .image_inputs import check_image_arguments, default_size, prepare_image_edit
+from .lora import LatentDiffusionLoraMixin
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 TRACE_MAX_PARAMETERS = 50_000_000  # the embedded model is ~4M; SD 1.5's UNet is 860M
 GENERATION_CONFIG = "generation_config.json"
 FALLBACK_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 7.5, "sampler": "dpm++"}
+SDXL_GUIDANCE_SCALE = 5.0  # StableDiffusionXLPipeline's default, for SDXL folders without generation_config.json
 
 NON_FINITE_HINT = ("the model or the settings diverged; try float32 instead of float16, another sampler, "
                    "fewer steps or a lower guidance_scale")
@@ -49,19 +54,29 @@ class LatentDiffusionPipelineOutput(BaseOutput):
     images: Union[list[PIL.Image.Image], np.ndarray, torch.Tensor]
 
 
-class LatentDiffusionPipeline(DiffusionPipeline):
+class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
     """Text-to-image generation with a latent diffusion model (Rombach et al. 2022).
+
+    LoRA adapters: `load_lora_weights`, `set_adapters`, `fuse_lora`, ... (diffusers' loader, see `pipelines/lora.py`).
 
     >>> pipe = LatentDiffusionPipeline.from_pretrained()            # the embedded Shapes model
     >>> pipe("a red circle above a blue square").images[0]
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["text_encoder_2", "tokenizer_2"]
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler):
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, tokenizer_2=None,
+                 force_zeros_for_empty_prompt: Optional[bool] = None):
+        """With `text_encoder_2` and `tokenizer_2` this is an SDXL model (`latent_diffusion.prompt_conditioning`)."""
         super().__init__()
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        self.register_modules(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         self.generation_defaults = dict(FALLBACK_DEFAULTS)
+        if text_encoder_2 is not None:  # saved to model_index.json, as StableDiffusionXLPipeline does (default True)
+            force_zeros = True if force_zeros_for_empty_prompt is None else bool(force_zeros_for_empty_prompt)
+            self.register_to_config(force_zeros_for_empty_prompt=force_zeros)
+            self.generation_defaults["guidance_scale"] = SDXL_GUIDANCE_SCALE
         self.trace_unet: Optional[bool] = _trace_setting()  # None: automatic, by UNet size
         self._traced_unet: Optional[TracedUNet] = None
 
@@ -69,7 +84,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Optional[Union[str, os.PathLike]] = None, **kwargs):
-        """Load a diffusers SD-format folder or Hub id; with no argument, the embedded default model.
+        """Load a diffusers SD- or SDXL-format folder or Hub id; with no argument, the embedded default model.
 
         safety_checker and feature_extractor entries, if the folder has them, are ignored. Weights are read
         from safetensors only: a folder with only pickle (.bin) weights or a truncated file is refused.
@@ -90,21 +105,16 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         diffusers upcasts its models on load but transformers keeps a checkpoint's own dtype, so a
         half-precision folder would otherwise run with a float16 text encoder on the CPU.
         """
-        for module in (self.unet, self.vae, self.text_encoder):
-            if module.dtype in (torch.float16, torch.bfloat16):
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if module is not None and module.dtype in (torch.float16, torch.bfloat16):
                 module.to(torch.float32)
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs):
-        """Save as a standard StableDiffusionPipeline folder (loadable by diffusers), plus our generation defaults."""
+        """Save as a standard StableDiffusionPipeline (or, with text_encoder_2, StableDiffusionXLPipeline) folder
+        that diffusers loads, plus our generation defaults."""
         super().save_pretrained(save_directory, **kwargs)
         index_path = Path(save_directory) / "model_index.json"
-        index = json.loads(index_path.read_text())
-        index.update(
-            _class_name="StableDiffusionPipeline",
-            safety_checker=[None, None],
-            feature_extractor=[None, None],
-            requires_safety_checker=False,
-        )
+        index = _diffusers_model_index(json.loads(index_path.read_text()), sdxl=self.text_encoder_2 is not None)
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (Path(save_directory) / GENERATION_CONFIG).write_text(json.dumps(self.generation_defaults, indent=2) + "\n")
 
@@ -123,33 +133,71 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         width: Optional[int] = None,
         generator: Generator = None,
         latents: Optional[torch.Tensor] = None,
+        image: Optional[Any] = None,
+        mask_image: Optional[Any] = None,
+        strength: Optional[float] = None,
         sampler: Optional[str] = None,
+        sigma_schedule: Optional[str] = None,
         eta: float = 0.0,
         output_type: str = "pil",
         callback_on_step_end: Optional[Callable[..., dict]] = None,
         return_dict: bool = True,
+        prompt_2: Optional[Prompt] = None,
+        negative_prompt_2: Optional[Prompt] = None,
+        original_size: Optional[tuple[int, int]] = None,
+        crops_coords_top_left: Optional[tuple[int, int]] = None,
+        target_size: Optional[tuple[int, int]] = None,
     ):
         """Generate images for `prompt` (a string or a list).
 
         Unset `num_inference_steps`, `guidance_scale` and `sampler` take the model's defaults
-        (its generation_config.json; otherwise 25 steps, 7.5, "dpm++"). `guidance_scale` = 1 runs the
+        (its generation_config.json; otherwise 25 steps, 7.5, "dpm++"). `sigma_schedule` ("default", "karras",
+        "exponential"; unset: the scheduler config's use_karras_sigmas / use_exponential_sigmas) applies to
+        euler, heun, dpm++, dpm++_sde and unipc, as in diffusers. `guidance_scale` = 1 runs the
         conditional model alone; any other value runs both branches in one batched UNet call.
         `callback_on_step_end(pipe, i, t, {"latents": x})` may return {"latents": new_x}.
+
+        `image` (PIL, array or tensor in [0, 1], or a list: one, or one per prompt) turns the call into
+        img2img (SDEdit): the last ⌊steps·strength⌋ steps run from the image's noised latent (strength
+        default 0.8); the size defaults to the image's. With `mask_image` (white: repaint) it inpaints:
+        an inpainting UNet (9 channels) is conditioned on the mask and masked image, an ordinary UNet keeps
+        the unmasked region by re-noising it at every step (strength default 1.0).
+
+        SDXL models (with text_encoder_2) also take `prompt_2` / `negative_prompt_2` for the second encoder
+        (default: `prompt` / `negative_prompt`) and the size conditioning `original_size`, `target_size`
+        (default: (height, width)) and `crops_coords_top_left` (default (0, 0)); with no negative prompt, a
+        model whose config sets `force_zeros_for_empty_prompt` guides against zero embeddings, as diffusers does.
         """
         steps, scale, sampler = self._resolve_defaults(num_inference_steps, guidance_scale, sampler)
         prompts, negatives = _check_prompts(prompt, negative_prompt)
-        height, width = self._check_call(steps, scale, sampler, output_type, num_images_per_prompt, height, width)
+        strength = check_image_arguments(self, image, mask_image, strength, latents)
+        if image is not None:
+            height, width = default_size(self, image, height, width)
+        height, width = self._check_call(steps, scale, sampler, output_type, num_images_per_prompt, height, width,
+                                         sigma_schedule=sigma_schedule)
         check_finite("guidance_rescale", guidance_rescale, 0, 1)
         check_finite("eta", eta, 0)
         batch = len(prompts) * num_images_per_prompt
-        context = self.encode_prompt(prompts, negatives if scale != 1.0 else None, num_images_per_prompt)
+        second = _check_second_prompts(len(prompts), prompt_2, negative_prompt, negative_prompt_2)
+        cond = self.encode_prompt(prompts, negatives if scale != 1.0 else None, num_images_per_prompt, **second,
+                                  size=(height, width), original_size=original_size,
+                                  crops_coords_top_left=crops_coords_top_left, target_size=target_size)
         schedule = NoiseSchedule.from_config(self.scheduler.config)
-        solver = get_sampler(sampler, schedule, **({"eta": eta} if sampler == "ddim" else {}))
+        solver = get_sampler(sampler, schedule, sigma_schedule=sigma_schedule, **({"eta": eta} if sampler == "ddim" else {}))
         timesteps = solver.timesteps(steps)
-        x = self.prepare_latents(batch, height, width, torch.float32, generator, latents)  # sampler math in fp32
-        denoiser = Denoiser(self._guided_unet(context, scale, guidance_rescale), schedule)
+        edit = None if image is None else prepare_image_edit(
+            self, solver, timesteps, image, mask_image, strength, len(prompts), num_images_per_prompt, height, width,
+            generator, torch.float32, guided=scale != 1.0)  # sampler math in fp32
+        if edit is None:
+            x = self.prepare_latents(batch, height, width, torch.float32, generator, latents)  # sampler math in fp32
+            x = solver.start_from_noise(x, timesteps)  # diffusers' init_noise_sigma, in VP form
+        else:
+            timesteps, x = edit.timesteps, edit.x
+        denoiser = Denoiser(self._guided_unet(cond, scale, guidance_rescale, edit.unet_extra if edit else None), schedule)
         with self.progress_bar(total=len(timesteps)) as bar:
             step_callback = self._step_callback(bar, callback_on_step_end)
+            if edit is not None:
+                step_callback = edit.step_callback(step_callback)
             x = solver(denoiser, x, timesteps, generator=generator, callback=step_callback)
         check_all_finite("latents", x, NON_FINITE_HINT)  # once, after the loop: NaN/inf never heal, so none is missed
         images = self.decode(x, output_type)
@@ -157,16 +205,21 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         return LatentDiffusionPipelineOutput(images=images) if return_dict else (images,)
 
     def encode_prompt(
-        self, prompts: list[str], negatives: Optional[list[str]], num_images_per_prompt: int = 1
-    ) -> torch.Tensor:
-        """(B·n, L, D) embeddings, or (2·B·n, L, D) as [unconditional; conditional] when negatives are given.
+        self, prompts: list[str], negatives: Optional[list[str]], num_images_per_prompt: int = 1, **sdxl: Any
+    ) -> Conditioning:
+        """The UNet's conditioning for B·n images: `.context` (B·n, L, D), and for SDXL the pooled `.text_embeds`
+        and `.time_ids`; twice the batch, as [unconditional; conditional], when negatives are given.
 
-        Both halves use the same number of chunks so they batch together.
+        `sdxl`: prompts_2, negatives_2, negative_prompt_given, size, original_size, crops_coords_top_left,
+        target_size (see `SDXLConditioner.encode`); a single-encoder model takes only `size` of them.
         """
-        texts = prompts if negatives is None else negatives + prompts
-        chunks = count_chunks(self.tokenizer, texts)
-        embeds = encode_prompts(self.tokenizer, self.text_encoder, texts, chunks)  # (B or 2B, L, D)
-        return embeds.repeat_interleave(num_images_per_prompt, dim=0).to(self.unet.dtype)
+        cond = self.conditioner().encode(prompts, negatives, num_images_per_prompt, **sdxl)
+        return cond.to(dtype=self.unet.dtype)
+
+    def conditioner(self):
+        """What turns prompts into conditioning for this model: SD's one text encoder, or SDXL's two."""
+        return conditioner_for(self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2,
+                               self.config.get("force_zeros_for_empty_prompt"), unet=self.unet)
 
     def prepare_latents(
         self, batch: int, height: int, width: int, dtype: torch.dtype, generator: Generator, latents: Optional[torch.Tensor]
@@ -184,7 +237,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         """Latents -> images of the requested type; pixels mapped from [-1, 1] to [0, 1]."""
         if output_type == "latent":
             return latents
-        pixels = (decode_latents(self.vae, latents) / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W)
+        with upcast_half_vae(self.vae, enabled=self.text_encoder_2 is not None):  # SDXL's VAE overflows in fp16
+            pixels = (decode_latents(self.vae, latents) / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W)
         if output_type == "pt":
             return pixels
         array = pixels.permute(0, 2, 3, 1).float().cpu().numpy()  # (B, H, W, 3)
@@ -209,14 +263,23 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         self._traced_unet.enabled = small if self.trace_unet is None else self.trace_unet
         return self._traced_unet
 
-    def _guided_unet(self, context: torch.Tensor, scale: float, rescale: float) -> Callable:
-        """model_fn(x_t, t) for the Denoiser: one UNet call on [x_t; x_t] and CFG when guiding, else one plain call."""
+    def _guided_unet(
+        self, cond: Conditioning, scale: float, rescale: float, extra: Optional[torch.Tensor] = None
+    ) -> Callable:
+        """model_fn(x_t, t) for the Denoiser: one UNet call on [x_t; x_t] and CFG when guiding, else one plain call.
+
+        `extra` (inpainting UNets: mask and masked-image latents, already doubled for CFG) is appended to the
+        UNet input's channels.
+        """
         unet, dtype = self.traced_unet(), self.unet.dtype
         guided = scale != 1.0  # encode_prompt added the unconditional half exactly then
+        added = cond.added_cond_kwargs()  # SDXL's pooled text and size ids, else None
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x_in = torch.cat([x, x]) if guided else x  # (2B or B, C, h, w)
-            out = unet(x_in.to(dtype), t, context)
+            if extra is not None:
+                x_in = torch.cat([x_in, extra.to(x_in.dtype)], dim=1)  # (2B or B, C + 1 + C, h, w)
+            out = unet(x_in.to(dtype), t, cond.context, added)
             return guide(out, scale, rescale).to(x.dtype) if guided else out.to(x.dtype)
 
         return model_fn
@@ -239,13 +302,15 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             d["sampler"] if sampler is None else sampler,
         )
 
-    def _check_call(self, steps, scale, sampler, output_type, num_images_per_prompt, height, width) -> tuple[int, int]:
+    def _check_call(self, steps, scale, sampler, output_type, num_images_per_prompt, height, width,
+                    sigma_schedule=None) -> tuple[int, int]:
         """Validate scalar arguments, with errors naming the argument; return the checked (height, width)."""
         check_int("num_inference_steps", steps, 1)
         check_finite("guidance_scale", scale, 0)
         check_choice("sampler", sampler, SAMPLER_NAMES)
         check_choice("output_type", output_type, OUTPUT_TYPES)
         check_int("num_images_per_prompt", num_images_per_prompt, 1)
+        check_sigma_schedule(sampler, sigma_schedule)
         return self.resolve_size(height, width)
 
     def resolve_size(self, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int]:
@@ -277,6 +342,32 @@ def _check_prompts(prompt: Prompt, negative_prompt: Optional[Prompt]) -> tuple[l
             f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}; give one per prompt or a single string"
         )
     return prompts, negatives
+
+
+def _diffusers_model_index(index: dict[str, Any], sdxl: bool) -> dict[str, Any]:
+    """model_index.json as diffusers' own SD or SDXL pipeline class expects it (no entries it would not take)."""
+    if sdxl:
+        return {**index, "_class_name": "StableDiffusionXLPipeline", "image_encoder": [None, None],
+                "feature_extractor": [None, None]}
+    sdxl_only = ("text_encoder_2", "tokenizer_2", "force_zeros_for_empty_prompt")
+    index = {k: v for k, v in index.items() if k not in sdxl_only}
+    return {**index, "_class_name": "StableDiffusionPipeline", "safety_checker": [None, None],
+            "feature_extractor": [None, None], "requires_safety_checker": False}
+
+
+def _check_second_prompts(batch: int, prompt_2: Optional[Prompt], negative_prompt: Optional[Prompt],
+                          negative_prompt_2: Optional[Prompt]) -> dict[str, Any]:
+    """SDXL's second-encoder prompts as lists of `batch` strings (None when not given), and whether a negative was."""
+    def as_list(name: str, value: Optional[Prompt]) -> Optional[list[str]]:
+        if value is None:
+            return None
+        values = [value] * batch if isinstance(value, str) else list(value)
+        if len(values) != batch or not all(isinstance(v, str) for v in values):
+            raise ValueError(f"{name} must be a string or a list of {batch} strings (one per prompt), got {value!r}")
+        return values
+
+    return dict(prompts_2=as_list("prompt_2", prompt_2), negatives_2=as_list("negative_prompt_2", negative_prompt_2),
+                negative_prompt_given=negative_prompt is not None or negative_prompt_2 is not None)
 
 
 def _trace_setting() -> Optional[bool]:

@@ -20,6 +20,21 @@ def save_sd_folder(path, prediction_type="epsilon", scheduler="pndm"):
     return path
 
 
+def save_sdxl_folder(path, scheduler="euler"):
+    """A diffusers StableDiffusionXLPipeline folder of tiny components (two text encoders, size conditioning)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from latent_diffusion.tiny import tiny_sdxl_components
+
+    StableDiffusionXLPipeline(**tiny_sdxl_components(scheduler=scheduler), add_watermarker=False).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sdxl_folder(tmp_path_factory):
+    return save_sdxl_folder(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
 @pytest.fixture(scope="session")
 def sd_folder(tmp_path_factory):
     return save_sd_folder(tmp_path_factory.mktemp("tiny-sd"))

@@ -10,7 +10,10 @@ from PIL import Image
 
 from latent_diffusion.cli import main
 from latent_diffusion.evaluation import WEIGHTS_ENV_VAR
-from latent_diffusion.evaluation import report
+from latent_diffusion.evaluation import generation, report
+from latent_diffusion.evaluation.prompts import load_prompt_file, make_prompt, shapes_eval_prompts
+from latent_diffusion.evaluation.run_folder import EvalRun, prepare_out_dir
+from latent_diffusion.evaluation.settings import Setting, SettingsRequest
 from latent_diffusion.evaluation.plots import Series, line_chart, linear_ticks, log_ticks
 from latent_diffusion.shapes import evaluation_prompts, score_images
 from latent_diffusion.shapes.dataset import shapes_example
@@ -28,13 +31,13 @@ def eval_args(model, out, *extra):
 def generated(monkeypatch):
     """Counts the images generate_batch makes (the warm-up call is not counted)."""
     made = []
-    original = report.generate_batch
+    original = generation.generate_batch
 
     def counting(pipe, run, setting, items):
         made.extend((setting.name, p.index, s) for p, s in items)
         return original(pipe, run, setting, items)
 
-    monkeypatch.setattr(report, "generate_batch", counting)
+    monkeypatch.setattr(generation, "generate_batch", counting)
     return made
 
 
@@ -199,41 +202,50 @@ def test_prompt_file_fid_fd_clip_and_clip_score(sd_folder, tmp_path, monkeypatch
 
 def test_settings_request_grid_pairs_and_defaults():
     defaults = {"sampler": "dpm++", "num_inference_steps": 25, "guidance_scale": 7.5}
-    assert report.SettingsRequest.from_lists().settings(defaults) == [report.Setting("dpm++", 25, 7.5)]
-    grid = report.SettingsRequest.from_lists(["ddim", "ddpm"], [10, 20], [1, 3]).settings(defaults)
-    assert len(grid) == 8 and grid[0] == report.Setting("ddim", 10, 1.0)
-    study = report.SettingsRequest.from_lists(guidance=[3, 7.5], pairs=["ddpm:1000,250,50", "dpm++:20,10,5"])
+    assert SettingsRequest.from_lists().settings(defaults) == [Setting("dpm++", 25, 7.5)]
+    grid = SettingsRequest.from_lists(["ddim", "ddpm"], [10, 20], [1, 3]).settings(defaults)
+    assert len(grid) == 8 and grid[0] == Setting("ddim", 10, 1.0)
+    study = SettingsRequest.from_lists(guidance=[3, 7.5], pairs=["ddpm:1000,250,50", "dpm++:20,10,5"])
     settings = study.settings(defaults)
     assert [(s.sampler, s.steps) for s in settings[::2]] == [("ddpm", 1000), ("ddpm", 250), ("ddpm", 50),
                                                              ("dpm++", 20), ("dpm++", 10), ("dpm++", 5)]
     assert settings[1].guidance == 7.5 and settings[1].name == "ddpm-1000-w7.5"
-    assert report.Setting("dpm++", 5, 3.0).name == "dpmpp-5-w3"
+    assert Setting("dpm++", 5, 3.0).name == "dpmpp-5-w3"
 
 
 def test_prompt_files(tmp_path):
     text = tmp_path / "prompts.txt"
     text.write_text("# a comment\na cat on a sofa\n\na small red circle at the top\n")
-    prompts = report.load_prompt_file(text)
+    prompts = load_prompt_file(text)
     assert [(p.index, p.text, p.shapes) for p in prompts] == [(0, "a cat on a sofa", False),
                                                                (1, "a small red circle at the top", True)]
     assert prompts[1].categories == ("single", "position")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a red circle"}\n{"text": "no prompt key"}\n')
     with pytest.raises(ValueError, match="line 2"):
-        report.load_prompt_file(bad)
+        load_prompt_file(bad)
     (tmp_path / "empty.txt").write_text("\n# nothing\n")
     with pytest.raises(ValueError, match="holds no prompts"):
-        report.load_prompt_file(tmp_path / "empty.txt")
+        load_prompt_file(tmp_path / "empty.txt")
 
 
 def test_out_dir_with_other_prompts_is_refused(tmp_path):
-    prompts = report.shapes_eval_prompts(2)
-    run = report.EvalRun(tmp_path, "model", [report.Setting("ddim", 2, 1.0)], prompts, [0], 32, 32)
-    report.prepare_out_dir(run)
-    report.prepare_out_dir(run)  # the same run again is fine
-    other = report.EvalRun(tmp_path, "model", run.settings, report.shapes_eval_prompts(2, seed=5), [0], 32, 32)
-    with pytest.raises(ValueError, match="--out .* different prompts"):
-        report.prepare_out_dir(other)
+    prompts = shapes_eval_prompts(2)
+    run = EvalRun(tmp_path, "model", [Setting("ddim", 2, 1.0)], prompts, [0], 32, 32)
+    prepare_out_dir(run)
+    prepare_out_dir(run)  # the same run again is fine
+    other = EvalRun(tmp_path, "model", run.settings, shapes_eval_prompts(2, seed=5), [0], 32, 32)
+    with pytest.raises(ValueError, match="out_dir .* different prompts"):
+        prepare_out_dir(other)
+
+
+def test_out_dir_errors_name_the_out_flag(sd_folder, tmp_path, capsys):
+    prepare_out_dir(EvalRun(tmp_path, "another model", [Setting("ddim", 2, 1.0)], shapes_eval_prompts(3), [0], 32, 32))
+    assert main(eval_args(sd_folder, tmp_path, "--settings", "ddim:2")) == 2
+    error = capsys.readouterr().err
+    assert "error: --out '" in error and "different model" in error
+    assert main(["eval", "--report-only", "--out", str(tmp_path / "nothing"), "--quiet"]) == 2
+    assert "error: --out '" in capsys.readouterr().err
 
 
 class ShapesOracle:
@@ -256,8 +268,8 @@ class ShapesOracle:
 def test_library_run_with_a_stand_in_pipeline_scores_saved_images(tmp_path):
     images, texts = shapes_pairs(5)
     truth = dict(zip(texts[:3], images[:3]))  # the last two prompts get noise
-    prompts = [report.make_prompt(i, t) for i, t in enumerate(texts)]
-    run = report.EvalRun(tmp_path, "oracle", [report.Setting("ddim", 4, 2.0)], prompts, [0, 1], 64, 64, batch_size=3)
+    prompts = [make_prompt(i, t) for i, t in enumerate(texts)]
+    run = EvalRun(tmp_path, "oracle", [Setting("ddim", 4, 2.0)], prompts, [0, 1], 64, 64, batch_size=3)
     paths = report.run_evaluation(ShapesOracle(truth), run, progress=False)
     assert [p.name for p in paths[:2]] == ["report.md", "results.json"]
     (result,) = json.loads((tmp_path / "results.json").read_text())["results"]
@@ -328,5 +340,6 @@ def test_line_chart_draws_each_series():
 
 def test_atomic_writes_leave_no_temporary_files(grid_out):
     assert not [p for p in grid_out.rglob(".*.tmp")]
+    assert not [p for p in grid_out.rglob(".*.tmp-*")]  # latent_diffusion.files' temporary names
     assert not [p for p in grid_out.rglob("*") if p.name.endswith(".tmp")]
     assert os.path.isfile(grid_out / "run.json")

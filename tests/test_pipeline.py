@@ -163,7 +163,7 @@ def test_progress_bar_shows_and_can_be_disabled(sd_folder, capfd):
 def test_long_prompt_is_encoded_in_chunks(sd_folder):
     pipe = load_ours(sd_folder)
     long_prompt = " ".join(["a red circle above a blue square on a gray background"] * 12)
-    embeds = pipe.encode_prompt([long_prompt], [""])
+    embeds = pipe.encode_prompt([long_prompt], [""]).context
     assert embeds.shape[1] == 2 * 77  # both halves padded to the longer prompt's chunk count
     images = generate(pipe, prompt=long_prompt, num_inference_steps=2)
     assert np.isfinite(images).all()

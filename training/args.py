@@ -24,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_optimisation_args(p.add_argument_group("optimisation"))
     add_output_args(p.add_argument_group("checkpoints, logging, validation, output"))
     add_speed_args(p.add_argument_group("speed (training/speed.py)"))
+    from .bucketing import add_bucket_args
+    from .lora import add_lora_args
+
+    add_lora_args(p.add_argument_group("LoRA (training/lora.py)"))
+    add_bucket_args(p.add_argument_group("aspect-ratio bucketing (training/bucketing.py)"))
     return p
 
 
@@ -146,7 +151,11 @@ def check_args(args: argparse.Namespace) -> list[str]:
     if (args.push_to_hub or args.push_checkpoints_to_hub) and not args.hub_model_id:
         problems.append("--push_to_hub and --push_checkpoints_to_hub need --hub_model_id")
     problems += check_speed_args(args)
+    from .bucketing import check_bucket_args
+    from .lora import check_lora_args
     from .validation import VALIDATION_METRICS
+
+    problems += check_lora_args(args) + check_bucket_args(args)
 
     for name in args.validation_metrics:
         if name not in VALIDATION_METRICS:

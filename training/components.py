@@ -11,19 +11,22 @@ from typing import Any, Optional
 from latent_diffusion.model_files import WEIGHT_COMPONENTS, check_model_path
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # loaded where model_index.json names them, else None
 
 
 def load_components(path: str, *, revision: Optional[str] = None, variant: Optional[str] = None,
                     cache_dir: Optional[str] = None, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """{'unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler'} loaded from `path` (those in `skip` are None)."""
+    """{'unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler', 'text_encoder_2', 'tokenizer_2'} loaded from
+    `path` (those in `skip`, and the SDXL ones of an SD folder, are None)."""
     from diffusers import DiffusionPipeline
 
     check_model_path(path, "--pretrained_model_name_or_path",  # safetensors only, whole: never torch.load
                      components=[name for name in WEIGHT_COMPONENTS if name not in skip])
     index = DiffusionPipeline.load_config(path, revision=revision, cache_dir=cache_dir)
     parts = {}
-    for name in COMPONENTS:
-        if name in skip:
+    sdxl = [name for name in SDXL_COMPONENTS if (index.get(name) or [None])[0] is not None]
+    for name in COMPONENTS + SDXL_COMPONENTS:
+        if name in skip or (name in SDXL_COMPONENTS and name not in sdxl):
             parts[name] = None
             continue
         entry = index.get(name)

@@ -9,7 +9,9 @@ Any number of GPUs or nodes (see training/README.md and training/configs/):
 
     accelerate launch --config_file training/configs/multi_gpu.yaml training/train_text2img.py ...
 
-Only the UNet learns; the VAE and text encoder are frozen. By default the
+Only the UNet learns; the VAE and text encoder(s) are frozen. SDXL folders (text_encoder_2,
+an SDXL UNet) train the same way, with both encoders cached and each image's
+original size and crop as micro-conditioning (training/sdxl.py). By default the
 VAE latents and text embeddings of the whole dataset are computed once and
 cached (`--no_cache` encodes every step instead). Checkpoints go to
 OUT/checkpoint-N and `--resume_from_checkpoint latest` continues exactly where
@@ -25,6 +27,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -34,11 +37,12 @@ from accelerate.utils import ProjectConfiguration, gather_object
 from tqdm.auto import tqdm
 
 from latent_diffusion.checks import NonFiniteError
-from latent_diffusion.cache import (CachedSamples, build_or_load_cache, cache_key, encode_captions,
+from latent_diffusion.cache import (CachedSamples, build_or_load_cache, cache_key, encode_caption_tensors,
                                     encode_latent_moments, identity, sample_latents)
-from latent_diffusion.conditioning import vae_scale_factor
+from latent_diffusion.conditioning import encode_prompts, vae_scale_factor
 from latent_diffusion.data import CaptionImageDataset, ImageTransform, load_caption_dataset, readable_indices
 from latent_diffusion.losses import DenoisingLoss
+from latent_diffusion.prompt_conditioning import Conditioning
 from latent_diffusion.schedules import NoiseSchedule
 from latent_diffusion.utils import gather, randn
 from latent_diffusion.training.args import parse_args
@@ -47,6 +51,9 @@ from latent_diffusion.training.components import load_components
 from latent_diffusion.training.checkpointing import (TrainingState, checkpoint_weights, discard_partial_checkpoints,
                                                      load_checkpoint, resolve_checkpoint, save_checkpoint)
 from latent_diffusion.training.ema import EMA
+from latent_diffusion.training import bucketing, lora
+from latent_diffusion.training.sdxl import (SizedCaptionImageDataset, batch_conditioning, check_sdxl_parts, context_dim,
+                                            read_force_zeros)
 from latent_diffusion.training.speed import LossMeter, adamw_options, speed_up_unet
 from latent_diffusion.training.validation import run_validation
 
@@ -59,8 +66,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     models = load_models(args, accelerator)  # the UNet learns; VAE and text encoder are frozen
     data = load_training_data(args, accelerator, models)  # cached latents, or images encoded on the fly
     max_steps = args.max_train_steps or args.num_train_epochs * data.steps_per_epoch
-    optimizer, lr_scheduler = make_optimizer(args, accelerator, models.unet, max_steps)
+    trained = lora.trained_modules(args, models.unet, models.text_encoder)  # the UNet (+ text encoder LoRA)
+    optimizer, lr_scheduler = make_optimizer(args, accelerator, trained, max_steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
+    if lora.lora_enabled(args):  # checkpoints hold the adapters only; text encoder LoRA gradients are averaged
+        lora.register_checkpoint_hooks(accelerator, models.text_encoder if args.train_text_encoder_lora else None)
+        if args.train_text_encoder_lora:
+            lora.sync_text_encoder_gradients(accelerator, optimizer, models.text_encoder)
     ema = EMA(accelerator.unwrap_model(unet), args.ema_decay) if args.use_ema else None
     state = resume(args, accelerator, ema)  # a fresh TrainingState when not resuming
     start_trackers(args, accelerator)
@@ -100,6 +112,9 @@ class Models:
     scheduler: Any  # the diffusers scheduler config that will be saved with the pipeline
     schedule: NoiseSchedule  # ᾱ_t and the prediction type the loss uses
     weight_dtype: torch.dtype
+    text_encoder_2: Any = None  # SDXL: the second (projection) text encoder and its tokenizer, frozen
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: Optional[bool] = None  # SDXL: kept from the base folder
 
 
 def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
@@ -114,10 +129,11 @@ def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
     scheduler = parts["scheduler"]
     if args.prediction_type is not None:  # the saved scheduler carries the trained prediction type
         scheduler = type(scheduler).from_config(scheduler.config, prediction_type=args.prediction_type)
-    check_model_fits(args, unet, vae, text_encoder)
+    text_encoder_2 = parts["text_encoder_2"]
+    check_model_fits(args, unet, vae, text_encoder, text_encoder_2)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for frozen in (vae, text_encoder):
+    for frozen in (vae, text_encoder) + ((text_encoder_2,) if text_encoder_2 is not None else ()):
         frozen.requires_grad_(False)
         frozen.eval()
         frozen.to(accelerator.device, dtype=weight_dtype)
@@ -125,22 +141,30 @@ def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
         unet.to(dtype=torch.float32)
     unet.requires_grad_(True)
     unet.train()
+    if lora.lora_enabled(args):  # freezes the UNet and adds trainable peft adapters (training/lora.py)
+        lora.add_adapters(args, unet, text_encoder)
+        logger.info("LoRA: %d of %d UNet parameters train", *lora.count_parameters(unet))
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     speed_up_unet(unet, args.channels_last, args.compile, args.compile_mode)  # --channels_last, --compile
+    force_zeros = read_force_zeros(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     return Models(unet, vae, text_encoder, parts["tokenizer"], scheduler, NoiseSchedule.from_config(scheduler.config),
-                  weight_dtype)
+                  weight_dtype, text_encoder_2, parts["tokenizer_2"], force_zeros)
 
 
-def check_model_fits(args: argparse.Namespace, unet, vae, text_encoder) -> None:
+def check_model_fits(args: argparse.Namespace, unet, vae, text_encoder, text_encoder_2=None) -> None:
     """The resolution and the UNet must fit the VAE and the text encoder (errors name the flag)."""
     multiple = vae_scale_factor(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
     if args.resolution % multiple:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of {multiple} "
                          f"(VAE factor {vae_scale_factor(vae)} × the UNet's downsampling)")
-    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+    check_sdxl_parts(unet, text_encoder_2)
+    if text_encoder_2 is not None and (args.enable_bucket or args.train_text_encoder_lora):
+        raise ValueError("--enable_bucket and --train_text_encoder_lora are not supported for SDXL models yet "
+                         "(the size ids assume square --resolution crops; the second encoder has no LoRA path)")
+    if unet.config.cross_attention_dim != context_dim(text_encoder, text_encoder_2):
         raise ValueError(f"--unet_config: cross_attention_dim {unet.config.cross_attention_dim} differs from the "
-                         f"text encoder's hidden size {text_encoder.config.hidden_size}")
+                         f"text encoder(s)' hidden size {context_dim(text_encoder, text_encoder_2)}")
     if unet.config.in_channels != vae.config.latent_channels:
         raise ValueError(f"--unet_config: in_channels {unet.config.in_channels} differs from the VAE's "
                          f"{vae.config.latent_channels} latent channels")
@@ -155,6 +179,7 @@ class TrainingData:
     collate_fn: Any
     num_workers: int
     name: str
+    buckets: Optional[dict] = None  # --enable_bucket: row -> (width, height) of its bucket
 
 
 def load_training_data(args: argparse.Namespace, accelerator: Accelerator, models: Models) -> TrainingData:
@@ -163,9 +188,13 @@ def load_training_data(args: argparse.Namespace, accelerator: Accelerator, model
         dataset = load_caption_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir,
                                        args.image_column, args.caption_column, args.max_train_samples, args.cache_dir)
     transform = ImageTransform(args.resolution, args.center_crop, args.random_flip)
+    if args.enable_bucket:  # each image at its aspect-ratio bucket's size, centre-cropped (training/bucketing.py)
+        transform = bucketing.bucket_transform(args, models.vae, models.unet)
+    cache = None
     if args.no_cache:
         rows, unreadable = find_readable_rows(accelerator, dataset, args.image_column)
-        samples = CaptionImageDataset(dataset, args.image_column, args.caption_column, transform,
+        dataset_cls = SizedCaptionImageDataset if models.text_encoder_2 is not None else CaptionImageDataset
+        samples = dataset_cls(dataset, args.image_column, args.caption_column, transform,
                                       args.caption_dropout, args.seed)
         collate_fn, workers = None, args.dataloader_num_workers
     else:
@@ -181,13 +210,21 @@ def load_training_data(args: argparse.Namespace, accelerator: Accelerator, model
         logger.warning(f"skipped {len(unreadable)} unreadable image(s) of {len(dataset)}: rows {unreadable[:20]}")
     steps = steps_per_epoch(len(rows), world_size=accelerator.num_processes, batch_size=args.train_batch_size,
                             accumulation=args.gradient_accumulation_steps)
+    buckets = None
+    if args.enable_bucket:
+        buckets = bucketing.row_buckets_for(args, cache, dataset, rows, transform, models.vae)
+        steps = bucketing.bucket_steps_per_epoch(buckets, world_size=accelerator.num_processes,
+                                                 batch_size=args.train_batch_size,
+                                                 accumulation=args.gradient_accumulation_steps)
+        logger.info(f"{len(transform.buckets)} buckets; images per bucket (width×height): "
+                    f"{bucketing.describe_buckets(buckets)}")
     if steps < 1:
         raise ValueError(f"{len(rows)} usable images cannot fill one step of --train_batch_size "
                          f"{args.train_batch_size} × --gradient_accumulation_steps {args.gradient_accumulation_steps} "
-                         f"× {accelerator.num_processes} process(es)")
+                         f"× {accelerator.num_processes} process(es)" + (" within one bucket" if buckets else ""))
     logger.info(f"{len(rows)} images, {steps} steps per epoch, {len(unreadable)} unreadable skipped")
     name = args.dataset_name or os.path.basename(os.path.normpath(args.train_data_dir))
-    return TrainingData(samples, rows, steps, not args.no_cache, collate_fn, workers, name)
+    return TrainingData(samples, rows, steps, not args.no_cache, collate_fn, workers, name, buckets)
 
 
 def find_readable_rows(accelerator: Accelerator, dataset, image_column: str) -> tuple[list[int], list[int]]:
@@ -202,7 +239,9 @@ def build_cache(args, accelerator: Accelerator, models: Models, dataset, transfo
     """Latents and embeddings of every row, computed once (rows split across processes), then loaded everywhere."""
     key = cache_key(models.vae, models.text_encoder, models.tokenizer, resolution=args.resolution,
                     center_crop=args.center_crop, dataset_fingerprint=dataset._fingerprint,
-                    image_column=args.image_column, caption_column=args.caption_column, random_flip=args.random_flip)
+                    image_column=args.image_column, caption_column=args.caption_column, random_flip=args.random_flip,
+                    text_encoder_2=models.text_encoder_2, tokenizer_2=models.tokenizer_2,
+                    buckets=bucketing.cache_setting(args))
     root = os.path.join(args.cache_dir or args.output_dir, "latent_cache")
     bar = tqdm(total=math.ceil(len(dataset) / accelerator.num_processes), desc="caching latents",
                disable=not accelerator.is_local_main_process)
@@ -211,6 +250,7 @@ def build_cache(args, accelerator: Accelerator, models: Models, dataset, transfo
         transform=transform, image_column=args.image_column, caption_column=args.caption_column,
         batch_size=args.train_batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes,
         barrier=accelerator.wait_for_everyone, progress=bar.update,
+        text_encoder_2=models.text_encoder_2, tokenizer_2=models.tokenizer_2,
     )
     bar.close()
     logger.info(f"latent cache {'hit' if hit else 'built'}: {os.path.join(root, key)}")
@@ -325,9 +365,10 @@ def check_pending_loss(losses, step: int) -> None:
 
 def epoch_loader(args, accelerator: Accelerator, data: TrainingData, state: TrainingState):
     """The rest of the current epoch's batches for this process, from the saved position on."""
-    batches = epoch_batches(data.rows, epoch=state.epoch, seed=args.seed, rank=accelerator.process_index,
-                            world_size=accelerator.num_processes, batch_size=args.train_batch_size,
-                            accumulation=args.gradient_accumulation_steps)
+    plan = epoch_batches if data.buckets is None else partial(bucketing.bucket_epoch_batches, data.buckets)
+    batches = plan(data.rows, epoch=state.epoch, seed=args.seed, rank=accelerator.process_index,
+                   world_size=accelerator.num_processes, batch_size=args.train_batch_size,
+                   accumulation=args.gradient_accumulation_steps)
     remaining = batches[state.step_in_epoch * args.gradient_accumulation_steps :]
     return torch.utils.data.DataLoader(data.samples, batch_sampler=remaining, collate_fn=data.collate_fn,
                                        num_workers=data.num_workers)
@@ -344,8 +385,8 @@ def train_step(args, accelerator: Accelerator, models: Models, unet, optimizer, 
     losses = []
     for batch in micro_batches:
         with accelerator.accumulate(unet):
-            latents, context = batch_inputs(batch, models, accelerator.device, generator)
-            loss = denoising_loss(unet, latents, context, models.schedule, loss_fn, generator, args.noise_offset)
+            latents, cond = batch_inputs(batch, models, accelerator.device, generator, args.resolution)
+            loss = denoising_loss(unet, latents, cond, models.schedule, loss_fn, generator, args.noise_offset)
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -357,19 +398,26 @@ def train_step(args, accelerator: Accelerator, models: Models, unet, optimizer, 
     return accelerator.gather(torch.stack(losses).mean()[None]).mean()  # no .item(): no host sync per step
 
 
-def batch_inputs(batch: dict, models: Models, device, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """z_0 (B, C, h, w), drawn from the VAE posterior, and the text embeddings (B, L, D), from the cache or encoded now."""
+def batch_inputs(batch: dict, models: Models, device, generator: torch.Generator,
+                 resolution: Optional[int] = None) -> tuple[torch.Tensor, Conditioning]:
+    """z_0 (B, C, h, w), drawn from the VAE posterior, and the conditioning: text embeddings (B, L, D), from the
+    cache or encoded now, and for SDXL the pooled embeddings and size ids (`resolution` is the target size)."""
     if "latent_mean" in batch:
         mean, std, context = batch["latent_mean"], batch["latent_std"], batch["text_embeds"]
     else:
         mean, std = encode_latent_moments(models.vae, batch["pixels"])
-        context = encode_captions(models.tokenizer, models.text_encoder, batch["caption"])
+        if models.text_encoder.training:  # --train_text_encoder_lora: embeddings with gradients
+            context = encode_prompts(models.tokenizer, models.text_encoder, list(batch["caption"]), num_chunks=1)
+        else:
+            texts = encode_caption_tensors(models.tokenizer, models.text_encoder, batch["caption"], models.tokenizer_2,
+                                           models.text_encoder_2)  # and SDXL's pooled embeddings
+            batch, context = {**batch, **texts}, texts["text_embeds"]
     mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
     z0 = sample_latents(mean, std, randn(tuple(mean.shape), generator, torch.float32, device))
-    return z0, context.to(device, torch.float32)
+    return z0, batch_conditioning(batch, context, resolution, device)
 
 
-def denoising_loss(unet, z0: torch.Tensor, context: torch.Tensor, schedule: NoiseSchedule, loss_fn: DenoisingLoss,
+def denoising_loss(unet, z0: torch.Tensor, cond: Conditioning, schedule: NoiseSchedule, loss_fn: DenoisingLoss,
                    generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
     """Algorithm 1 of DDPM in latent space.
 
@@ -385,7 +433,7 @@ def denoising_loss(unet, z0: torch.Tensor, context: torch.Tensor, schedule: Nois
         noise = noise + noise_offset * randn((batch, z0.shape[1], 1, 1), generator, z0.dtype, z0.device)
     alpha_bar = gather(schedule.alphas_cumprod, t_host, z0)  # (B, 1, 1, 1); indexed on the host: no sync
     z_t = q_sample(z0, noise, alpha_bar)
-    model_output = unet(z_t, t, encoder_hidden_states=context).sample
+    model_output = unet(z_t, t, encoder_hidden_states=cond.context, added_cond_kwargs=cond.added_cond_kwargs()).sample
     return loss_fn(model_output, z0, noise, alpha_bar)
 
 
@@ -438,7 +486,9 @@ def make_pipeline(models: Models, unet):
     from latent_diffusion.pipelines import LatentDiffusionPipeline
 
     return LatentDiffusionPipeline(unet=unet, vae=models.vae, text_encoder=models.text_encoder,
-                                   tokenizer=models.tokenizer, scheduler=models.scheduler)
+                                   tokenizer=models.tokenizer, scheduler=models.scheduler,
+                                   text_encoder_2=models.text_encoder_2, tokenizer_2=models.tokenizer_2,
+                                   force_zeros_for_empty_prompt=models.force_zeros_for_empty_prompt)
 
 
 # ----------------------------------------------------------------------------- output
@@ -446,6 +496,8 @@ def make_pipeline(models: Models, unet):
 
 def save_pipeline(args, accelerator: Accelerator, models: Models, unet, ema: Optional[EMA], step: int) -> None:
     """OUT/ as a diffusers folder holding the (EMA) UNet in float32, a model card, and optionally upload it."""
+    if lora.lora_enabled(args):  # OUT/pytorch_lora_weights.safetensors and its card instead (training/lora.py)
+        return lora.save_lora_run(args, accelerator, models, unet, ema, step, make_pipeline)
     accelerator.wait_for_everyone()
     weights = accelerator.get_state_dict(unet)  # collective: gathers sharded (FSDP, ZeRO) weights on the main process
     if not accelerator.is_main_process:
@@ -456,13 +508,14 @@ def save_pipeline(args, accelerator: Accelerator, models: Models, unet, ema: Opt
     final_unet.eval()
     if ema is not None:
         ema.copy_to(final_unet)
-    vae, text_encoder = models.vae, models.text_encoder
+    vae, text_encoder, text_encoder_2 = models.vae, models.text_encoder, models.text_encoder_2
     if models.weight_dtype != torch.float32:  # the frozen parts were cast for speed: save the originals
         parts = load_components(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-                                cache_dir=args.cache_dir, skip=("unet", "tokenizer", "scheduler"))
-        vae, text_encoder = parts["vae"], parts["text_encoder"]
+                                cache_dir=args.cache_dir, skip=("unet", "tokenizer", "scheduler", "tokenizer_2"))
+        vae, text_encoder, text_encoder_2 = parts["vae"], parts["text_encoder"], parts["text_encoder_2"]
     pipe = make_pipeline(Models(final_unet, vae, text_encoder, models.tokenizer, models.scheduler, models.schedule,
-                                torch.float32), final_unet)
+                                torch.float32, text_encoder_2, models.tokenizer_2,
+                                models.force_zeros_for_empty_prompt), final_unet)
     pipe.save_pretrained(args.output_dir)
     grid = write_card(args, pipe, step)
     logger.info(f"saved the pipeline to {args.output_dir}" + (f" (validation grid {grid})" if grid else ""))

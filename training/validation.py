@@ -48,7 +48,7 @@ def shapes_adherence(images: Sequence[Image.Image], prompts: Sequence[str]) -> d
     """Shapes adherence of the images whose prompt parses in the Shapes grammar (others are skipped):
     {"adherence": overall, "adherence_<category>": ..., "adherence_held_out": ...}, each the fraction judged
     exactly as prompted by `latent_diffusion.shapes.score_images`; categories without prompts are left out."""
-    from latent_diffusion.evaluation.report import shapes_adherence as adherence
+    from latent_diffusion.evaluation.scoring import shapes_adherence as adherence
 
     return adherence(images, prompts)
 

@@ -6,7 +6,8 @@
     clip_score   CLIP-S = 100 · max(cos(E_I, E_C), 0), averaged
     resources    median seconds per call and peak memory
     images       the image inputs every measure accepts
-    report       `latent-diffusion eval`: a grid of settings generated, scored and reported (resumable)
+    report       `latent-diffusion eval`: a grid of settings generated, scored and reported (resumable),
+                 in steps: settings, prompts, run_folder, timings, generation, quality, scoring, markdown
 
 transformers is imported only when a CLIP model is loaded.
 """
@@ -22,7 +23,10 @@ from .fid import (
 )
 from .frechet import feature_statistics, frechet_distance
 from .inception import WEIGHTS_ENV_VAR, FIDInception, FIDWeightsNotFoundError, load_fid_inception
-from .report import EvalRun, SettingsRequest, rebuild_report, run_evaluation, shapes_eval_prompts
+from .prompts import shapes_eval_prompts
+from .report import rebuild_report, run_evaluation
+from .run_folder import EvalRun
+from .settings import SettingsRequest
 from .resources import Measurement, measure
 
 __all__ = [

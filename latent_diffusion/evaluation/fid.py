@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..files import atomic_write
 from .clip_score import CLIPImageEmbedder
 from .frechet import feature_statistics, frechet_distance
 from .images import iter_batches, stack_same_size
@@ -68,11 +69,8 @@ def save_reference_statistics(folder: str | os.PathLike, out_path: str | os.Path
     out_path = Path(out_path)
     if out_path.suffix != ".npz":
         raise ValueError(f"out_path must end in .npz; got {str(out_path)!r}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = out_path.with_name(out_path.name + ".tmp")
-    with open(tmp_path, "wb") as f:
+    with atomic_write(out_path) as tmp, open(tmp, "wb") as f:
         np.savez(f, mu=mu, sigma=sigma, measure=np.array(measure_name(extractor)), num_images=len(features))
-    os.replace(tmp_path, out_path)
     return out_path
 
 

@@ -8,11 +8,12 @@ readable; titles and row labels use PIL's default font.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
+
+from ..pngmeta import save_png
 
 FRAME_COLOURS = {True: (40, 170, 60), False: (210, 50, 40), None: (150, 150, 150)}
 FRAME = 3  # pixels of frame around each cell
@@ -117,16 +118,9 @@ def write_grids(run, results: Sequence[dict]) -> list[Path]:
         if not images:
             continue
         title = f"{result['label']}: {len(result['judgements'])} images"
-        paths.append(_save(setting_grid(images, verdicts, title), folder / f"{result['name']}.png"))
+        paths.append(save_png(setting_grid(images, verdicts, title), folder / f"{result['name']}.png", {}))
         rows.append((result["label"], images, verdicts))
     if rows:
-        paths.insert(0, _save(comparison_grid(rows), folder / "comparison.png"))
+        paths.insert(0, save_png(comparison_grid(rows), folder / "comparison.png", {}))
     return paths
 
-
-def _save(image: Image.Image, path: Path) -> Path:
-    """Save a PNG atomically (temporary name, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path

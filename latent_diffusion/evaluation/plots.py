@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 from PIL import Image, ImageDraw
 
+from ..pngmeta import save_png
 from .grids import default_font
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
@@ -210,13 +210,6 @@ def write_quality_plots(results: Sequence[dict], folder: Path) -> list[Path]:
                 continue
             chart = line_chart(series, f"{label.split(' (')[0]} vs. time, guidance w = {guidance:g}",
                                "seconds per image", label, y_range=y_range, legend_title="sampler (points: steps)")
-            paths.append(_save(chart, folder / f"{key}-vs-seconds-w{guidance:g}.png"))
+            paths.append(save_png(chart, folder / f"{key}-vs-seconds-w{guidance:g}.png", {}))
     return paths
 
-
-def _save(image: Image.Image, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path

@@ -1,4 +1,4 @@
-"""Speed and peak memory of a call: `measure(fn, *args, warmup=1, repeats=3)`.
+"""Speed and peak memory of a call: `measure(fn, *args, warmup=1, repeats=3)`; `PeakMemory` for any block.
 
 Time: the median of `repeats` wall-clock timings (time.perf_counter) after
 `warmup` untimed calls; on CUDA the device is synchronized before and after
@@ -43,14 +43,6 @@ class Measurement:
     peak_increase_bytes: int  # the peak above what was in use just before the timed calls
     memory_kind: str  # "cuda_max_allocated" or "cpu_rss_approx"
     times: tuple[float, ...]
-
-    @property
-    def peak_increase_mib(self) -> float:
-        return self.peak_increase_bytes / MIB
-
-    @property
-    def peak_mib(self) -> float:
-        return self.peak_bytes / MIB
 
 
 def current_rss_bytes() -> int | None:
@@ -126,21 +118,35 @@ def _timed_calls(fn: Callable, args, kwargs, repeats: int, synchronize: Callable
     return times
 
 
-def _measure_cuda(fn, args, kwargs, repeats: int, device: torch.device) -> tuple[list[float], int, int]:
-    """Timings and (peak, peak − baseline) of torch.cuda allocated memory on `device`."""
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    baseline = torch.cuda.memory_allocated(device)
-    times = _timed_calls(fn, args, kwargs, repeats, lambda: torch.cuda.synchronize(device))
-    peak = torch.cuda.max_memory_allocated(device)
-    return times, peak, peak - baseline
+class PeakMemory:
+    """Context manager: peak memory while open; CUDA max allocated on a CUDA device, else the sampled process RSS.
 
+    `peak`: the peak (bytes); `increase`: the peak above what was in use on entering; `kind`: which counter.
+    """
 
-def _measure_cpu(fn, args, kwargs, repeats: int, sample_interval: float) -> tuple[list[float], int, int]:
-    """Timings and (peak, peak − baseline) of the process's RSS, sampled."""
-    with RSSPeakSampler(sample_interval) as sampler:
-        times = _timed_calls(fn, args, kwargs, repeats, lambda: None)
-    return times, sampler.peak, max(sampler.peak - sampler.baseline, 0)
+    def __init__(self, device: torch.device | str, sample_interval: float = 0.002):
+        self.device = torch.device(device)
+        self.kind = "cuda_max_allocated" if self.device.type == "cuda" else "cpu_rss_approx"
+        self.sample_interval = sample_interval
+        self.peak = self.increase = 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._baseline = torch.cuda.memory_allocated(self.device)
+        else:
+            self._sampler = RSSPeakSampler(self.sample_interval).__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            self.increase = self.peak - self._baseline
+        else:
+            self._sampler.__exit__(*exc)
+            self.peak, self.increase = self._sampler.peak, max(self._sampler.peak - self._sampler.baseline, 0)
 
 
 def measure(fn: Callable, *args, warmup: int = 1, repeats: int = 3, device: str | torch.device | None = None,
@@ -158,11 +164,8 @@ def measure(fn: Callable, *args, warmup: int = 1, repeats: int = 3, device: str 
     device = _resolve_device(device)
     for _ in range(warmup):
         fn(*args, **kwargs)
-    if device.type == "cuda":
-        times, peak, increase = _measure_cuda(fn, args, kwargs, repeats, device)
-        kind = "cuda_max_allocated"
-    else:
-        times, peak, increase = _measure_cpu(fn, args, kwargs, repeats, sample_interval)
-        kind = "cpu_rss_approx"
-    return Measurement(seconds=statistics.median(times), peak_bytes=int(peak), peak_increase_bytes=int(increase),
-                       memory_kind=kind, times=tuple(times))
+    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    with PeakMemory(device, sample_interval) as memory:
+        times = _timed_calls(fn, args, kwargs, repeats, synchronize)
+    return Measurement(seconds=statistics.median(times), peak_bytes=int(memory.peak),
+                       peak_increase_bytes=int(memory.increase), memory_kind=memory.kind, times=tuple(times))

@@ -1,11 +1,16 @@
-"""Samplers: DDPM (ancestral), DDIM (η) and DPM-Solver++(2M), one per file, one shared signature.
+"""Samplers, one per file, one shared signature: DDPM, DDIM, DPM-Solver++ (ODE and SDE), Euler, Euler a, Heun, UniPC.
 
-    sampler = get_sampler("dpm++", schedule)            # settings from schedule.config (+ overrides, e.g. eta=0.3)
+    sampler = get_sampler("dpm++", schedule, sigma_schedule="karras")  # settings from schedule.config (+ overrides)
     timesteps = sampler.timesteps(25)                     # as the diffusers scheduler's set_timesteps
     x0 = sampler(Denoiser(model_fn, schedule), x_T, timesteps, generator=g, callback=cb)
 
+    x_t = sampler.add_noise(z0, noise, timesteps[k:])      # img2img: start a tail of the plan from z0
+    x0 = sampler(denoiser, x_t, timesteps[k:], generator=g)
+
 Each sampler matches its diffusers scheduler (DDPMScheduler, DDIMScheduler,
-DPMSolverMultistepScheduler) built from the same config, number for number.
+DPMSolverMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+HeunDiscreteScheduler, UniPCMultistepScheduler) built from the same config, number for number.
+x is always in VP form (the latents the network sees); the Euler family converts to σ form inside.
 """
 from __future__ import annotations
 
@@ -16,18 +21,53 @@ from .base import Denoiser, Prediction, Sampler
 from .ddim import DDIMSampler
 from .ddpm import DDPMSampler
 from .dpm_solver import DPMSolverSampler
+from .dpm_solver_sde import DPMSolverSDESampler
+from .euler import EulerSampler
+from .euler_ancestral import EulerAncestralSampler
+from .heun import HeunSampler
+from .sigmas import SIGMA_SCHEDULES
+from .unipc import UniPCSampler
 
-SAMPLERS: dict[str, type[Sampler]] = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpm++": DPMSolverSampler}
-SAMPLER_NAMES = tuple(SAMPLERS)  # ("ddpm", "ddim", "dpm++")
+SAMPLERS: dict[str, type[Sampler]] = {
+    "ddpm": DDPMSampler, "ddim": DDIMSampler, "dpm++": DPMSolverSampler, "dpm++_sde": DPMSolverSDESampler,
+    "euler": EulerSampler, "euler_a": EulerAncestralSampler, "heun": HeunSampler, "unipc": UniPCSampler,
+}
+SAMPLER_NAMES = tuple(SAMPLERS)
+# the samplers whose diffusers scheduler offers use_karras_sigmas / use_exponential_sigmas
+SIGMA_SCHEDULE_SAMPLERS = tuple(
+    name for name, cls in SAMPLERS.items() if "karras" in getattr(cls, "sigma_schedules", ())
+)
 
 __all__ = [
-    "SAMPLER_NAMES", "SAMPLERS", "DDIMSampler", "DDPMSampler", "DPMSolverSampler",
-    "Denoiser", "Prediction", "Sampler", "get_sampler",
+    "SAMPLER_NAMES", "SAMPLERS", "SIGMA_SCHEDULES", "SIGMA_SCHEDULE_SAMPLERS", "DDIMSampler", "DDPMSampler",
+    "DPMSolverSDESampler", "DPMSolverSampler", "EulerAncestralSampler", "EulerSampler", "HeunSampler",
+    "UniPCSampler", "Denoiser", "Prediction", "Sampler", "check_sigma_schedule", "get_sampler",
 ]
 
 
+def check_sigma_schedule(sampler: str, sigma_schedule: Any) -> None:
+    """A clear error for a σ schedule that does not exist, or that this sampler (like its diffusers scheduler) lacks."""
+    if sigma_schedule is None:
+        return
+    if sigma_schedule not in SIGMA_SCHEDULES:
+        raise ValueError(f"sigma_schedule must be one of {SIGMA_SCHEDULES}, got {sigma_schedule!r}")
+    if sigma_schedule != "default" and sampler in SAMPLERS and sampler not in SIGMA_SCHEDULE_SAMPLERS:
+        raise ValueError(
+            f"sigma_schedule={sigma_schedule!r} is not offered by the {sampler!r} sampler; "
+            f"it applies to {', '.join(SIGMA_SCHEDULE_SAMPLERS)}"
+        )
+
+
 def get_sampler(name: str, schedule: NoiseSchedule, **overrides: Any) -> Sampler:
-    """The sampler called `name`, its settings read from `schedule.config` and then `overrides`."""
+    """The sampler called `name`, its settings read from `schedule.config` and then `overrides`.
+
+    `sigma_schedule` ("default", "karras", "exponential"; None: the config's use_karras_sigmas /
+    use_exponential_sigmas) is accepted by every sampler and refused by name where it does not apply.
+    """
     if name not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLER_NAMES}, got {name!r}")
+    if "sigma_schedule" in overrides:
+        check_sigma_schedule(name, overrides["sigma_schedule"])
+        if overrides["sigma_schedule"] is None or name not in SIGMA_SCHEDULE_SAMPLERS:
+            overrides = {k: v for k, v in overrides.items() if k != "sigma_schedule"}
     return SAMPLERS[name].from_schedule(schedule, **overrides)

@@ -1,6 +1,10 @@
 """What every sampler shares: the `Denoiser` adapter, the `Sampler` base, and settings read from a scheduler config.
 
-A sampler is a small frozen dataclass. Its settings are the keys of the
+A sampler is a small frozen dataclass. The base owns the call's prologue and
+loop (check the timesteps, compute the per-step coefficients once, keep x_t
+in a working dtype, call the callback after each step); a sampler adds only
+its plan (`plan`), its coefficients (`coefficients`, a NamedTuple) and its
+update rule (`step`). Its settings are the keys of the
 diffusers scheduler it mirrors (`clip_sample`, `set_alpha_to_one`, ...), read
 from the checkpoint's `scheduler_config.json` with that scheduler class's
 defaults, so `get_sampler("ddim", schedule)` samples exactly as
@@ -15,10 +19,11 @@ from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Optional, Seque
 
 import torch
 
-from ..gaussian import predictions_from_output
+from ..checks import check_choice
+from ..gaussian import predictions_from_output, q_sample
 from ..schedules import NoiseSchedule
 from ..utils import gather
-from .timesteps import SPACINGS, check_num_inference_steps
+from .timesteps import SPACINGS, check_num_inference_steps, spaced_timesteps
 
 Generator = Union[torch.Generator, Sequence[torch.Generator], None]
 Callback = Callable[[int, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
@@ -35,7 +40,8 @@ class Prediction(NamedTuple):
 class Denoiser:
     """Turns a network that predicts ε, v or x_0 (per `schedule.prediction_type`) into (ε̂, x̂_0) for the samplers.
 
-    `model_fn(x_t, t)` returns the raw network output; `t` is a 0-dim long tensor.
+    `model_fn(x_t, t)` returns the raw network output; `t` is a 0-dim tensor: long, or float32 for the
+    samplers whose plan visits fractional timesteps (Karras σ with Euler/Heun, as diffusers).
     Samplers pass the ᾱ_t they precomputed for the step (`alpha_bar`), which also
     lets a sampler use its own view of the schedule (DPM-Solver++ clamps ᾱ_T = 0 to
     2⁻²⁴); without it ᾱ_t is looked up in the schedule.
@@ -53,12 +59,6 @@ class Denoiser:
         return Prediction(eps=eps, x0=x0)
 
 
-def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
-    """A clear error naming the setting and its allowed values."""
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
-
-
 def reject_config(config: Mapping[str, Any], sampler: str, unsupported: Mapping[str, Any]) -> None:
     """Raise for config keys set to a value (other than the harmless default) that this sampler does not implement."""
     for key, harmless in unsupported.items():
@@ -69,12 +69,30 @@ def reject_config(config: Mapping[str, Any], sampler: str, unsupported: Mapping[
             )
 
 
+class Run(NamedTuple):
+    """What one call fixes before its loop: the network, the plan on x's device and the per-step coefficients."""
+
+    denoiser: Denoiser
+    timesteps: torch.Tensor  # (n,) the plan, as given
+    model_timesteps: torch.Tensor  # (n,) what the network is called with at each step
+    alpha_bar: torch.Tensor  # (n,) ᾱ at each step, in x's dtype
+    coefficients: Any  # the sampler's NamedTuple of per-step values
+    generator: Generator
+
+    def predict(self, i: int, x: torch.Tensor) -> Prediction:
+        """(ε̂, x̂_0) of the network at step i's timestep, x (B, C, H, W)."""
+        return self.denoiser(x, self.model_timesteps[i], self.alpha_bar[i])
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Sampler:
     """Base of the samplers: settings as dataclass fields, `timesteps(n)` and `__call__(denoiser, x_T, timesteps)`.
 
     Subclasses set `name`, `unsupported` (config key -> the only value accepted)
-    and, as field defaults, their diffusers class's defaults (`timestep_spacing` too).
+    and, as field defaults, their diffusers class's defaults (`timestep_spacing` too);
+    they implement `coefficients(timesteps)` (a NamedTuple with an `alpha_bar`
+    field) and `step(run, i, x, memory)`, and `plan(n)` where their timesteps differ
+    from DDPMScheduler's.
     """
 
     schedule: NoiseSchedule = dataclasses.field(repr=False)
@@ -101,11 +119,66 @@ class Sampler:
         default_spacing = next(f.default for f in settings if f.name == "timestep_spacing")
         values["timestep_spacing"] = _spacing(schedule, default_spacing)
         values["steps_offset"] = schedule.steps_offset
+        values.update(cls.settings_from_config(config))
         values.update(overrides)
         return cls(schedule=schedule, **values)
 
+    @classmethod
+    def settings_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Settings that are not config keys of the same name (none here; the σ-schedule samplers read two flags)."""
+        return {}
+
+    # ----- the plan ---------------------------------------------------------------------------------------
+
     def timesteps(self, num_inference_steps: int) -> torch.Tensor:
-        """The descending (n,) LongTensor of training timesteps to visit, as the diffusers scheduler's set_timesteps."""
+        """The descending (n,) tensor of training timesteps to visit, as the diffusers scheduler's set_timesteps."""
+        self._check_steps(num_inference_steps)
+        return self.plan(num_inference_steps)
+
+    def plan(self, num_inference_steps: int) -> torch.Tensor:
+        """DDPMScheduler's and DDIMScheduler's timesteps: n of the T, by `timestep_spacing` (a LongTensor)."""
+        num_train = self.schedule.num_train_timesteps
+        return spaced_timesteps(self.timestep_spacing, num_train, num_inference_steps, self.steps_offset)
+
+    def model_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The timesteps the network is called with (here the plan itself)."""
+        return timesteps
+
+    def plan_length(self, timesteps: torch.Tensor) -> int:
+        """n of the plan `timesteps(n)` that `timesteps` ends (a tail, as img2img runs it); len(timesteps) for a whole
+        plan, or for timesteps that end no plan. Rules that diffusers ties to n (DDIM's stride T // n, DPM-Solver's
+        "n < 15") read it, so a tail runs exactly as diffusers' scheduler started at its begin index.
+        """
+        k = len(timesteps)
+        for n in range(k, self.schedule.num_train_timesteps + 1):
+            try:
+                full = self.plan(n)
+            except ValueError:  # some n are too many for a spacing
+                continue
+            if len(full) >= k and torch.equal(full[-k:].to(timesteps.dtype), timesteps):
+                return n
+        return k
+
+    # ----- starting points ----------------------------------------------------------------------------------
+
+    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x at timesteps[0] for a run that starts there (img2img, SDEdit): q(x_t | x_0), Ho et al. 2020 eq. 4."""
+        t = self._check_timesteps(timesteps)[:1]
+        alpha_bar = gather(self.schedule.alphas_cumprod, t, z0)
+        return q_sample(z0, noise, alpha_bar)
+
+    def start_from_noise(self, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x at timesteps[0] for a run from pure noise ε ~ N(0, I): ε itself (diffusers' init_noise_sigma = 1)."""
+        return noise
+
+    # ----- the call -----------------------------------------------------------------------------------------
+
+    def coefficients(self, timesteps: torch.Tensor) -> Any:
+        """Per-step values of the update rule (a NamedTuple with `alpha_bar`), in float64, once per call."""
+        raise NotImplementedError
+
+    def step(self, run: Run, i: int, x: torch.Tensor, memory: dict) -> torch.Tensor:
+        """x after step i, (B, C, H, W); `memory` holds what a multistep rule keeps between steps of this call."""
         raise NotImplementedError
 
     def __call__(
@@ -116,7 +189,26 @@ class Sampler:
         generator: Generator = None,
         callback: Optional[Callback] = None,
     ) -> torch.Tensor:
-        raise NotImplementedError
+        """Run the plan `timesteps` (all of `timesteps(n)`, or a tail of it) from x_T, x at timesteps[0] (B, C, H, W).
+
+        `callback(i, t, x)` is called after each step with the plan's timestep; a tensor it returns replaces x.
+        """
+        timesteps = self._check_timesteps(timesteps)
+        c = self.coefficients(timesteps)
+        x = x_T.to(working_dtype(x_T))  # (B, C, H, W)
+        ts = timesteps.to(x.device)
+        run = Run(denoiser, ts, self.model_timesteps(timesteps).to(x.device), per_step(c.alpha_bar, x), c, generator)
+        memory: dict = {}  # per call, so the sampler itself never changes
+        for i in range(len(ts)):
+            x = self.step(run, i, x, memory)
+            x = after_step(callback, i, ts[i], x)
+        return x.to(x_T.dtype)
+
+    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x at timesteps[0] for a run that starts there (img2img, SDEdit): q(x_t | x_0), Ho et al. 2020 eq. 4."""
+        t = self._check_timesteps(timesteps)[:1]
+        alpha_bar = gather(self.schedule.alphas_cumprod, t, z0)
+        return q_sample(z0, noise, alpha_bar)
 
     def _check_steps(self, num_inference_steps: int) -> None:
         check_num_inference_steps(num_inference_steps, self.schedule.num_train_timesteps)
@@ -124,12 +216,16 @@ class Sampler:
     def _check_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
         """The timesteps as a CPU LongTensor, checked to be 1-D, non-empty and inside [0, T)."""
         timesteps = torch.as_tensor(timesteps).to("cpu", torch.long)
-        num_train = self.schedule.num_train_timesteps
-        if timesteps.ndim != 1 or timesteps.numel() == 0:
-            raise ValueError(f"timesteps must be a non-empty 1-D tensor, got shape {tuple(timesteps.shape)}")
-        if timesteps.min() < 0 or timesteps.max() >= num_train:
-            raise ValueError(f"timesteps must lie in [0, {num_train}), got {timesteps.tolist()}")
+        check_timestep_range(timesteps, self.schedule.num_train_timesteps)
         return timesteps
+
+
+def check_timestep_range(timesteps: torch.Tensor, num_train: int) -> None:
+    """1-D, non-empty, every value inside [0, T − 1]."""
+    if timesteps.ndim != 1 or timesteps.numel() == 0:
+        raise ValueError(f"timesteps must be a non-empty 1-D tensor, got shape {tuple(timesteps.shape)}")
+    if timesteps.min() < 0 or timesteps.max() > num_train - 1:
+        raise ValueError(f"timesteps must lie in [0, {num_train}), got {timesteps.tolist()}")
 
 
 def _spacing(schedule: NoiseSchedule, class_default: str) -> str:

@@ -6,26 +6,27 @@ for s < 0 the "final" ᾱ is 1 (`set_alpha_to_one`) or ᾱ_0.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import NamedTuple
 
 import torch
 
+from ..gaussian import posterior_variance
 from ..utils import randn
-from .base import Callback, Denoiser, Generator, Sampler, after_step, per_step, working_dtype
-from .timesteps import spaced_timesteps
+from .base import Run, Sampler
 
 
-def ddim_previous_alpha_bars(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final: float) -> torch.Tensor:
-    """ᾱ_s for s = t − ⌊T/n⌋, or `final` where s < 0."""
-    prev = timesteps - alphas_cumprod.shape[0] // timesteps.shape[0]
+def ddim_previous_alpha_bars(
+    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final: float, plan_steps: int | None = None
+) -> torch.Tensor:
+    """ᾱ_s for s = t − ⌊T/n⌋, or `final` where s < 0; n is the plan's length (`plan_steps`, for a tail of it)."""
+    prev = timesteps - alphas_cumprod.shape[0] // (plan_steps or timesteps.shape[0])
     picked = alphas_cumprod[prev.clamp(min=0)]
     return torch.where(prev >= 0, picked, torch.full_like(picked, final))
 
 
 def ddim_sigma(alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor, eta: float) -> torch.Tensor:
-    """σ_t(η) = η √((1 − ᾱ_{t−1}) / (1 − ᾱ_t)) √(1 − ᾱ_t / ᾱ_{t−1}) (DDIM eq. 16)."""
-    variance = (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * (1.0 - alpha_bar / alpha_bar_prev)
-    return eta * variance.sqrt()
+    """σ_t(η) = η √((1 − ᾱ_{t−1}) / (1 − ᾱ_t)) √(1 − ᾱ_t / ᾱ_{t−1}) = η √β̃_t (DDIM eq. 16)."""
+    return eta * posterior_variance(alpha_bar, alpha_bar_prev).sqrt()
 
 
 def ddim_coefficients(alpha_bar_prev: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,45 +51,34 @@ class DDIMSampler(Sampler):
         if not self.eta >= 0:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
 
-    def timesteps(self, num_inference_steps: int) -> torch.Tensor:
-        self._check_steps(num_inference_steps)
-        num_train = self.schedule.num_train_timesteps
-        return spaced_timesteps(self.timestep_spacing, num_train, num_inference_steps, self.steps_offset)
-
-    def coefficients(self, timesteps: torch.Tensor) -> dict[str, list]:
+    def coefficients(self, timesteps: torch.Tensor) -> "DDIMCoefficients":
         """Per-step ᾱ_t and the eq. 12 coefficients, in float64, once per call."""
         alphas_cumprod = self.schedule.alphas_cumprod
         final = 1.0 if self.set_alpha_to_one else alphas_cumprod[0].item()
         alpha_bar = alphas_cumprod[timesteps]  # (n,)
-        alpha_bar_prev = ddim_previous_alpha_bars(alphas_cumprod, timesteps, final)  # (n,)
+        alpha_bar_prev = ddim_previous_alpha_bars(alphas_cumprod, timesteps, final, self.plan_length(timesteps))  # (n,)
         sigma = ddim_sigma(alpha_bar, alpha_bar_prev, self.eta)
         coef_x0, coef_eps = ddim_coefficients(alpha_bar_prev, sigma)
-        return dict(alpha_bar=alpha_bar.tolist(), coef_x0=coef_x0.tolist(), coef_eps=coef_eps.tolist(),
-                    sigma=sigma.tolist())
+        return DDIMCoefficients(alpha_bar.tolist(), coef_x0.tolist(), coef_eps.tolist(), sigma.tolist())
 
-    def __call__(
-        self,
-        denoiser: Denoiser,
-        x_T: torch.Tensor,
-        timesteps: torch.Tensor,
-        generator: Generator = None,
-        callback: Optional[Callback] = None,
-    ) -> torch.Tensor:
-        timesteps = self._check_timesteps(timesteps)
-        c = self.coefficients(timesteps)
-        x = x_T.to(working_dtype(x_T))  # (B, C, H, W)
-        alpha_bar = per_step(c["alpha_bar"], x)  # (n,)
-        ts = timesteps.to(x.device)
-        r, stochastic = self.clip_sample_range, self.eta > 0
-        for i in range(len(ts)):
-            # 1. ε̂ and x̂_0 = (x_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t (DDIM eq. 9); only x̂_0 is clipped, as in diffusers
-            eps, x0 = denoiser(x, ts[i], alpha_bar[i])  # each (B, C, H, W)
-            if self.clip_sample:
-                x0 = x0.clamp(-r, r)
-            # 2. x_{t−1} = √ᾱ_{t−1} x̂_0 + √(1 − ᾱ_{t−1} − σ_t²) ε̂ (DDIM eq. 12, "direction pointing to x_t")
-            x = c["coef_x0"][i] * x0 + c["coef_eps"][i] * eps
-            # 3. + σ_t z, z ~ N(0, I), drawn at every step when η > 0 (DDIM eq. 12, "random noise")
-            if stochastic:
-                x = x + c["sigma"][i] * randn(x.shape, generator, x.dtype, x.device)
-            x = after_step(callback, i, ts[i], x)
-        return x.to(x_T.dtype)
+    def step(self, run: Run, i: int, x: torch.Tensor, memory: dict) -> torch.Tensor:
+        c, r = run.coefficients, self.clip_sample_range
+        # 1. ε̂ and x̂_0 = (x_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t (DDIM eq. 9); only x̂_0 is clipped, as in diffusers
+        eps, x0 = run.predict(i, x)  # each (B, C, H, W)
+        if self.clip_sample:
+            x0 = x0.clamp(-r, r)
+        # 2. x_{t−1} = √ᾱ_{t−1} x̂_0 + √(1 − ᾱ_{t−1} − σ_t²) ε̂ (DDIM eq. 12, "direction pointing to x_t")
+        x = c.coef_x0[i] * x0 + c.coef_eps[i] * eps
+        # 3. + σ_t z, z ~ N(0, I), drawn at every step when η > 0 (DDIM eq. 12, "random noise")
+        if self.eta > 0:
+            x = x + c.sigma[i] * randn(x.shape, run.generator, x.dtype, x.device)
+        return x
+
+
+class DDIMCoefficients(NamedTuple):
+    """Per-step values of DDIM's update (eq. 12), each a list of n."""
+
+    alpha_bar: list[float]  # ᾱ_t
+    coef_x0: list[float]  # √ᾱ_{t−1}
+    coef_eps: list[float]  # √(1 − ᾱ_{t−1} − σ_t²)
+    sigma: list[float]  # σ_t(η)

@@ -7,13 +7,14 @@ strided chain: α_t|s = ᾱ_t / ᾱ_s, β_t|s = 1 − α_t|s.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import NamedTuple
 
 import torch
 
+from ..checks import check_choice
+from ..gaussian import posterior_variance
 from ..utils import randn
-from .base import Callback, Denoiser, Generator, Sampler, after_step, check_choice, per_step, working_dtype
-from .timesteps import spaced_timesteps
+from .base import Run, Sampler
 
 # "fixed_small_log" gives the same σ_t as "fixed_small" in diffusers (it stores the std directly).
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
@@ -40,13 +41,8 @@ def posterior_mean_coefficients(
     return coef_x0, coef_xt
 
 
-def posterior_variance(alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor) -> torch.Tensor:
-    """β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t (DDPM eq. 7): σ_t² = β̃_t, "fixed_small"."""
-    return (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * (1.0 - alpha_bar / alpha_bar_prev)
-
-
 def ancestral_std(alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor, variance_type: str) -> torch.Tensor:
-    """σ_t of Algorithm 2: √β̃_t ("fixed_small", the posterior's) or √β_t ("fixed_large", DDPM §3.2)."""
+    """σ_t of Algorithm 2: √β̃_t ("fixed_small", the posterior's, `gaussian.posterior_variance`) or √β_t ("fixed_large", DDPM §3.2)."""
     if variance_type == "fixed_large":
         return (1.0 - alpha_bar / alpha_bar_prev).sqrt()
     return posterior_variance(alpha_bar, alpha_bar_prev).clamp(min=MIN_VARIANCE).sqrt()
@@ -67,45 +63,34 @@ class DDPMSampler(Sampler):
         super().__post_init__()
         check_choice("variance_type", self.variance_type, VARIANCE_TYPES)
 
-    def timesteps(self, num_inference_steps: int) -> torch.Tensor:
-        self._check_steps(num_inference_steps)
-        num_train = self.schedule.num_train_timesteps
-        return spaced_timesteps(self.timestep_spacing, num_train, num_inference_steps, self.steps_offset)
-
-    def coefficients(self, timesteps: torch.Tensor) -> dict[str, list]:
+    def coefficients(self, timesteps: torch.Tensor) -> "DDPMCoefficients":
         """Per-step ᾱ_t, c_0, c_t, σ_t (float64, once per call) and whether noise is added (t > 0, as diffusers)."""
         alpha_bar = self.schedule.alphas_cumprod[timesteps]  # (n,)
         alpha_bar_prev = previous_alpha_bars(self.schedule.alphas_cumprod, timesteps)  # (n,)
         coef_x0, coef_xt = posterior_mean_coefficients(alpha_bar, alpha_bar_prev)
         std = ancestral_std(alpha_bar, alpha_bar_prev, self.variance_type)
-        return dict(
-            alpha_bar=alpha_bar.tolist(), coef_x0=coef_x0.tolist(), coef_xt=coef_xt.tolist(),
-            std=std.tolist(), noisy=(timesteps > 0).tolist(),
-        )
+        return DDPMCoefficients(alpha_bar.tolist(), coef_x0.tolist(), coef_xt.tolist(), std.tolist(),
+                                (timesteps > 0).tolist())
 
-    def __call__(
-        self,
-        denoiser: Denoiser,
-        x_T: torch.Tensor,
-        timesteps: torch.Tensor,
-        generator: Generator = None,
-        callback: Optional[Callback] = None,
-    ) -> torch.Tensor:
-        timesteps = self._check_timesteps(timesteps)
-        c = self.coefficients(timesteps)
-        x = x_T.to(working_dtype(x_T))  # (B, C, H, W)
-        alpha_bar = per_step(c["alpha_bar"], x)  # (n,)
-        ts = timesteps.to(x.device)
-        r = self.clip_sample_range
-        for i in range(len(ts)):
-            # 1. x̂_0 from the network (DDPM eq. 15 for ε), clipped to [−r, r] if clip_sample
-            x0 = denoiser(x, ts[i], alpha_bar[i]).x0  # (B, C, H, W)
-            if self.clip_sample:
-                x0 = x0.clamp(-r, r)
-            # 2. μ̃_t(x_t, x̂_0) = c_0 x̂_0 + c_t x_t (DDPM eq. 7)
-            x = c["coef_x0"][i] * x0 + c["coef_xt"][i] * x
-            # 3. x_{t−1} = μ̃_t + σ_t z, z ~ N(0, I), except when t = 0 (Algorithm 2, lines 3–4)
-            if c["noisy"][i]:
-                x = x + c["std"][i] * randn(x.shape, generator, x.dtype, x.device)
-            x = after_step(callback, i, ts[i], x)
-        return x.to(x_T.dtype)
+    def step(self, run: Run, i: int, x: torch.Tensor, memory: dict) -> torch.Tensor:
+        c, r = run.coefficients, self.clip_sample_range
+        # 1. x̂_0 from the network (DDPM eq. 15 for ε), clipped to [−r, r] if clip_sample
+        x0 = run.predict(i, x).x0  # (B, C, H, W)
+        if self.clip_sample:
+            x0 = x0.clamp(-r, r)
+        # 2. μ̃_t(x_t, x̂_0) = c_0 x̂_0 + c_t x_t (DDPM eq. 7)
+        x = c.coef_x0[i] * x0 + c.coef_xt[i] * x
+        # 3. x_{t−1} = μ̃_t + σ_t z, z ~ N(0, I), except when t = 0 (Algorithm 2, lines 3–4)
+        if c.noisy[i]:
+            x = x + c.std[i] * randn(x.shape, run.generator, x.dtype, x.device)
+        return x
+
+
+class DDPMCoefficients(NamedTuple):
+    """Per-step values of DDPM's update, each a list of n."""
+
+    alpha_bar: list[float]  # ᾱ_t
+    coef_x0: list[float]  # c_0 of μ̃_t
+    coef_xt: list[float]  # c_t of μ̃_t
+    std: list[float]  # σ_t
+    noisy: list[bool]  # whether z is added (t > 0)

@@ -8,20 +8,23 @@ h_i = λ_t − λ_s. With x̂_0 predictions m_0 (now), m_1, m_2 (earlier steps) 
 
 with B, K_0, K_1 computed once per call from the λ grid (first order: K = 0).
 The default for Stable Diffusion is 2M with the midpoint rule and first order
-at the end (DPM++ 2M).
+at the end (DPM++ 2M); `sigma_schedule="karras"` gives A1111's "DPM++ 2M Karras".
+
+A tail of a plan (img2img) runs as diffusers' scheduler started at its begin index: the
+"n < 15" of lower_order_final counts the whole plan (`plan_length`).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from .base import Callback, Denoiser, Generator, Sampler, after_step, check_choice, per_step, working_dtype
+from ..checks import check_choice
+from .base import Run
+from .sigmas import MultistepSigmaSampler
 from .timesteps import solver_timesteps
-
-ZERO_SNR_ALPHA_BAR = 2.0**-24  # ᾱ_T = 0 has λ_T = −∞; diffusers' DPM solver uses 2⁻²⁴ instead
 
 
 def half_log_snr(alpha: float, sigma: float) -> float:
@@ -50,27 +53,35 @@ def second_order_coefficient(h: float, r0: float, alpha_t: float, solver_type: s
 def third_order_coefficients(h: float, r0: float, r1: float, alpha_t: float) -> tuple[float, float]:
     """K_0, K_1 of 3M (Lu et al. 2022, DPM-Solver++(3M), the multistep form of DPM-Solver-3).
 
-    D1_0 = (m_0 − m_1)/r_0, D1_1 = (m_1 − m_2)/r_1, D_1 = D1_0 + r_0/(r_0 + r_1)(D1_0 − D1_1),
-    D_2 = (D1_0 − D1_1)/(r_0 + r_1);  x_t += α_t φ_2 D_1 − α_t φ_3 D_2 with
-    φ_2 = (e^{−h} − 1)/h + 1, φ_3 = (e^{−h} − 1 + h)/h² − ½.
+    x_t += α_t φ_2 D_1 − α_t φ_3 D_2 with φ_2 = (e^{−h} − 1)/h + 1, φ_3 = (e^{−h} − 1 + h)/h² − ½.
     """
     phi_2 = math.expm1(-h) / h + 1.0
     phi_3 = (math.expm1(-h) + h) / h**2 - 0.5
-    c_d1, c_d2 = alpha_t * phi_2, -alpha_t * phi_3
+    return divided_difference_weights(r0, r1, alpha_t * phi_2, -alpha_t * phi_3)
+
+
+def divided_difference_weights(r0: float, r1: float, c_d1: float, c_d2: float) -> tuple[float, float]:
+    """c_D1 D_1 + c_D2 D_2 written as K_0 (m_0 − m_1) + K_1 (m_1 − m_2) (DPM-Solver++ 3M's differences).
+
+    D1_0 = (m_0 − m_1)/r_0, D1_1 = (m_1 − m_2)/r_1, D_1 = D1_0 + r_0/(r_0 + r_1)(D1_0 − D1_1),
+    D_2 = (D1_0 − D1_1)/(r_0 + r_1).
+    """
     k0 = c_d1 * (1.0 / r0 + 1.0 / (r0 + r1)) + c_d2 / (r0 * (r0 + r1))
     k1 = -c_d1 * r0 / (r1 * (r0 + r1)) - c_d2 / (r1 * (r0 + r1))
     return k0, k1
 
 
 def step_orders(
-    n: int, solver_order: int, lower_order_final: bool, euler_at_final: bool, final_zero: bool
+    n: int, solver_order: int, lower_order_final: bool, euler_at_final: bool, final_zero: bool,
+    plan_steps: int | None = None,
 ) -> list[int]:
     """The order of each of n steps: warm up from 1, and lower it at the end as diffusers does.
 
-    The last step is first order with euler_at_final, when σ ends at 0, or (lower_order_final and n < 15);
-    the one before it is at most second order with lower_order_final and n < 15.
+    The last step is first order with euler_at_final, when σ ends at 0, or (lower_order_final and N < 15);
+    the one before it is at most second order with lower_order_final and N < 15, N the whole plan's
+    length (`plan_steps`, default n; more for a tail).
     """
-    few = lower_order_final and n < 15
+    few = lower_order_final and (plan_steps or n) < 15
     orders = []
     for i in range(n):
         if solver_order == 1 or i < 1 or (i == n - 1 and (euler_at_final or few or final_zero)):
@@ -83,7 +94,7 @@ def step_orders(
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class DPMSolverSampler(Sampler):
+class DPMSolverSampler(MultistepSigmaSampler):
     """DPM-Solver++(2M) by default; settings as DPMSolverMultistepScheduler's config (its default spacing: linspace)."""
 
     timestep_spacing: str = "linspace"
@@ -97,10 +108,10 @@ class DPMSolverSampler(Sampler):
 
     name = "dpm++"
     unsupported = {
-        "thresholding": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
-        "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
+        "thresholding": False, "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
         "use_dynamic_shifting": False, "variance_type": None,
     }
+    algorithm_types = ("dpmsolver++",)
 
     def __post_init__(self):
         super().__post_init__()
@@ -109,21 +120,15 @@ class DPMSolverSampler(Sampler):
             object.__setattr__(self, "algorithm_type", "dpmsolver++")
         if self.solver_type in ("logrho", "bh1", "bh2"):
             object.__setattr__(self, "solver_type", "midpoint")
-        check_choice("algorithm_type", self.algorithm_type, ("dpmsolver++",))
+        if self.algorithm_type not in self.algorithm_types:
+            hint = "; for sde-dpmsolver++ use the 'dpm++_sde' sampler" if self.name == "dpm++" else ""
+            raise ValueError(f"algorithm_type must be one of {self.algorithm_types} for the {self.name!r} sampler, "
+                             f"got {self.algorithm_type!r}{hint}")
         check_choice("solver_type", self.solver_type, ("midpoint", "heun"))
         check_choice("solver_order", self.solver_order, (1, 2, 3))
         check_choice("final_sigmas_type", self.final_sigmas_type, ("zero", "sigma_min"))
 
-    def alphas_cumprod(self) -> torch.Tensor:
-        """The schedule's ᾱ_t (float64), with a zero terminal ᾱ_T raised to 2⁻²⁴ so that λ_T is finite."""
-        alphas_cumprod = self.schedule.alphas_cumprod
-        if alphas_cumprod[-1] == 0:
-            alphas_cumprod = alphas_cumprod.clone()
-            alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
-        return alphas_cumprod
-
-    def timesteps(self, num_inference_steps: int) -> torch.Tensor:
-        self._check_steps(num_inference_steps)
+    def default_plan(self, num_inference_steps: int) -> torch.Tensor:
         alphas_cumprod = self.alphas_cumprod()
         lambdas = 0.5 * (alphas_cumprod.log() - (1.0 - alphas_cumprod).log())  # (T,) λ_t
         clipped = int(torch.searchsorted(lambdas.flip(0), torch.tensor([self.lambda_min_clipped], dtype=lambdas.dtype)))
@@ -137,56 +142,67 @@ class DPMSolverSampler(Sampler):
             )
         return steps
 
-    def coefficients(self, timesteps: torch.Tensor) -> dict[str, list]:
+    def orders(self, timesteps: torch.Tensor) -> list[int]:
+        return step_orders(len(timesteps), self.solver_order, self.lower_order_final, self.euler_at_final,
+                           self.final_sigmas_type == "zero", self.plan_length(timesteps))
+
+    def coefficients(self, timesteps: torch.Tensor) -> "DPMSolverCoefficients":
         """ᾱ at each timestep and the update coefficients A = σ_t/σ_s, B, K_0, K_1 per step (float64, once per call)."""
-        alpha_bar = self.alphas_cumprod()[timesteps].tolist()  # (n,)
-        final = 1.0 if self.final_sigmas_type == "zero" else self.schedule.alphas_cumprod[0].item()
-        alphas = [math.sqrt(a) for a in alpha_bar + [final]]  # α at the n timesteps and the end
-        sigmas = [math.sqrt(1.0 - a) for a in alpha_bar + [final]]
-        lambdas = [half_log_snr(a, s) for a, s in zip(alphas, sigmas)]
+        alpha_bar, alphas, sigmas, lambdas = self.grid(timesteps)
         n = len(alpha_bar)
         h = [lambdas[i + 1] - lambdas[i] for i in range(n)]
-        orders = step_orders(n, self.solver_order, self.lower_order_final, self.euler_at_final,
-                             self.final_sigmas_type == "zero")
-        c = dict(alpha_bar=alpha_bar, order=orders, A=[], B=[], K0=[], K1=[])
+        orders = self.orders(timesteps)
+        c = DPMSolverCoefficients(alpha_bar, orders, [], [], [], [], [0.0] * n)
         for i in range(n):
             a, b = first_order_coefficients(h[i], alphas[i + 1], sigmas[i + 1], sigmas[i])
             k0 = k1 = 0.0
-            if orders[i] == 2:
+            if h[i] == 0.0:  # the plan already ends at σ_min: the last step stays put
+                pass
+            elif orders[i] == 2:
                 k0 = second_order_coefficient(h[i], h[i - 1] / h[i], alphas[i + 1], self.solver_type)
             elif orders[i] == 3:
                 k0, k1 = third_order_coefficients(h[i], h[i - 1] / h[i], h[i - 2] / h[i], alphas[i + 1])
-            for key, value in zip(("A", "B", "K0", "K1"), (a, b, k0, k1)):
-                c[key].append(value)
+            for values, value in zip((c.A, c.B, c.K0, c.K1), (a, b, k0, k1)):
+                values.append(value)
         return c
 
-    def __call__(
-        self,
-        denoiser: Denoiser,
-        x_T: torch.Tensor,
-        timesteps: torch.Tensor,
-        generator: Generator = None,
-        callback: Optional[Callback] = None,
-    ) -> torch.Tensor:
-        """The ODE solver is deterministic: `generator` is accepted for the shared signature and unused."""
-        timesteps = self._check_timesteps(timesteps)
+    def step(self, run: Run, i: int, x: torch.Tensor, memory: dict) -> torch.Tensor:
+        c = run.coefficients
+        m1, m2 = memory.get("m1"), memory.get("m2")  # x̂_0 of the previous two steps
+        # 1. data prediction m_0 = x̂_0(x_s, s) = (x_s − σ_s ε̂)/α_s (DPM-Solver++ §3)
+        m0 = run.predict(i, x).x0  # (B, C, H, W)
+        # 2. first-order (exponential-integrator) part: x_t = (σ_t/σ_s) x_s − α_t (e^{−h} − 1) m_0
+        x_next = c.A[i] * x + c.B[i] * m0
+        # 3. multistep corrections from the divided differences of earlier x̂_0 (2M / 3M)
+        if c.order[i] >= 2:
+            x_next = x_next + c.K0[i] * (m0 - m1)
+        if c.order[i] == 3:
+            x_next = x_next + c.K1[i] * (m1 - m2)
+        # 4. the SDE variant's fresh noise N z (the ODE draws none)
+        z = self.draw_noise(run, x)
+        if z is not None:
+            x_next = x_next + c.noise[i] * z
+        memory["m1"], memory["m2"] = m0, m1
+        return x_next
+
+    def draw_noise(self, run: Run, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """None: the ODE solver is deterministic (`generator` is accepted for the shared signature and unused)."""
+        return None
+
+    def _check_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        timesteps = super()._check_timesteps(timesteps)
         if (timesteps[1:] >= timesteps[:-1]).any():
-            raise ValueError(f"timesteps must be strictly decreasing for the dpm++ sampler, got {timesteps.tolist()}")
-        c = self.coefficients(timesteps)
-        x = x_T.to(working_dtype(x_T))  # (B, C, H, W)
-        alpha_bar = per_step(c["alpha_bar"], x)  # (n,)
-        ts = timesteps.to(x.device)
-        m1 = m2 = None  # x̂_0 of the previous two steps
-        for i in range(len(ts)):
-            # 1. data prediction m_0 = x̂_0(x_s, s) = (x_s − σ_s ε̂)/α_s (DPM-Solver++ §3)
-            m0 = denoiser(x, ts[i], alpha_bar[i]).x0  # (B, C, H, W)
-            # 2. first-order (exponential-integrator) part: x_t = (σ_t/σ_s) x_s − α_t (e^{−h} − 1) m_0
-            x_next = c["A"][i] * x + c["B"][i] * m0
-            # 3. multistep corrections from the divided differences of earlier x̂_0 (2M / 3M)
-            if c["order"][i] >= 2:
-                x_next = x_next + c["K0"][i] * (m0 - m1)
-            if c["order"][i] == 3:
-                x_next = x_next + c["K1"][i] * (m1 - m2)
-            m1, m2 = m0, m1
-            x = after_step(callback, i, ts[i], x_next)
-        return x.to(x_T.dtype)
+            raise ValueError(f"timesteps must be strictly decreasing for the {self.name} sampler, got {timesteps.tolist()}")
+        return timesteps
+
+
+class DPMSolverCoefficients(NamedTuple):
+    """Per-step values of the multistep update, each a list of n."""
+
+    alpha_bar: list[float]  # ᾱ_s
+    order: list[int]  # 1, 2 or 3
+    A: list[float]  # coefficient of x_s
+    B: list[float]  # of m_0
+    K0: list[float]  # of m_0 − m_1
+    K1: list[float]  # of m_1 − m_2
+    noise: list[float]  # of z ~ N(0, I) (SDE variant; 0 for the ODE)

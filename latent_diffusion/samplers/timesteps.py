@@ -76,3 +76,20 @@ def solver_timesteps(
     else:
         raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {spacing!r}")
     return torch.from_numpy(steps.copy())
+
+
+def euler_timesteps(spacing: str, num_train: int, n: int, steps_offset: int = 0) -> torch.Tensor:
+    """The n timesteps of EulerDiscreteScheduler / EulerAncestralDiscreteScheduler / HeunDiscreteScheduler.
+
+    As diffusers computes them, in float32: "linspace" is not rounded (n points over [0, T − 1]), so
+    these plans may be fractional; returned as a descending (n,) float64 tensor of those float32 values.
+    """
+    if spacing == "leading":
+        steps = leading_timesteps(num_train, n, steps_offset)
+    elif spacing == "trailing":
+        steps = trailing_timesteps(num_train, n)
+    elif spacing == "linspace":
+        steps = np.linspace(0, num_train - 1, n, dtype=np.float32)[::-1]
+    else:
+        raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {spacing!r}")
+    return torch.from_numpy(steps.astype(np.float32).astype(np.float64))

@@ -38,6 +38,7 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..files import write_text_atomic
 from .captions import caption
 from .world import check_size, check_split, render, sample_scene
 
@@ -153,7 +154,5 @@ def export_imagefolder(
         file_name = f"{index:0{width}d}.png"
         example["image"].save(out_dir / file_name)
         lines.append(json.dumps({"file_name": file_name, "text": example["text"]}))
-    temporary = out_dir / (METADATA_FILE + ".tmp")
-    temporary.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(temporary, out_dir / METADATA_FILE)
+    write_text_atomic(out_dir / METADATA_FILE, "".join(line + "\n" for line in lines))
     return out_dir

@@ -1,6 +1,6 @@
 """Stage 1 of the Shapes recipe: a small `AutoencoderKL` trained on Shapes renders, and its latent scaling factor.
 
-    python training/shapes_stage1_vae.py --output_dir /work/runs/shapes/stage1 --max_train_steps 5000
+    python training/recipes/shapes/stage1_vae.py --output_dir /work/runs/shapes/stage1 --max_train_steps 5000
 
 The VAE is a diffusers `AutoencoderKL` with 4 latent channels; the number of
 entries in `--block_out_channels` sets the downsampling factor 2^(n - 1):
@@ -30,32 +30,27 @@ import argparse
 import copy
 import sys
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 
 from latent_diffusion.shapes import score_images
-from latent_diffusion.training.shapes_common import (
-    ComputeClock,
-    RunCheckpoints,
-    seed_everything_for_step,
-    set_lr,
+from latent_diffusion.training.recipes.shapes.common import (
+    add_loop_arguments,
     shapes_batch,
+    stage_output_dir,
     to_uint8_images,
-    warmup_cosine_lr,
+    train_stage,
     write_json,
 )
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--seed", type=int, default=1, help="training stream seed")
+    add_loop_arguments(p, seed=1, train_batch_size=16, max_train_steps=3000, learning_rate=1e-3, adam_weight_decay=0.0)
     p.add_argument("--eval_seed", type=int, default=2_000_003, help="seed of the test images (never trained on)")
     p.add_argument("--resolution", type=int, default=64)
     # model
@@ -66,22 +61,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--norm_num_groups", type=int, default=4,
                    help="GroupNorm groups; keep several channels per group (one per group is instance norm, which "
                    "erases the colour of flat images and leaves blob artifacts)")
-    # optimisation
-    p.add_argument("--train_batch_size", type=int, default=16)
-    p.add_argument("--max_train_steps", type=int, default=3000)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--lr_warmup_steps", type=int, default=200)
-    p.add_argument("--adam_weight_decay", type=float, default=0.0)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    # loss
     p.add_argument("--kl_weight", type=float, default=1e-6)
-    p.add_argument("--checkpointing_steps", type=int, default=250)
     # measurement
     p.add_argument("--scale_images", type=int, default=4096, help="training images whose latents set scaling_factor")
     p.add_argument("--eval_images", type=int, default=1000)
     p.add_argument("--eval_batch_size", type=int, default=100)
-    p.add_argument("--num_threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--stop_after_steps", type=int, default=None,
-                   help="end this invocation after that many steps (checkpointed; rerun to go on)")
     return p.parse_args(argv)
 
 
@@ -192,54 +177,21 @@ def fp16_round_trip(vae):
 # ---------------------------------------------------------------- main
 
 
-def train(args, vae, checkpoints: RunCheckpoints) -> float:
-    """The training loop, resumed from the latest checkpoint; returns the compute seconds of the whole stage."""
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    step, compute = 0, 0.0
-    latest = checkpoints.latest()
-    if latest is not None:
-        state = checkpoints.load(latest, vae, optimizer)
-        step, compute = state["step"], state["compute_s"]
-        print(f"resumed from {latest} (step {step})", flush=True)
-    clock = ComputeClock(compute)
-    vae.train()
-    progress = tqdm(range(step, args.max_train_steps), initial=step, total=args.max_train_steps, desc="stage 1 VAE",
-                    mininterval=10)
-    for step in progress:
-        set_lr(optimizer, warmup_cosine_lr(step, args.max_train_steps, args.learning_rate, args.lr_warmup_steps))
-        seed_everything_for_step(args.seed, step)
+def reconstruction_step(args, vae):
+    """The stage's loss on batch `step`: L1 + L2 + kl_weight · KL."""
+    def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         pixels = shapes_batch(args.seed, step, args.train_batch_size, args.resolution).pixels
-        loss, parts = vae_loss(vae, pixels, args.kl_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), args.max_grad_norm)
-        optimizer.step()
-        progress.set_postfix(l1=f"{parts['l1']:.4f}", kl=f"{parts['kl']:.0f}", refresh=False)
-        done = step + 1
-        pause = args.stop_after_steps is not None and done >= args.stop_after_steps
-        if done % args.checkpointing_steps == 0 or done == args.max_train_steps or pause:
-            checkpoints.save(vae, optimizer, {"step": done, "compute_s": clock.seconds, **parts})
-        if pause:
-            break
-    return clock.seconds
-
-
-def finished(args, checkpoints: RunCheckpoints) -> bool:
-    latest = checkpoints.latest()
-    return latest is not None and int(latest.name.split("-")[1]) >= args.max_train_steps
+        return vae_loss(vae, pixels, args.kl_weight)
+    return step_loss
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     """Train (resuming), set the scaling factor, save and measure; returns the metrics, or None when paused."""
     args = parse_args(argv)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = stage_output_dir(args)
     vae = build_vae(args)
-    checkpoints = RunCheckpoints(output_dir / "checkpoints")
-    compute_s = train(args, vae, checkpoints)
-    if not finished(args, checkpoints):  # paused by --stop_after_steps
+    trained = train_stage(args, vae, reconstruction_step(args, vae), desc="stage 1 VAE")
+    if not trained.finished:  # paused by --stop_after_steps
         return None
     vae.eval()
     stats = latent_statistics(vae, args)
@@ -249,7 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
         "stage": "vae",
         "max_train_steps": args.max_train_steps,
         "train_batch_size": args.train_batch_size,
-        "compute_s": compute_s,
+        "compute_s": trained.compute_s,
         "parameters": sum(p.numel() for p in vae.parameters()),
         "downsampling_factor": 2 ** (len(vae.config.block_out_channels) - 1),
         "scaling_factor": 1.0 / stats["std"],

@@ -1,15 +1,15 @@
 """The Shapes recipe: build the embedded default model from nothing, the way Stable Diffusion was made.
 
-    nice -n 10 python training/shapes_recipe.py --work_dir /work/runs/shapes
+    nice -n 10 python training/recipes/shapes/recipe.py --work_dir /work/runs/shapes
 
 runs, each stage resumable and skipped when its output is complete:
 
-    stage 0  text      tokenizer + CLIP text encoder, contrastive on Shapes       training/shapes_stage0_text.py
-    stage 1  vae       AutoencoderKL (factor 4, 4 channels) + scaling_factor      training/shapes_stage1_vae.py
+    stage 0  text      tokenizer + CLIP text encoder, contrastive on Shapes       stage0_text.py (this folder)
+    stage 1  vae       AutoencoderKL (factor 4, 4 channels) + scaling_factor      stage1_vae.py
     base               WORK/base: tokenizer, text_encoder, vae, scheduler, an untrained UNet
                        (a complete diffusers folder, which train_text2img.py takes)
     data               WORK/data/train-64: the Shapes training set as an imagefolder
-    stage 2  unet      training/train_text2img.py --unet_config training/shapes_unet_config.json
+    stage 2  unet      training/train_text2img.py --unet_config training/recipes/shapes/unet_config.json
                        (EMA, min-SNR-γ, v-prediction, caption dropout), resumed from its latest checkpoint;
                        a constant learning rate, then --stage2_decay_steps resumed with it decaying linearly
     defaults           steps / guidance / sampler chosen by measured adherence on held-in prompts
@@ -46,11 +46,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from latent_diffusion.training.shapes_common import write_json
+from latent_diffusion.files import atomic_folder, write_text_atomic
+from latent_diffusion.training.recipes.shapes.common import write_json
 
-REPO = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+TRAINING_DIR = HERE.parent.parent  # training/ (installed as latent_diffusion.training)
+REPO = TRAINING_DIR.parent
 DEFAULT_MODEL_DIR = REPO / "latent_diffusion" / "default_model"
-UNET_CONFIG = Path(__file__).resolve().parent / "shapes_unet_config.json"
+UNET_CONFIG = HERE / "unet_config.json"
 MAX_MODEL_BYTES = 15 * 1024 * 1024
 STAGES = ("stage0", "stage1", "base", "data", "stage2", "defaults", "assemble")
 GRID_PROMPTS = (
@@ -145,35 +148,30 @@ def _skip(stage: str, why: str) -> None:
 
 def run_stage0(args, work: Path, compute: ComputeLog) -> dict:
     """Tokenizer and CLIP text encoder in WORK/stage0 (the script resumes by itself)."""
-    from latent_diffusion.training import shapes_stage0_text
+    from latent_diffusion.training.recipes.shapes import stage0_text
 
-    out = work / "stage0"
-    metrics = _read_json(out / "metrics.json")
-    if metrics is None:
-        metrics = shapes_stage0_text.main([
-            "--output_dir", str(out), "--max_train_steps", str(args.stage0_steps),
-            "--train_batch_size", str(args.stage0_batch_size), "--num_threads", str(args.num_threads),
-        ])
-    else:
-        _skip("stage 0", f"{out}/metrics.json")
-    compute.set("stage0_text", metrics["compute_s"])
-    return metrics
+    return run_stage_script("stage 0", stage0_text.main, work / "stage0", args.stage0_steps, args.stage0_batch_size,
+                            args.num_threads, compute, "stage0_text")
 
 
 def run_stage1(args, work: Path, compute: ComputeLog) -> dict:
     """AutoencoderKL and its scaling_factor in WORK/stage1 (the script resumes by itself)."""
-    from latent_diffusion.training import shapes_stage1_vae
+    from latent_diffusion.training.recipes.shapes import stage1_vae
 
-    out = work / "stage1"
+    return run_stage_script("stage 1", stage1_vae.main, work / "stage1", args.stage1_steps, args.stage1_batch_size,
+                            args.num_threads, compute, "stage1_vae")
+
+
+def run_stage_script(name: str, script_main, out: Path, steps: int, batch_size: int, num_threads: int,
+                     compute: ComputeLog, compute_key: str) -> dict:
+    """Run a stage script's main() into `out` unless its metrics.json says it is complete; log its compute."""
     metrics = _read_json(out / "metrics.json")
     if metrics is None:
-        metrics = shapes_stage1_vae.main([
-            "--output_dir", str(out), "--max_train_steps", str(args.stage1_steps),
-            "--train_batch_size", str(args.stage1_batch_size), "--num_threads", str(args.num_threads),
-        ])
+        metrics = script_main(["--output_dir", str(out), "--max_train_steps", str(steps),
+                               "--train_batch_size", str(batch_size), "--num_threads", str(num_threads)])
     else:
-        _skip("stage 1", f"{out}/metrics.json")
-    compute.set("stage1_vae", metrics["compute_s"])
+        _skip(name, f"{out}/metrics.json")
+    compute.set(compute_key, metrics["compute_s"])
     return metrics
 
 
@@ -221,9 +219,8 @@ def assemble_base(stage0_dir: Path, stage1_dir: Path, unet_config: Path, out: Pa
         tokenizer=CLIPTokenizer.from_pretrained(str(stage0_dir / "tokenizer")),
         scheduler=DDIMScheduler.from_config(scheduler_config()),
     )
-    tmp = out.with_name(out.name + ".tmp")
-    pipe.save_pretrained(str(tmp))
-    tmp.rename(out)
+    with atomic_folder(out) as tmp:
+        pipe.save_pretrained(str(tmp))
     print(f"[recipe] base folder {out}", flush=True)
     return out
 
@@ -258,7 +255,7 @@ def stage2_command(args, base: Path, data: Path, out: Path, max_steps: int, lr_s
                    warmup_steps: int) -> list[str]:
     """The train_text2img.py command line of one stage-2 phase (printed by the recipe, so it can be run by hand too)."""
     return [
-        sys.executable, str(REPO / "training" / "train_text2img.py"),
+        sys.executable, str(TRAINING_DIR / "train_text2img.py"),
         "--pretrained_model_name_or_path", str(base),
         "--unet_config", str(args.unet_config),
         "--train_data_dir", str(data),
@@ -403,52 +400,71 @@ def folder_weight_bytes(folder: Path) -> int:
 
 def assemble_model(args, trained: Path, defaults: dict, out: Path, report: dict, compute: ComputeLog) -> Path:
     """The trained pipeline in float16 with its generation defaults, a model card, a sample grid and the metrics."""
-    import shutil
-
     from latent_diffusion.pipelines import LatentDiffusionPipeline
-    from latent_diffusion.shapes import evaluation_prompts, format_report, score_images
-    from latent_diffusion.training.validation import image_grid
+    from latent_diffusion.shapes import format_report
 
     started = time.perf_counter()
     pipe = LatentDiffusionPipeline.from_pretrained(str(trained))
     pipe.generation_defaults = {k: defaults[k] for k in ("num_inference_steps", "guidance_scale", "sampler")}
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.to(torch.float16).save_pretrained(str(tmp))
-    size = folder_weight_bytes(tmp)
-    if size > MAX_MODEL_BYTES:
-        raise SystemExit(f"[recipe] the fp16 model weighs {size / 2**20:.1f} MiB, over the 15 MiB limit")
+    with atomic_folder(out) as tmp:
+        pipe.to(torch.float16).save_pretrained(str(tmp))
+        size = folder_weight_bytes(tmp)
+        if size > MAX_MODEL_BYTES:
+            raise SystemExit(f"[recipe] the fp16 model weighs {size / 2**20:.1f} MiB, over the 15 MiB limit")
+        evaluation, seconds, prompts = measure_shipped(args, tmp, defaults)
+        compute.set("final_evaluation", time.perf_counter() - started)
+        metrics = {
+            "adherence": {k: evaluation[k] for k in ("overall", "single", "position", "two_objects", "background",
+                                                     "held_out")},
+            "adherence_counts": evaluation["counts"],
+            "eval_prompts": len(prompts),
+            "seconds_one_image": seconds,
+            "threads": torch.get_num_threads(),
+            "weights_bytes": size,
+            "generation_defaults": pipe.generation_defaults,
+            "compute_s": compute.data,
+            **report,
+        }
+        write_json(tmp / "recipe_metrics.json", metrics)
+        write_text_atomic(tmp / "README.md", model_card(args, metrics, format_report(evaluation)))
+    print(f"[recipe] assembled {out} ({size / 2**20:.2f} MiB of weights); adherence {evaluation['overall']:.3f}",
+          flush=True)
+    return out
 
-    # measure what users will get: the fp16 folder, loaded the way from_pretrained() loads it
-    shipped = LatentDiffusionPipeline.from_pretrained(str(tmp))
+
+def measure_shipped(args, folder: Path, defaults: dict) -> tuple[dict, float, list[str]]:
+    """What users will get, measured on the fp16 folder loaded the way from_pretrained() loads it: adherence on
+    --eval_prompts prompts, seconds for one image, and the sample grid (written into the folder)."""
+    from latent_diffusion.pipelines import LatentDiffusionPipeline
+    from latent_diffusion.shapes import evaluation_prompts, score_images
+    from latent_diffusion.training.validation import image_grid
+
+    shipped = LatentDiffusionPipeline.from_pretrained(str(folder))
     shipped.set_progress_bar_config(disable=True)
     prompts = [p for p, _ in evaluation_prompts(args.eval_prompts, seed=2)]
     steps, guidance, sampler = defaults["num_inference_steps"], defaults["guidance_scale"], defaults["sampler"]
     evaluation = score_images(generate(shipped, prompts, steps, guidance, sampler, seed=10_000), prompts)
     seconds = time_one_image(shipped, steps, guidance, sampler)
     grid = image_grid(generate(shipped, list(GRID_PROMPTS), steps, guidance, sampler), columns=4)
-    grid.resize((grid.width * 2, grid.height * 2), resample=0).save(tmp / "sample_grid.png")
-    compute.set("final_evaluation", time.perf_counter() - started)
+    grid.resize((grid.width * 2, grid.height * 2), resample=0).save(folder / "sample_grid.png")
+    return evaluation, seconds, prompts
 
-    metrics = {
-        "adherence": {k: evaluation[k] for k in ("overall", "single", "position", "two_objects", "background",
-                                                 "held_out")},
-        "adherence_counts": evaluation["counts"],
-        "eval_prompts": len(prompts),
-        "seconds_one_image": seconds,
-        "threads": torch.get_num_threads(),
-        "weights_bytes": size,
-        "generation_defaults": pipe.generation_defaults,
-        "compute_s": compute.data,
-        **report,
-    }
-    write_json(tmp / "recipe_metrics.json", metrics)
-    (tmp / "README.md").write_text(model_card(args, metrics, format_report(evaluation)))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    print(f"[recipe] assembled {out} ({size / 2**20:.2f} MiB of weights); adherence {evaluation['overall']:.3f}",
-          flush=True)
-    return out
+
+RECIPE_COMMAND = "python training/recipes/shapes/recipe.py --work_dir WORK"
+GRAMMAR_AWARE_NOTE = """Stage 0's supervision knows the Shapes grammar: each hard negative is the caption's parse with one
+part changed, and the relation-binding loss takes its targets (the relation word, the first object's colour
+and shape, the second object's side) from the parse. The text encoder is taught the structure the Shapes
+scorer checks, so read the adherence figures as those of a model trained with that knowledge, not of one
+that learned the grammar from (image, caption) pairs alone."""
+
+
+def made_by_words(args) -> str:
+    """How the model card says the model was made: one run of the recipe, or (with --history) resumed rounds."""
+    if args.history is None:
+        return f"One run of the recipe, from nothing, each stage resumable: `{RECIPE_COMMAND}`."
+    return (f"With the Shapes recipe (`{RECIPE_COMMAND}`, each stage resumable), but not in one run of it: "
+            "this copy was trained in resumed rounds whose settings changed between them (\"How this copy was "
+            "trained\", below). The table states the recipe's settings when this copy was assembled.")
 
 
 def model_card(args, metrics: dict, adherence_table: str) -> str:
@@ -464,6 +480,7 @@ def model_card(args, metrics: dict, adherence_table: str) -> str:
         spatial += (f"; relation binding (side of the second object, first object's colour/shape read from the states): "
                     f"{binding['side']:.2f}, {binding['colour']:.2f}/{binding['shape']:.2f}")
     history = f"\n## How this copy was trained\n\n{Path(args.history).read_text().strip()}\n" if args.history else ""
+    made_by = made_by_words(args)
     return f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -492,13 +509,15 @@ guidance {d['guidance_scale']}, sampler `{d['sampler']}`.
 
 ## How it was made
 
-One command, from nothing, each stage resumable: `python training/shapes_recipe.py --work_dir WORK`.
+{made_by}
 
 | stage | what | result |
 |---|---|---|
 | 0 text | CLIP-format BPE tokenizer ({s0['vocab_size']} tokens, window {s0['model_max_length']}); CLIP text encoder ({s0['parameters_text'] / 1e6:.2f}M params) trained contrastively with a ViT on (image, caption) pairs, with hard-negative captions, a token-identity and a relation-binding loss; {s0['max_train_steps']} steps of batch {s0['train_batch_size']} | caption→image top-1 among {s0['eval']['candidates']}: {s0['eval']['retrieval_top1_full_captions']:.3f} (full captions), hard-negative accuracy {s0['eval']['hard_negative_accuracy']:.3f}{spatial} |
 | 1 vae | `AutoencoderKL`, factor {s1['downsampling_factor']}, 4 latent channels ({s1['parameters'] / 1e6:.2f}M params), L1 + L2 + 1e-6·KL; {s1['max_train_steps']} steps of batch {s1['train_batch_size']}; scaling_factor {s1['scaling_factor']:.4f} = 1/std of the latents | PSNR {s1['eval']['psnr_db']:.1f} dB, scorer accuracy on reconstructions {s1['eval']['scorer_accuracy_reconstructions']:.3f} |
-| 2 unet | `UNet2DConditionModel` from `training/shapes_unet_config.json`, trained with `training/train_text2img.py` on {args.num_train_images} Shapes images: v-prediction, cosine schedule, min-SNR-γ {args.snr_gamma}, EMA {args.ema_decay}, caption dropout {args.caption_dropout}, batch {args.stage2_batch_size}, {stage2_lr_words(args)} | see below |
+| 2 unet | `UNet2DConditionModel` from `training/recipes/shapes/unet_config.json`, trained with `training/train_text2img.py` on {args.num_train_images} Shapes images: v-prediction, cosine schedule, min-SNR-γ {args.snr_gamma}, EMA {args.ema_decay}, caption dropout {args.caption_dropout}, batch {args.stage2_batch_size}, {stage2_lr_words(args)} | see below |
+
+{GRAMMAR_AWARE_NOTE}
 
 Compute (CPU):
 

@@ -1,6 +1,6 @@
 """Stage 0 of the Shapes recipe: a tokenizer and a small CLIP text encoder, trained contrastively on Shapes.
 
-    python training/shapes_stage0_text.py --output_dir /work/runs/shapes/stage0
+    python training/recipes/shapes/stage0_text.py --output_dir /work/runs/shapes/stage0
 
 1. A CLIP-format BPE tokenizer (`latent_diffusion.text.train_clip_tokenizer`)
    is trained on Shapes training captions, full and with optional parts
@@ -50,7 +50,6 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from latent_diffusion.conditioning import tokenize_prompts
 from latent_diffusion.shapes import (
@@ -58,7 +57,6 @@ from latent_diffusion.shapes import (
     HELD_OUT_PAIRS,
     OBJECT_COLOURS,
     POSITIONS,
-    RELATIONS,
     SHAPES,
     SIZE_CLASSES,
     caption,
@@ -68,13 +66,11 @@ from latent_diffusion.shapes import (
     sample_scene,
 )
 from latent_diffusion.text import train_clip_tokenizer
-from latent_diffusion.training.shapes_common import (
-    ComputeClock,
-    RunCheckpoints,
-    seed_everything_for_step,
-    set_lr,
+from latent_diffusion.training.recipes.shapes.common import (
+    add_loop_arguments,
     shapes_batch,
-    warmup_cosine_lr,
+    stage_output_dir,
+    train_stage,
     write_json,
 )
 
@@ -85,8 +81,8 @@ OPPOSITE_RELATION = {"above": "below", "below": "above", "to the left of": "to t
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--seed", type=int, default=0, help="training stream seed")
+    add_loop_arguments(p, seed=0, train_batch_size=128, max_train_steps=3500, learning_rate=5e-4,
+                       adam_weight_decay=0.05)
     p.add_argument("--eval_seed", type=int, default=1_000_003, help="seed of the retrieval test images (never trained on)")
     p.add_argument("--resolution", type=int, default=32,
                    help="image side of the vision tower (32 px keeps every attribute visible, at ~40%% of the cost of 64)")
@@ -103,13 +99,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--vision_heads", type=int, default=4)
     p.add_argument("--patch_size", type=int, default=8)
     p.add_argument("--projection_dim", type=int, default=128)
-    # optimisation
-    p.add_argument("--train_batch_size", type=int, default=128)
-    p.add_argument("--max_train_steps", type=int, default=3500)
-    p.add_argument("--learning_rate", type=float, default=5e-4)
-    p.add_argument("--lr_warmup_steps", type=int, default=200)
-    p.add_argument("--adam_weight_decay", type=float, default=0.05)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    # losses
     p.add_argument("--hard_negatives", type=int, default=1, choices=(0, 1), help="add one hard-negative caption per image")
     p.add_argument("--spatial_negative_share", type=float, default=0.8,
                    help="chance that a caption with a position or relation gets a spatial hard negative (position or "
@@ -118,13 +108,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="weight of the loss that keeps each token readable from its last hidden state (0: off)")
     p.add_argument("--relation_binding_weight", type=float, default=1.0,
                    help="weight of the loss that makes a two-object caption's states say which object goes where (0: off)")
-    p.add_argument("--checkpointing_steps", type=int, default=250)
     # evaluation
     p.add_argument("--retrieval_candidates", type=int, default=100)
     p.add_argument("--retrieval_groups", type=int, default=10)
-    p.add_argument("--num_threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--stop_after_steps", type=int, default=None,
-                   help="end this invocation after that many steps (checkpointed; rerun to go on)")
     return p.parse_args(argv)
 
 
@@ -477,22 +463,9 @@ def export_text_encoder(model, tokenizer, output_dir: Path) -> None:
 # ---------------------------------------------------------------- main
 
 
-def train(args, model, tokenizer, checkpoints: RunCheckpoints) -> float:
-    """The training loop, resumed from the latest checkpoint; returns the compute seconds of the whole stage."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    step, compute = 0, 0.0
-    latest = checkpoints.latest()
-    if latest is not None:
-        state = checkpoints.load(latest, model, optimizer)
-        step, compute = state["step"], state["compute_s"]
-        print(f"resumed from {latest} (step {step})", flush=True)
-    clock = ComputeClock(compute)
-    model.train()
-    progress = tqdm(range(step, args.max_train_steps), initial=step, total=args.max_train_steps, desc="stage 0 CLIP",
-                    mininterval=10)
-    for step in progress:
-        set_lr(optimizer, warmup_cosine_lr(step, args.max_train_steps, args.learning_rate, args.lr_warmup_steps))
-        seed_everything_for_step(args.seed, step)
+def contrastive_step(args, model, tokenizer):
+    """The stage's loss on batch `step`: contrastive with hard negatives, token identity, relation binding."""
+    def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         data = shapes_batch(args.seed, step, args.train_batch_size, args.resolution)
         negatives = None
         if args.hard_negatives:
@@ -500,44 +473,25 @@ def train(args, model, tokenizer, checkpoints: RunCheckpoints) -> float:
             negatives = [hard_negative(c, rng, args.spatial_negative_share) for c in data.captions]
         loss, accuracy = contrastive_loss(model, tokenizer, data.pixels, data.captions, negatives,
                                           args.token_identity_weight, args.relation_binding_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
-        progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.2f}", T=f"{model.logit_scale.exp().item():.1f}", refresh=False)
-        done = step + 1
-        pause = args.stop_after_steps is not None and done >= args.stop_after_steps
-        if done % args.checkpointing_steps == 0 or done == args.max_train_steps or pause:
-            checkpoints.save(model, optimizer, {"step": done, "compute_s": clock.seconds, "loss": loss.item()})
-        if pause:
-            break
-    return clock.seconds
-
-
-def finished(args, checkpoints: RunCheckpoints) -> bool:
-    latest = checkpoints.latest()
-    return latest is not None and int(latest.name.split("-")[1]) >= args.max_train_steps
+        return loss, {"loss": loss.item(), "acc": accuracy, "T": model.logit_scale.exp().item()}
+    return step_loss
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     """Train (resuming), export and measure; returns the metrics, or None when paused before the last step."""
     args = parse_args(argv)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = stage_output_dir(args)
     tokenizer = build_tokenizer(args, output_dir / "tokenizer")
     model = build_clip(args, tokenizer)
-    checkpoints = RunCheckpoints(output_dir / "checkpoints")
-    compute_s = train(args, model, tokenizer, checkpoints)
-    if not finished(args, checkpoints):  # paused by --stop_after_steps
+    trained = train_stage(args, model, contrastive_step(args, model, tokenizer), desc="stage 0 CLIP")
+    if not trained.finished:  # paused by --stop_after_steps
         return None
     export_text_encoder(model, tokenizer, output_dir)
     metrics = {
         "stage": "text",
         "max_train_steps": args.max_train_steps,
         "train_batch_size": args.train_batch_size,
-        "compute_s": compute_s,
+        "compute_s": trained.compute_s,
         "parameters_text": sum(p.numel() for p in model.text_model.parameters()),
         "parameters_total": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),

@@ -1,0 +1,78 @@
+"""Generating an evaluation's images: every (setting, prompt, seed) not yet on disk, batch by batch, timed.
+
+Each batch is one pipeline call on up to `batch_size` consecutive prompts with one seed, timed from the
+call to its last image (text encoding, sampling and VAE decoding count; PNG writing does not), after one
+untimed warm-up call. Its PNGs are written (with the metadata that reproduces them) before its timing
+line, so an image whose PNG exists is never generated again. The pipeline is passed in: the library
+never imports it, and any object with the `LatentDiffusionPipeline` call signature works.
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+
+from ..pngmeta import save_png
+from .prompts import EvalPrompt
+from .resources import PeakMemory
+from .run_folder import EvalRun, image_seed
+from .settings import Setting
+from .timings import append_timing
+
+
+def _call_pipeline(pipe, run: EvalRun, setting: Setting, items: Sequence[tuple[EvalPrompt, int]], steps=None):
+    generators = [torch.Generator().manual_seed(image_seed(p.index, s)) for p, s in items]
+    return pipe([p.text for p, _ in items], num_inference_steps=steps or setting.steps,
+                guidance_scale=setting.guidance, sampler=setting.sampler, generator=generators,
+                height=run.height, width=run.width, output_type="pil").images
+
+
+def png_metadata(run: EvalRun, setting: Setting, prompt: EvalPrompt, seed: int) -> dict[str, str]:
+    """What an evaluation PNG records: enough for `latent-diffusion generate` to make it again."""
+    return dict(prompt=prompt.text, negative_prompt="", seed=str(image_seed(prompt.index, seed)),
+                sampler=setting.sampler, steps=str(setting.steps), guidance=str(setting.guidance),
+                height=str(run.height), width=str(run.width), model=run.model,
+                eval_prompt_index=str(prompt.index), eval_seed=str(seed))
+
+
+def generate_batch(pipe, run: EvalRun, setting: Setting, items: Sequence[tuple[EvalPrompt, int]]) -> None:
+    """Generate, time and save one batch; its images are written before its timing line."""
+    device = torch.device(getattr(pipe, "device", "cpu"))
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        images = _call_pipeline(pipe, run, setting, items)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    files = []
+    for image, (prompt, seed) in zip(images, items):
+        path = save_png(image, run.image_path(setting, prompt, seed), png_metadata(run, setting, prompt, seed))
+        files.append(path.name)
+    append_timing(run.setting_dir(setting), dict(
+        files=files, seconds=seconds, peak_bytes=int(memory.peak), peak_increase_bytes=int(memory.increase),
+        memory_kind=memory.kind, device=str(device), torch_threads=torch.get_num_threads(), batch_size=len(items)))
+
+
+def _batches(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def generate_missing(pipe, run: EvalRun, progress: bool = True) -> int:
+    """Generate every image not yet on disk (one tqdm bar over the whole run); returns how many were made."""
+    from tqdm.auto import tqdm
+
+    todo = {setting: run.pending(setting) for setting in run.settings}
+    total = len(run.settings) * len(run.items())
+    remaining = sum(map(len, todo.values()))
+    with tqdm(total=total, initial=total - remaining, desc="eval: generating", unit="image",
+              disable=not progress) as bar:
+        if remaining:
+            first = next(s for s, items in todo.items() if items)
+            _call_pipeline(pipe, run, first, todo[first][: run.batch_size], steps=1)  # untimed warm-up
+        for setting, items in todo.items():
+            for batch in _batches(items, run.batch_size):
+                bar.set_postfix_str(setting.label)
+                generate_batch(pipe, run, setting, batch)
+                bar.update(len(batch))
+    return remaining

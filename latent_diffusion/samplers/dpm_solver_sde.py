@@ -1,0 +1,90 @@
+"""SDE-DPM-Solver++ multistep (Lu et al. 2022, "DPM-Solver++", §4 and App. B: the SDE solver), as diffusers'
+DPMSolverMultistepScheduler with algorithm_type="sde-dpmsolver++": A1111's "DPM++ 2M SDE" ("... Karras" with
+sigma_schedule="karras").
+
+The variance-preserving SDE's exact solution over a step h = λ_t − λ_s in data prediction: with x̂_0
+predictions m_0 (now) and m_1, m_2 (earlier steps),
+
+    x_t = (σ_t/σ_s) e^{−h} x_s + α_t (1 − e^{−2h}) m_0 + K_0 (m_0 − m_1) + K_1 (m_1 − m_2) + σ_t √(1 − e^{−2h}) z,
+
+z ~ N(0, I) fresh at every step, the last one too (where σ_t = 0). The noise is drawn in float32 from
+the caller's generator with x's shape, exactly as diffusers' `randn_tensor(..., dtype=torch.float32)`,
+so a seed gives diffusers' image. Plan, orders and settings are DPM-Solver++'s (`dpm_solver.py`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import torch
+
+from ..utils import randn
+from .base import Run
+from .dpm_solver import DPMSolverCoefficients, DPMSolverSampler, divided_difference_weights
+
+
+def sde_first_order_coefficients(h: float, alpha_t: float, sigma_t: float, sigma_s: float) -> tuple[float, float, float]:
+    """SDE-DPM-Solver++(1): x_t = (σ_t/σ_s) e^{−h} x_s + α_t (1 − e^{−2h}) D_0 + σ_t √(1 − e^{−2h}) z.
+
+    Returns (A, B, N), the coefficients of x_s, D_0 and z; h = +∞ (σ_t = 0) gives x_t = α_t D_0.
+    """
+    one_minus = -math.expm1(-2.0 * h)  # 1 − e^{−2h}
+    return sigma_t / sigma_s * math.exp(-h), alpha_t * one_minus, sigma_t * math.sqrt(one_minus)
+
+
+def sde_second_order_coefficient(h: float, r0: float, alpha_t: float, solver_type: str) -> float:
+    """K_0 of SDE-DPM-Solver++(2M), D_1 = (m_0 − m_1)/r_0.
+
+    midpoint: x_t += ½ α_t (1 − e^{−2h}) D_1;   heun: x_t += α_t ((1 − e^{−2h})/(−2h) + 1) D_1.
+    """
+    if solver_type == "midpoint":
+        return -0.5 * alpha_t * math.expm1(-2.0 * h) / r0
+    return alpha_t * (math.expm1(-2.0 * h) / (2.0 * h) + 1.0) / r0
+
+
+def sde_third_order_coefficients(h: float, r0: float, r1: float, alpha_t: float) -> tuple[float, float]:
+    """K_0, K_1 of SDE-DPM-Solver++(3M): x_t += α_t ((1 − e^{−2h})/(−2h) + 1) D_1 + α_t ((1 − e^{−2h} − 2h)/(2h)² − ½) D_2."""
+    c_d1 = alpha_t * (math.expm1(-2.0 * h) / (2.0 * h) + 1.0)
+    c_d2 = alpha_t * ((-math.expm1(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
+    return divided_difference_weights(r0, r1, c_d1, c_d2)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DPMSolverSDESampler(DPMSolverSampler):
+    """SDE-DPM-Solver++(2M) by default; DPMSolverMultistepScheduler's settings, algorithm_type fixed by the name."""
+
+    algorithm_type: str = "sde-dpmsolver++"
+
+    name = "dpm++_sde"
+    algorithm_types = ("sde-dpmsolver++",)
+
+    @classmethod
+    def settings_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """A checkpoint's algorithm_type (usually dpmsolver++) names another sampler: this one is always the SDE."""
+        return {**super().settings_from_config(config), "algorithm_type": "sde-dpmsolver++"}
+
+    def coefficients(self, timesteps: torch.Tensor) -> DPMSolverCoefficients:
+        """ᾱ at each timestep and A, B, K_0, K_1 and the noise's N per step (float64, once per call)."""
+        alpha_bar, alphas, sigmas, lambdas = self.grid(timesteps)
+        n = len(alpha_bar)
+        h = [lambdas[i + 1] - lambdas[i] for i in range(n)]
+        orders = self.orders(timesteps)
+        c = DPMSolverCoefficients(alpha_bar, orders, [], [], [], [], [])
+        for i in range(n):
+            a, b, noise = sde_first_order_coefficients(h[i], alphas[i + 1], sigmas[i + 1], sigmas[i])
+            k0 = k1 = 0.0
+            if h[i] == 0.0:  # the plan already ends at σ_min: the last step stays put
+                pass
+            elif orders[i] == 2:
+                k0 = sde_second_order_coefficient(h[i], h[i - 1] / h[i], alphas[i + 1], self.solver_type)
+            elif orders[i] == 3:
+                k0, k1 = sde_third_order_coefficients(h[i], h[i - 1] / h[i], h[i - 2] / h[i], alphas[i + 1])
+            for values, value in zip((c.A, c.B, c.K0, c.K1, c.noise), (a, b, k0, k1, noise)):
+                values.append(value)
+        return c
+
+    def draw_noise(self, run: Run, x: torch.Tensor) -> torch.Tensor:
+        """z ~ N(0, I) of x's shape, drawn at every step (also where N = 0, so the generator advances as diffusers'),
+        in float32 as diffusers draws it, then cast to x's dtype."""
+        return randn(x.shape, run.generator, torch.float32, x.device).to(x.dtype)

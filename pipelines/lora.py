@@ -1,0 +1,128 @@
+"""LoRA loading for `LatentDiffusionPipeline`: diffusers' `StableDiffusionLoraLoaderMixin`, made safe and trace-aware.
+
+The mixin (peft underneath) does the loading, in any layout it knows
+(diffusers', kohya / A1111's, peft's), and the adapter bookkeeping:
+
+    pipe.load_lora_weights("path/or/hub-id", adapter_name="shapes")     # a folder, a .safetensors file or a Hub id
+    pipe.set_adapters(["shapes", "style"], adapter_weights=[1.0, 0.5])  # mix and scale them
+    pipe.fuse_lora(lora_scale=0.8); pipe.unfuse_lora()                  # bake into / take out of the weights
+    pipe.unload_lora_weights()                                          # back to the base model
+
+What we add: only safetensors files are read (a `.bin` / pickle LoRA is
+refused, never unpickled), and every call that changes the adapters clears the
+pipeline's UNet traces (`TracedUNet`), which would otherwise replay the old
+weights and scales. `parse_lora_spec` / `apply_loras` serve the CLI's
+`--lora PATH[:SCALE]`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+SAFE_SUFFIX = ".safetensors"
+
+
+def check_safetensors_source(source, weight_name: Optional[str] = None) -> tuple[object, Optional[str]]:
+    """(source, weight_name) to hand to diffusers, or a ValueError for anything but safetensors.
+
+    A file path becomes (its folder, its name); a folder must hold a .safetensors file; a Hub id is
+    fetched by diffusers with `use_safetensors=True`, which never falls back to a pickle.
+    """
+    if isinstance(source, dict):
+        return source, weight_name
+    if weight_name is not None and not str(weight_name).endswith(SAFE_SUFFIX):
+        raise ValueError(f"weight_name must name a {SAFE_SUFFIX} file, got {weight_name!r} "
+                         "(pickled LoRA files are not loaded)")
+    path = Path(os.fspath(source))
+    if path.is_file():
+        if path.suffix != SAFE_SUFFIX:
+            raise ValueError(f"LoRA file {str(path)!r} is not {SAFE_SUFFIX}; pickled (.bin, .pt, .ckpt) LoRA files "
+                             "are not loaded: convert it to safetensors first")
+        return str(path.parent), path.name
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob(f"*{SAFE_SUFFIX}"))
+        if weight_name is None and not found:
+            raise ValueError(f"LoRA folder {str(path)!r} has no {SAFE_SUFFIX} file (pickled LoRA files are not loaded)")
+        if weight_name is None and len(found) > 1 and "pytorch_lora_weights.safetensors" not in found:
+            raise ValueError(f"LoRA folder {str(path)!r} holds several {SAFE_SUFFIX} files {found}: give weight_name")
+        return str(path), weight_name
+    if os.path.isabs(os.fspath(source)) or str(source).startswith("."):
+        raise FileNotFoundError(f"LoRA {str(source)!r} does not exist")
+    return source, weight_name  # a Hub id
+
+
+class LatentDiffusionLoraMixin(StableDiffusionLoraLoaderMixin):
+    """diffusers' LoRA loader for our pipeline: safetensors only, and the UNet traces follow adapter changes."""
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: Optional[str] = None, **kwargs):
+        """Load a LoRA (diffusers, kohya or peft layout) into the UNet and text encoder as `adapter_name`."""
+        source, weight_name = check_safetensors_source(pretrained_model_name_or_path_or_dict, kwargs.pop("weight_name", None))
+        kwargs["use_safetensors"] = True
+        super().load_lora_weights(source, adapter_name=adapter_name, weight_name=weight_name, **kwargs)
+        self._adapters_changed()
+
+    def set_adapters(self, adapter_names: Union[str, Sequence[str]], adapter_weights=None):
+        super().set_adapters(adapter_names, adapter_weights)
+        self._adapters_changed()
+
+    def fuse_lora(self, *args, **kwargs):
+        super().fuse_lora(*args, **kwargs)
+        self._adapters_changed()
+
+    def unfuse_lora(self, *args, **kwargs):
+        super().unfuse_lora(*args, **kwargs)
+        self._adapters_changed()
+
+    def unload_lora_weights(self, *args, **kwargs):
+        super().unload_lora_weights(*args, **kwargs)
+        self._adapters_changed()
+
+    def delete_adapters(self, adapter_names):
+        super().delete_adapters(adapter_names)
+        self._adapters_changed()
+
+    def enable_lora(self):
+        super().enable_lora()
+        self._adapters_changed()
+
+    def disable_lora(self):
+        super().disable_lora()
+        self._adapters_changed()
+
+    def _adapters_changed(self) -> None:
+        traced = getattr(self, "_traced_unet", None)
+        if traced is not None:
+            traced.clear()
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """'PATH[:SCALE]' -> (path, scale); the scale defaults to 1 (a path may itself hold ':' if no scale follows)."""
+    path, _, scale = spec.rpartition(":")
+    if path and scale:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    if not spec:
+        raise ValueError("--lora needs a path or Hub id, optionally followed by :SCALE")
+    return spec, 1.0
+
+
+def apply_loras(pipe, specs: Sequence[str]) -> list[str]:
+    """Load each 'PATH[:SCALE]' as adapter lora0, lora1, … and activate them all with their scales."""
+    names, scales = [], []
+    for k, spec in enumerate(specs):
+        path, scale = parse_lora_spec(spec)
+        name = f"lora{k}"
+        try:
+            pipe.load_lora_weights(path, adapter_name=name)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--lora {spec!r}: {error}") from None
+        names.append(name)
+        scales.append(scale)
+    if names:
+        pipe.set_adapters(names, scales)
+    return names
