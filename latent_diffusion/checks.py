@@ -33,3 +33,40 @@ def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
     return value
+
+
+MAX_IMAGE_SIDE = 8192  # pixels; SD-family VAEs and UNets are used up to 2048, so more is a typo, not a request
+
+
+class NonFiniteError(FloatingPointError):
+    """A tensor that must hold finite numbers holds NaN or inf (sampling latents, a training loss)."""
+
+
+def check_image_side(name: str, value: Any, multiple: int, maximum: int = MAX_IMAGE_SIDE) -> int:
+    """An image height or width: a positive multiple of `multiple` (the VAE × UNet factor), at most `maximum`."""
+    allowed = f"a positive multiple of {multiple} and at most {maximum} for this model"
+    if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple or value > maximum:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value
+
+
+def check_all_finite(name: str, tensor, hint: str = "") -> None:
+    """NonFiniteError when `tensor` holds NaN or inf (one host sync: call it once per loop, not per step)."""
+    import torch
+
+    if not bool(torch.isfinite(tensor).all()):
+        bad = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
+        raise NonFiniteError(f"{name} became non-finite ({bad})" + (f"; {hint}" if hint else ""))
+
+
+def check_finite_flags(values: dict[str, Any], bounds: dict[str, tuple[Optional[float], Optional[float]]]) -> list[str]:
+    """The error of every `values[flag]` (None skipped) outside check_finite's `bounds[flag]`; [] when all are fine."""
+    problems = []
+    for flag, (low, high) in bounds.items():
+        if values.get(flag) is None:
+            continue
+        try:
+            check_finite(flag, values[flag], low, high)
+        except ValueError as error:
+            problems.append(str(error))
+    return problems

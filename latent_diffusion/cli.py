@@ -82,8 +82,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     from latent_diffusion.pipelines import LatentDiffusionPipeline
     from latent_diffusion.pngmeta import generation_metadata, image_input_metadata, save_png
 
-    if args.n < 1:
-        raise SystemExit(f"--n must be >= 1, got {args.n}")
+    check_generate_args(args)  # before the model loads: a typo fails in milliseconds
     image, mask = _read_image_inputs(args)
     dtype = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, **dtype)
@@ -138,6 +137,34 @@ def _read_image_inputs(args: argparse.Namespace):
         with Image.open(path) as opened:
             images.append(opened.copy())
     return tuple(images)
+
+
+def check_generate_args(args: argparse.Namespace) -> None:
+    """ValueError naming the flag for values no model could take (the model checks sizes against itself)."""
+    from latent_diffusion.checks import MAX_IMAGE_SIDE, check_choice, check_finite, check_int
+    from latent_diffusion.samplers import SAMPLER_NAMES
+
+    check_int("--n", args.n, 1)
+    check_finite("--guidance-rescale", args.guidance_rescale, 0, 1)
+    check_finite("--eta", args.eta, 0)
+    if args.steps is not None:
+        check_int("--steps", args.steps, 1)
+    if args.guidance is not None:
+        check_finite("--guidance", args.guidance, 0)
+    if args.sampler is not None:
+        check_choice("--sampler", args.sampler, SAMPLER_NAMES)
+    if args.strength is not None:
+        check_finite("--strength", args.strength, 0, 1)
+    for flag, side in (("--height", args.height), ("--width", args.width)):
+        if side is not None:
+            check_int(flag, side, 1, MAX_IMAGE_SIDE)
+    if args.model is not None:
+        from latent_diffusion.model_files import check_model_path
+
+        check_model_path(args.model, "--model")
+    folder = Path(args.output).parent
+    if not folder.is_dir():
+        raise ValueError(f"-o/--output {args.output!r}: folder {str(folder)!r} does not exist (create it first)")
 
 
 def output_paths(output: str, n: int) -> list[Path]:
@@ -202,6 +229,7 @@ def _run_eval(args: argparse.Namespace) -> list[Path]:
     measures = lambda: report.QualityMeasures(args.reference, args.clip, args.fid_weights, device)  # noqa: E731
     if args.report_only:
         return report.rebuild_report(args.out, measures, progress=not args.quiet)[:2]
+    check_eval_args(args)
     request = report.SettingsRequest.from_lists(args.samplers, args.steps, args.guidance, args.settings)
     for flag, value in (("--seeds", args.seeds), ("--batch-size", args.batch_size)):
         if value < 1:
@@ -214,6 +242,24 @@ def _run_eval(args: argparse.Namespace) -> list[Path]:
                          prompts=prompts, seeds=list(range(args.seeds)), batch_size=args.batch_size,
                          height=_eval_size(pipe, args.size), width=_eval_size(pipe, args.size))
     return report.run_evaluation(pipe, run, measures, progress=not args.quiet)[:2]
+
+
+def check_eval_args(args: argparse.Namespace) -> None:
+    """ValueError naming the flag for eval values no model could take (sampler names: the settings check them)."""
+    from latent_diffusion.checks import MAX_IMAGE_SIDE, check_finite, check_int
+
+    for scale in args.guidance or []:
+        check_finite("--guidance", scale, 0)
+    for steps in args.steps or []:
+        check_int("--steps", steps, 1)
+    for flag in ("num_prompts", "seeds", "batch_size"):
+        check_int(f"--{flag.replace('_', '-')}", getattr(args, flag), 1)
+    if args.size is not None:
+        check_int("--size", args.size, 1, MAX_IMAGE_SIDE)
+    if args.model is not None:
+        from latent_diffusion.model_files import check_model_path
+
+        check_model_path(args.model, "--model")
 
 
 def _load_eval_pipeline(model: Optional[str]):
@@ -266,11 +312,16 @@ def run_serve(args: argparse.Namespace) -> list[Path]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from latent_diffusion.checks import NonFiniteError
+
     try:
         written = args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # usage errors: argparse's status 2
         print(f"latent-diffusion {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteError as error:  # the run itself failed (diverged), not its arguments
+        print(f"latent-diffusion {args.command}: error: {error}", file=sys.stderr)
+        return 1
     for path in written or []:
         print(path)
     return 0

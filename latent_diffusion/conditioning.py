@@ -94,9 +94,28 @@ def encode_images(vae, pixels: torch.Tensor, generator: Optional[torch.Generator
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) scaled latents -> (B, 3, h·f, w·f) pixels in [-1, 1] (not clamped)."""
+    """(B, C, h, w) scaled latents -> (B, 3, h·f, w·f) pixels in [-1, 1] (not clamped).
+
+    A half-precision VAE whose decode overflows (inf/NaN: the black images of fp16 SD VAEs) decodes
+    again in float32; the pixels then come back in float32.
+    """
     scale, shift = latent_scale(vae)
-    return vae.decode(latents.to(vae.dtype) / scale + shift).sample
+    pixels = vae.decode(latents.to(vae.dtype) / scale + shift).sample  # (B, 3, H, W)
+    if vae.dtype in (torch.float16, torch.bfloat16) and not bool(torch.isfinite(pixels).all()):
+        return decode_latents_fp32(vae, latents)
+    return pixels
+
+
+def decode_latents_fp32(vae, latents: torch.Tensor) -> torch.Tensor:
+    """decode_latents with the VAE cast to float32 for this one call (its dtype is restored after)."""
+    scale, shift = latent_scale(vae)
+    dtype = vae.dtype
+    warnings.warn(f"the {dtype} VAE decode overflowed (inf/NaN); decoding again in float32", stacklevel=3)
+    try:
+        vae.to(torch.float32)
+        return vae.decode(latents.to(torch.float32) / scale + shift).sample  # (B, 3, H, W)
+    finally:
+        vae.to(dtype)
 
 
 @contextlib.contextmanager

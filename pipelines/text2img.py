@@ -20,9 +20,11 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from latent_diffusion.assets import default_model_path, missing_components
+from latent_diffusion.assets import default_model_path
+from latent_diffusion.checks import check_all_finite, check_choice, check_finite, check_image_side, check_int
 from latent_diffusion.conditioning import decode_latents, upcast_half_vae, vae_scale_factor
 from latent_diffusion.guidance import guide
+from latent_diffusion.model_files import check_model_path
 from latent_diffusion.prompt_conditioning import Conditioning, conditioner_for
 from latent_diffusion.samplers import SAMPLER_NAMES, Denoiser, check_sigma_schedule, get_sampler
 from latent_diffusion.schedules import NoiseSchedule
@@ -37,6 +39,9 @@ TRACE_MAX_PARAMETERS = 50_000_000  # the embedded model is ~4M; SD 1.5's UNet is
 GENERATION_CONFIG = "generation_config.json"
 FALLBACK_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 7.5, "sampler": "dpm++"}
 SDXL_GUIDANCE_SCALE = 5.0  # StableDiffusionXLPipeline's default, for SDXL folders without generation_config.json
+
+NON_FINITE_HINT = ("the model or the settings diverged; try float32 instead of float16, another sampler, "
+                   "fewer steps or a lower guidance_scale")
 
 Prompt = Union[str, Sequence[str]]
 Generator = Union[torch.Generator, Sequence[torch.Generator], None]
@@ -81,17 +86,13 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path: Optional[Union[str, os.PathLike]] = None, **kwargs):
         """Load a diffusers SD- or SDXL-format folder or Hub id; with no argument, the embedded default model.
 
-        safety_checker and feature_extractor entries, if the folder has them, are ignored.
+        safety_checker and feature_extractor entries, if the folder has them, are ignored. Weights are read
+        from safetensors only: a folder with only pickle (.bin) weights or a truncated file is refused.
         """
-        path = pretrained_model_name_or_path or default_model_path()
+        path = default_model_path() if pretrained_model_name_or_path is None else pretrained_model_name_or_path
         local = Path(path)
-        if local.is_dir():
-            missing = missing_components(local)
-            if missing:
-                raise ValueError(
-                    f"pretrained_model_name_or_path {str(path)!r} is missing component(s) {missing}; a diffusers "
-                    "text-to-image folder holds model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
-                )
+        check_model_path(path)  # before diffusers could fall back to torch.load
+        kwargs.setdefault("use_safetensors", True)
         pipe = super().from_pretrained(path, **kwargs)
         if "dtype" not in kwargs and "torch_dtype" not in kwargs:
             pipe.upcast_half_components()
@@ -174,6 +175,8 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
             height, width = default_size(self, image, height, width)
         height, width = self._check_call(steps, scale, sampler, output_type, num_images_per_prompt, height, width,
                                          sigma_schedule=sigma_schedule)
+        check_finite("guidance_rescale", guidance_rescale, 0, 1)
+        check_finite("eta", eta, 0)
         batch = len(prompts) * num_images_per_prompt
         second = _check_second_prompts(len(prompts), prompt_2, negative_prompt, negative_prompt_2)
         cond = self.encode_prompt(prompts, negatives if scale != 1.0 else None, num_images_per_prompt, **second,
@@ -196,6 +199,7 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
             if edit is not None:
                 step_callback = edit.step_callback(step_callback)
             x = solver(denoiser, x, timesteps, generator=generator, callback=step_callback)
+        check_all_finite("latents", x, NON_FINITE_HINT)  # once, after the loop: NaN/inf never heal, so none is missed
         images = self.decode(x, output_type)
         self.maybe_free_model_hooks()
         return LatentDiffusionPipelineOutput(images=images) if return_dict else (images,)
@@ -301,17 +305,12 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
     def _check_call(self, steps, scale, sampler, output_type, num_images_per_prompt, height, width,
                     sigma_schedule=None) -> tuple[int, int]:
         """Validate scalar arguments, with errors naming the argument; return the checked (height, width)."""
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
-        if scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {scale}")
-        if sampler not in SAMPLER_NAMES:
-            raise ValueError(f"sampler must be one of {SAMPLER_NAMES}, got {sampler!r}")
+        check_int("num_inference_steps", steps, 1)
+        check_finite("guidance_scale", scale, 0)
+        check_choice("sampler", sampler, SAMPLER_NAMES)
+        check_choice("output_type", output_type, OUTPUT_TYPES)
+        check_int("num_images_per_prompt", num_images_per_prompt, 1)
         check_sigma_schedule(sampler, sigma_schedule)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
         return self.resolve_size(height, width)
 
     def resolve_size(self, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int]:
@@ -327,9 +326,7 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         multiple = vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         if value is None:
             return int(self.unet.config.sample_size) * vae_factor
-        if not isinstance(value, int) or value < multiple or value % multiple:
-            raise ValueError(f"{name} must be a positive multiple of {multiple} for this model, got {value!r}")
-        return value
+        return check_image_side(name, value, multiple)
 
 
 def _check_prompts(prompt: Prompt, negative_prompt: Optional[Prompt]) -> tuple[list[str], list[str]]:

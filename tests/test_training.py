@@ -57,23 +57,27 @@ def weights(checkpoint):
     return tensors
 
 
+@pytest.mark.slow  # over 30 s on a loaded 2-core box
 def test_end_to_end_output_folder(sd_folder, data_dir, cache_dir, tmp_path, caplog):
     from diffusers import StableDiffusionPipeline
 
     from latent_diffusion.pipelines import LatentDiffusionPipeline
 
+    import importlib.util
+
+    has_tensorboard = importlib.util.find_spec("tensorboard") is not None  # CI has it ([test] extra)
     out = tmp_path / "out"
     with caplog.at_level("WARNING"):
         train(sd_folder, data_dir, out, "--max_train_steps", 2, "--checkpointing_steps", 1,
               "--checkpoints_total_limit", 1, "--use_ema", "--prediction_type", "v_prediction",
               "--validation_prompts", "a cat on a sofa", "a red circle", "--validation_steps", 2,
               "--num_validation_inference_steps", 2, "--validation_metrics", "pixel_std",
-              "--caption_dropout", "0.5", "--random_flip", "--report_to", "tensorboard", cache_dir=cache_dir)
+              "--caption_dropout", "0.5", "--random_flip", "--report_to", "tensorboard" if has_tensorboard else "none",
+              cache_dir=cache_dir)
     assert "skipped 1 unreadable image(s) of 8" in caplog.text
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # pruned to the limit
     assert not list(out.glob(".checkpoint-*"))  # no half-written checkpoint left
     assert (out / "validation" / "step-000002.png").is_file()
-    assert list((out / "logs").rglob("events.out.tfevents.*"))  # loss, lr, samples/s and images went to TensorBoard
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
     # the saved UNet is the EMA one
     ema = load_file(str(out / "checkpoint-2" / "ema.safetensors"))
@@ -85,8 +89,12 @@ def test_end_to_end_output_folder(sd_folder, data_dir, cache_dir, tmp_path, capl
     assert ours("a cat", num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
     theirs = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None)
     assert theirs.scheduler.config.prediction_type == "v_prediction"
+    if not has_tensorboard:
+        pytest.skip("tensorboard is not installed (pip install -e '.[test]'): every check but the event files passed")
+    assert list((out / "logs").rglob("events.out.tfevents.*"))  # loss, lr, samples/s and images went to TensorBoard
 
 
+@pytest.mark.slow  # over 30 s on a loaded 2-core box
 @pytest.mark.parametrize("cached", [True, False], ids=["cache", "no_cache"])
 def test_resume_is_exact(sd_folder, data_dir, cache_dir, tmp_path, cached):
     """4 steps straight == 2 steps, stop, resume 2 more: mid-epoch (3 steps per epoch), EMA on, accumulation 1 and LR warm-up."""
@@ -152,6 +160,7 @@ def test_bad_data_and_sizes_name_the_flag(sd_folder, data_dir, tmp_path, flags, 
 @pytest.mark.parametrize("flags, message", [
     (["--resume_from_checkpoint", "/no/such/checkpoint"], "--resume_from_checkpoint '/no/such/checkpoint' does not exist"),
     (["--train_batch_size", "0"], "--train_batch_size must be >= 1"),
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number >= 0, got nan"),
     (["--validation_metrics", "nope"], "unknown metric 'nope'"),
     (["--lr_scheduler", "nope"], "invalid choice"),
 ])
@@ -172,6 +181,7 @@ def test_missing_component_is_named(data_dir, tmp_path, sd_folder):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_two_processes_see_disjoint_rows_and_agree(sd_folder, data_dir, tmp_path):
     """accelerate launch, two CPU processes over gloo: disjoint rows every step, identical final weights."""
     import socket
@@ -186,7 +196,7 @@ def test_two_processes_see_disjoint_rows_and_agree(sd_folder, data_dir, tmp_path
                "--output_dir", str(tmp_path / "out"), "--resolution", "32", "--train_batch_size", "1",
                "--max_train_steps", "4", "--checkpointing_steps", "2", "--report_to", "none", "--use_ema",
                "--sample_index_log", str(tmp_path / "rows")]
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)  # loaded CI boxes
     assert done.returncode == 0, done.stderr[-3000:]
     logs = [(tmp_path / f"rows.rank{r}").read_text().splitlines() for r in range(2)]
     steps = [[line.split() for line in log if not line.startswith("weights")] for log in logs]

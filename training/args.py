@@ -5,9 +5,16 @@ import argparse
 import os
 from typing import Optional, Sequence
 
+from latent_diffusion.checks import MAX_IMAGE_SIDE, check_finite_flags
+
 from .speed import add_speed_args, check_speed_args
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+FLOAT_FLAG_BOUNDS = {  # every float flag: finite, within (minimum, maximum); None is unbounded
+    "--learning_rate": (0, None), "--adam_beta1": (0, 1), "--adam_beta2": (0, 1), "--adam_weight_decay": (0, None),
+    "--adam_epsilon": (0, None), "--max_grad_norm": (0, None), "--snr_gamma": (0, None), "--noise_offset": (0, None),
+    "--ema_decay": (0, 1), "--caption_dropout": (0, 1), "--validation_guidance_scale": (0, None),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,14 +138,13 @@ def check_args(args: argparse.Namespace) -> list[str]:
     for flag in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             problems.append(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if not 0.0 <= args.caption_dropout <= 1.0:
-        problems.append(f"--caption_dropout must be in [0, 1], got {args.caption_dropout}")
-    if not 0.0 <= args.ema_decay < 1.0:
-        problems.append(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
-    if args.snr_gamma is not None and args.snr_gamma <= 0:
-        problems.append(f"--snr_gamma must be > 0, got {args.snr_gamma}")
-    if args.lr_warmup_steps < 0 or args.dataloader_num_workers < 0 or args.noise_offset < 0:
-        problems.append("--lr_warmup_steps, --dataloader_num_workers and --noise_offset must be >= 0")
+    problems += check_finite_flags({f"--{k}": v for k, v in vars(args).items()}, FLOAT_FLAG_BOUNDS)
+    if args.ema_decay == 1.0 or args.snr_gamma == 0.0:  # the edges FLOAT_FLAG_BOUNDS lets through
+        problems.append("--ema_decay must be < 1 and --snr_gamma > 0")
+    if args.lr_warmup_steps < 0 or args.dataloader_num_workers < 0:
+        problems.append("--lr_warmup_steps and --dataloader_num_workers must be >= 0")
+    if args.resolution > MAX_IMAGE_SIDE:
+        problems.append(f"--resolution must be at most {MAX_IMAGE_SIDE}, got {args.resolution}")
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         problems.append(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist "
                         "(give a checkpoint folder or 'latest')")

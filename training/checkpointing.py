@@ -5,6 +5,14 @@ LR schedule, RNG states), `ema.safetensors` when EMA is on, and
 `training_state.json` with the step and the data position (epoch and step
 within it). It is written to `.checkpoint-N.tmp` and renamed when complete, so
 a run killed at any moment leaves only whole checkpoints behind.
+
+The multi-process protocol (every rank writes its own random states):
+1. the main rank creates `.checkpoint-N.tmp`; barrier, so no rank writes into a folder not yet made;
+2. every rank runs `save_state` into it; barrier, so the folder is renamed only after all have written;
+3. the main rank adds the EMA and, last, `training_state.json` (the completeness mark), then renames
+   the folder to `checkpoint-N` (an older `checkpoint-N` is moved aside first and deleted after); barrier.
+A kill at any moment leaves `checkpoint-*` folders that are whole plus, at most, a `.checkpoint-N.tmp`
+or `.checkpoint-N.old` leftover, which `discard_partial_checkpoints` clears when the next run starts.
 """
 from __future__ import annotations
 
@@ -15,7 +23,10 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from latent_diffusion.files import write_text_atomic
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+PARTIAL_RE = re.compile(r"^\.checkpoint-(\d+)\.(tmp|old)$")
 STATE_FILE = "training_state.json"
 EMA_FILE = "ema.safetensors"
 
@@ -34,7 +45,30 @@ def list_checkpoints(output_dir: str) -> list[str]:
     if not os.path.isdir(output_dir):
         return []
     found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT_RE.match(name))]
-    return [os.path.join(output_dir, name) for _, name in sorted(found)]
+    return [os.path.join(output_dir, name) for _, name in sorted(found)
+            if os.path.isfile(os.path.join(output_dir, name, STATE_FILE))]
+
+
+def discard_partial_checkpoints(output_dir: str) -> list[str]:
+    """Clear what a killed save left behind: delete `.checkpoint-N.tmp`, put back a `.checkpoint-N.old`.
+
+    A `.old` folder is a whole checkpoint moved aside while its step was being saved again; it is
+    restored when the new one never arrived, deleted otherwise. Returns the paths removed or restored.
+    """
+    if not os.path.isdir(output_dir):
+        return []
+    touched = []
+    for name in sorted(os.listdir(output_dir)):
+        match = PARTIAL_RE.match(name)
+        if not match:
+            continue
+        path, final = os.path.join(output_dir, name), os.path.join(output_dir, f"checkpoint-{match.group(1)}")
+        if match.group(2) == "old" and not os.path.isdir(final):
+            os.replace(path, final)
+        else:
+            shutil.rmtree(path)
+        touched.append(path)
+    return touched
 
 
 def resolve_checkpoint(output_dir: str, resume_from_checkpoint: Optional[str]) -> Optional[str]:
@@ -44,8 +78,11 @@ def resolve_checkpoint(output_dir: str, resume_from_checkpoint: Optional[str]) -
     if resume_from_checkpoint == "latest":
         found = list_checkpoints(output_dir)
         return found[-1] if found else None
+    if not os.path.isdir(resume_from_checkpoint):
+        raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint!r} does not exist "
+                         "(give a checkpoint folder or 'latest')")
     if not os.path.isfile(os.path.join(resume_from_checkpoint, STATE_FILE)):
-        raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a checkpoint folder "
+        raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a complete checkpoint folder "
                          f"(no {STATE_FILE})")
     return resume_from_checkpoint
 
@@ -57,19 +94,27 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainingState, ema=None
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()  # 1. the folder exists before any rank writes into it
     accelerator.save_state(tmp, safe_serialization=True)
-    accelerator.wait_for_everyone()  # every rank writes its own random states into tmp: rename only after all have
+    accelerator.wait_for_everyone()  # 2. every rank wrote its random states into tmp: rename only after all have
     if accelerator.is_main_process:
         if ema is not None:
             ema.save(os.path.join(tmp, EMA_FILE))
-        with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump(asdict(state), f, indent=2)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        write_text_atomic(os.path.join(tmp, STATE_FILE), json.dumps(asdict(state), indent=2))  # last: the mark
+        publish_checkpoint(tmp, final)
         prune_checkpoints(output_dir, limit)
-    accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()  # 3. no rank goes on (or reads checkpoints) before the rename
     return final
+
+
+def publish_checkpoint(tmp: str, final: str) -> None:
+    """Rename the complete `tmp` onto `final`; an existing `final` is moved aside first, so one always exists."""
+    old = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.old")
+    if os.path.isdir(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def prune_checkpoints(output_dir: str, limit: Optional[int]) -> list[str]:

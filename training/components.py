@@ -6,11 +6,9 @@ trains one from scratch, and gives errors that name the missing part.
 from __future__ import annotations
 
 import importlib
-import os
-from pathlib import Path
 from typing import Any, Optional
 
-from latent_diffusion.assets import missing_components
+from latent_diffusion.model_files import WEIGHT_COMPONENTS, check_model_path
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # loaded where model_index.json names them, else None
@@ -22,13 +20,8 @@ def load_components(path: str, *, revision: Optional[str] = None, variant: Optio
     `path` (those in `skip`, and the SDXL ones of an SD folder, are None)."""
     from diffusers import DiffusionPipeline
 
-    if os.path.isdir(path):
-        missing = missing_components(Path(path))
-        if missing:
-            raise ValueError(f"--pretrained_model_name_or_path {path!r} is missing {missing}; a diffusers text-to-"
-                             "image folder holds model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/")
-    elif os.path.isabs(path) or path.count("/") > 1:  # not a folder, and not shaped like a Hub id either
-        raise ValueError(f"--pretrained_model_name_or_path {path!r} is neither a folder nor a Hub id")
+    check_model_path(path, "--pretrained_model_name_or_path",  # safetensors only, whole: never torch.load
+                     components=[name for name in WEIGHT_COMPONENTS if name not in skip])
     index = DiffusionPipeline.load_config(path, revision=revision, cache_dir=cache_dir)
     parts = {}
     sdxl = [name for name in SDXL_COMPONENTS if (index.get(name) or [None])[0] is not None]
@@ -42,7 +35,9 @@ def load_components(path: str, *, revision: Optional[str] = None, variant: Optio
         library, class_name = entry
         cls = getattr(importlib.import_module(library), class_name)
         kwargs = dict(subfolder=name, revision=revision, cache_dir=cache_dir)
-        if name in ("unet", "vae", "text_encoder", "text_encoder_2") and variant is not None:
-            kwargs["variant"] = variant
+        if name in WEIGHT_COMPONENTS:
+            kwargs["use_safetensors"] = True
+            if variant is not None:
+                kwargs["variant"] = variant
         parts[name] = cls.from_pretrained(path, **kwargs)
     return parts

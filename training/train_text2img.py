@@ -24,6 +24,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -35,6 +36,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, gather_object
 from tqdm.auto import tqdm
 
+from latent_diffusion.checks import NonFiniteError
 from latent_diffusion.cache import (CachedSamples, build_or_load_cache, cache_key, encode_caption_tensors,
                                     encode_latent_moments, identity, sample_latents)
 from latent_diffusion.conditioning import encode_prompts, vae_scale_factor
@@ -46,8 +48,8 @@ from latent_diffusion.utils import gather, randn
 from latent_diffusion.training.args import parse_args
 from latent_diffusion.training.batches import epoch_batches, step_groups, steps_per_epoch
 from latent_diffusion.training.components import load_components
-from latent_diffusion.training.checkpointing import (TrainingState, checkpoint_weights, load_checkpoint,
-                                                     resolve_checkpoint, save_checkpoint)
+from latent_diffusion.training.checkpointing import (TrainingState, checkpoint_weights, discard_partial_checkpoints,
+                                                     load_checkpoint, resolve_checkpoint, save_checkpoint)
 from latent_diffusion.training.ema import EMA
 from latent_diffusion.training import bucketing, lora
 from latent_diffusion.training.sdxl import (SizedCaptionImageDataset, batch_conditioning, check_sdxl_parts, context_dim,
@@ -200,6 +202,10 @@ def load_training_data(args: argparse.Namespace, accelerator: Accelerator, model
         rows, unreadable = cache.indices.tolist(), cache.unreadable.tolist()
         samples = CachedSamples(cache, args.random_flip, args.caption_dropout, args.seed)
         collate_fn, workers = identity, 0  # tensors in memory: worker processes would only add overhead
+    if not rows:
+        source = f"--dataset_name {args.dataset_name!r}" if args.dataset_name else f"--train_data_dir {args.train_data_dir!r}"
+        raise ValueError(f"{source}: none of its {len(dataset)} image(s) could be read (column "
+                         f"--image_column {args.image_column!r}); give a dataset with readable images")
     if unreadable:
         logger.warning(f"skipped {len(unreadable)} unreadable image(s) of {len(dataset)}: rows {unreadable[:20]}")
     steps = steps_per_epoch(len(rows), world_size=accelerator.num_processes, batch_size=args.train_batch_size,
@@ -275,6 +281,10 @@ def make_optimizer(args: argparse.Namespace, accelerator: Accelerator, unet, max
 
 def resume(args: argparse.Namespace, accelerator: Accelerator, ema: Optional[EMA]) -> TrainingState:
     """Load the checkpoint named by --resume_from_checkpoint (weights, optimizer, LR, EMA, data position)."""
+    if accelerator.is_main_process:  # a killed save's .checkpoint-N.tmp is never resumed from: clear it
+        for leftover in discard_partial_checkpoints(args.output_dir):
+            logger.info(f"cleared {leftover}, left by an interrupted checkpoint save")
+    accelerator.wait_for_everyone()
     path = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if path is None:
         if args.resume_from_checkpoint == "latest":
@@ -311,6 +321,8 @@ def train(args, accelerator: Accelerator, models: Models, data: TrainingData, un
             state.step_in_epoch += 1
             losses.add(loss)
             mean_loss = losses.read() if losses.due(state.global_step, max_steps) else None
+            if mean_loss is not None:  # a NaN anywhere in the window makes its mean NaN
+                check_loss(mean_loss, state.global_step)
             log_step(args, accelerator, state, mean_loss, lr_scheduler, micro_batches, time.perf_counter() - last)
             bar.update(1)
             if mean_loss is not None:
@@ -318,6 +330,7 @@ def train(args, accelerator: Accelerator, models: Models, data: TrainingData, un
             if state.step_in_epoch == data.steps_per_epoch:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
             if state.global_step % args.checkpointing_steps == 0 or state.global_step == max_steps:
+                check_pending_loss(losses, state.global_step)  # never save weights a NaN/inf loss went into
                 checkpoint(args, accelerator, state, ema)
             if args.validation_prompts and state.global_step % args.validation_steps == 0:
                 validate(args, accelerator, models, unet, ema, state.global_step)
@@ -331,6 +344,23 @@ def train(args, accelerator: Accelerator, models: Models, data: TrainingData, un
         with open(f"{args.sample_index_log}.rank{accelerator.process_index}", "a") as f:
             f.write(f"weights {fingerprint_module(accelerator.unwrap_model(unet))}\n")
     return state
+
+
+def check_loss(loss: float, step: int) -> None:
+    """Stop on a NaN/inf loss (gathered, so the same on every rank: all ranks stop together).
+
+    Checked where the loss is read back anyway (every --loss_log_steps) and before each checkpoint, so
+    there is no extra host sync per step and no checkpoint holds weights a non-finite loss went into.
+    """
+    if not math.isfinite(loss):
+        raise NonFiniteError(f"the training loss became {loss} at step {step}; stopped without saving it (the last "
+                             "checkpoint is intact). Lower --learning_rate, set --max_grad_norm, or use bf16/fp32")
+
+
+def check_pending_loss(losses, step: int) -> None:
+    """check_loss on the losses summed since the last read (one host sync per checkpoint)."""
+    if losses.total is not None:
+        check_loss(float(losses.total), step)
 
 
 def epoch_loader(args, accelerator: Accelerator, data: TrainingData, state: TrainingState):
@@ -522,5 +552,18 @@ def write_card(args, pipe, step: int) -> Optional[str]:
     return grid
 
 
+def cli(argv: Optional[list[str]] = None) -> int:
+    """main() as a command: a usage error (bad flag, data or model) prints one line and exits 2, a diverged run 1."""
+    try:
+        main(argv)
+    except ValueError as error:
+        print(f"train_text2img.py: error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteError as error:
+        print(f"train_text2img.py: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
