@@ -54,7 +54,8 @@ def _add_generate(commands) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--guidance-rescale", type=float, default=0.0)
-    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help="sampler (default: the model's)")
+    p.add_argument("--sampler", default=None, metavar="NAME",  # checked in check_generate_args, one error format
+                   help=f"sampler, one of {', '.join(SAMPLER_NAMES)} (default: the model's)")
     p.add_argument("--sigma-schedule", default=None, choices=SIGMA_SCHEDULES,
                    help="σ schedule of euler, heun, dpm++, dpm++_sde, unipc (default: the scheduler config's)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's η")

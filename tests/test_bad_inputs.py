@@ -132,7 +132,7 @@ EVAL_CASES = [
     (["--num-prompts", "0"], "--num-prompts must be an integer >= 1, got 0"),
     (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
     (["--size", "100000"], "--size must be an integer >= 1 and <= 8192, got 100000"),
-    (["--samplers", "nope"], "--samplers: unknown sampler(s) ['nope']"),
+    (["--samplers", "nope"], "--samplers names unknown sampler(s) ['nope']"),
 ]
 
 
