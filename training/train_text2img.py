@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from typing import Any, Optional
 
 import torch
@@ -76,7 +76,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ema = EMA(accelerator.unwrap_model(unet), args.ema_decay) if args.use_ema else None
     state = resume(args, accelerator, ema)  # a fresh TrainingState when not resuming
     start_trackers(args, accelerator)
-    state = train(args, accelerator, models, data, unet, optimizer, lr_scheduler, ema, state, max_steps)
+    trainee = Trainee(unet, optimizer, lr_scheduler, ema)
+    state = train(args, accelerator, models, data, trainee, state, max_steps)
     save_pipeline(args, accelerator, models, unet, ema, state.global_step)  # diffusers folder, model card, upload
     accelerator.end_training()
 
@@ -110,11 +111,25 @@ class Models:
     text_encoder: Any
     tokenizer: Any
     scheduler: Any  # the diffusers scheduler config that will be saved with the pipeline
-    schedule: NoiseSchedule  # ᾱ_t and the prediction type the loss uses
     weight_dtype: torch.dtype
     text_encoder_2: Any = None  # SDXL: the second (projection) text encoder and its tokenizer, frozen
     tokenizer_2: Any = None
     force_zeros_for_empty_prompt: Optional[bool] = None  # SDXL: kept from the base folder
+
+    @cached_property
+    def schedule(self) -> NoiseSchedule:
+        """ᾱ_t and the prediction type the loss uses, derived once from the scheduler config (not a second copy)."""
+        return NoiseSchedule.from_config(self.scheduler.config)
+
+
+@dataclass
+class Trainee:
+    """What training changes: the prepared UNet, its optimizer and LR schedule, and the EMA of its weights."""
+
+    unet: Any
+    optimizer: Any
+    lr_scheduler: Any
+    ema: Optional[EMA]
 
 
 def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
@@ -148,7 +163,7 @@ def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
         unet.enable_gradient_checkpointing()
     speed_up_unet(unet, args.channels_last, args.compile, args.compile_mode)  # --channels_last, --compile
     force_zeros = read_force_zeros(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
-    return Models(unet, vae, text_encoder, parts["tokenizer"], scheduler, NoiseSchedule.from_config(scheduler.config),
+    return Models(unet, vae, text_encoder, parts["tokenizer"], scheduler,
                   weight_dtype, text_encoder_2, parts["tokenizer_2"], force_zeros)
 
 
@@ -175,10 +190,8 @@ class TrainingData:
     samples: torch.utils.data.Dataset  # items (row, epoch) -> a training sample
     rows: list[int]  # usable dataset rows (readable images)
     steps_per_epoch: int
-    cached: bool
     collate_fn: Any
     num_workers: int
-    name: str
     buckets: Optional[dict] = None  # --enable_bucket: row -> (width, height) of its bucket
 
 
@@ -223,8 +236,7 @@ def load_training_data(args: argparse.Namespace, accelerator: Accelerator, model
                          f"{args.train_batch_size} × --gradient_accumulation_steps {args.gradient_accumulation_steps} "
                          f"× {accelerator.num_processes} process(es)" + (" within one bucket" if buckets else ""))
     logger.info(f"{len(rows)} images, {steps} steps per epoch, {len(unreadable)} unreadable skipped")
-    name = args.dataset_name or os.path.basename(os.path.normpath(args.train_data_dir))
-    return TrainingData(samples, rows, steps, not args.no_cache, collate_fn, workers, name, buckets)
+    return TrainingData(samples, rows, steps, collate_fn, workers, buckets)
 
 
 def find_readable_rows(accelerator: Accelerator, dataset, image_column: str) -> tuple[list[int], list[int]]:
@@ -303,9 +315,10 @@ def start_trackers(args: argparse.Namespace, accelerator: Accelerator) -> None:
 # ----------------------------------------------------------------------------- training
 
 
-def train(args, accelerator: Accelerator, models: Models, data: TrainingData, unet, optimizer, lr_scheduler,
-          ema: Optional[EMA], state: TrainingState, max_steps: int) -> TrainingState:
+def train(args, accelerator: Accelerator, models: Models, data: TrainingData, trainee: Trainee, state: TrainingState,
+          max_steps: int) -> TrainingState:
     """Run optimizer steps until `max_steps`, checkpointing and validating on the way."""
+    unet, ema = trainee.unet, trainee.ema
     loss_fn = DenoisingLoss(models.schedule.prediction_type, args.snr_gamma)
     bar = tqdm(total=max_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process)
     losses = LossMeter(args.loss_log_steps)  # the loss is read back from the device every --loss_log_steps steps
@@ -313,8 +326,7 @@ def train(args, accelerator: Accelerator, models: Models, data: TrainingData, un
         last = time.perf_counter()
         for micro_batches in step_groups(epoch_loader(args, accelerator, data, state), args.gradient_accumulation_steps):
             generator = step_generator(args.seed, state.global_step, accelerator.process_index)
-            loss = train_step(args, accelerator, models, unet, optimizer, lr_scheduler, loss_fn, micro_batches,
-                              generator)
+            loss = train_step(args, accelerator, models, trainee, loss_fn, micro_batches, generator)
             if ema is not None:
                 ema.update(accelerator.unwrap_model(unet))
             state.global_step += 1
@@ -323,7 +335,7 @@ def train(args, accelerator: Accelerator, models: Models, data: TrainingData, un
             mean_loss = losses.read() if losses.due(state.global_step, max_steps) else None
             if mean_loss is not None:  # a NaN anywhere in the window makes its mean NaN
                 check_loss(mean_loss, state.global_step)
-            log_step(args, accelerator, state, mean_loss, lr_scheduler, micro_batches, time.perf_counter() - last)
+            log_step(args, accelerator, state, mean_loss, trainee.lr_scheduler, micro_batches, time.perf_counter() - last)
             bar.update(1)
             if mean_loss is not None:
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
@@ -379,14 +391,16 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((int(seed), int(step), int(rank), 7)) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-def train_step(args, accelerator: Accelerator, models: Models, unet, optimizer, lr_scheduler, loss_fn,
-               micro_batches: list, generator: torch.Generator) -> torch.Tensor:
+def train_step(args, accelerator: Accelerator, models: Models, trainee: Trainee, loss_fn, micro_batches: list,
+               generator: torch.Generator) -> torch.Tensor:
     """One optimizer step over the accumulated micro-batches; the mean loss over processes (0-d, on the device)."""
+    unet, optimizer, lr_scheduler = trainee.unet, trainee.optimizer, trainee.lr_scheduler
+    schedule = models.schedule
     losses = []
     for batch in micro_batches:
         with accelerator.accumulate(unet):
             latents, cond = batch_inputs(batch, models, accelerator.device, generator, args.resolution)
-            loss = denoising_loss(unet, latents, cond, models.schedule, loss_fn, generator, args.noise_offset)
+            loss = denoising_loss(unet, latents, cond, schedule, loss_fn, generator, args.noise_offset)
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -513,7 +527,7 @@ def save_pipeline(args, accelerator: Accelerator, models: Models, unet, ema: Opt
         parts = load_components(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
                                 cache_dir=args.cache_dir, skip=("unet", "tokenizer", "scheduler", "tokenizer_2"))
         vae, text_encoder, text_encoder_2 = parts["vae"], parts["text_encoder"], parts["text_encoder_2"]
-    pipe = make_pipeline(Models(final_unet, vae, text_encoder, models.tokenizer, models.scheduler, models.schedule,
+    pipe = make_pipeline(Models(final_unet, vae, text_encoder, models.tokenizer, models.scheduler,
                                 torch.float32, text_encoder_2, models.tokenizer_2,
                                 models.force_zeros_for_empty_prompt), final_unet)
     pipe.save_pretrained(args.output_dir)
