@@ -174,9 +174,7 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         if image is not None:
             height, width = default_size(self, image, height, width)
         height, width = self._check_call(steps, scale, sampler, output_type, num_images_per_prompt, height, width,
-                                         sigma_schedule=sigma_schedule)
-        check_finite("guidance_rescale", guidance_rescale, 0, 1)
-        check_finite("eta", eta, 0)
+                                         sigma_schedule=sigma_schedule, guidance_rescale=guidance_rescale, eta=eta)
         batch = len(prompts) * num_images_per_prompt
         second = _check_second_prompts(len(prompts), prompt_2, negative_prompt, negative_prompt_2)
         cond = self.encode_prompt(prompts, negatives if scale != 1.0 else None, num_images_per_prompt, **second,
@@ -195,9 +193,7 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
             timesteps, x = edit.timesteps, edit.x
         denoiser = Denoiser(self._guided_unet(cond, scale, guidance_rescale, edit.unet_extra if edit else None), schedule)
         with self.progress_bar(total=len(timesteps)) as bar:
-            step_callback = self._step_callback(bar, callback_on_step_end)
-            if edit is not None:
-                step_callback = edit.step_callback(step_callback)
+            step_callback = self._step_callback(bar, callback_on_step_end, edit)
             x = solver(denoiser, x, timesteps, generator=generator, callback=step_callback)
         check_all_finite("latents", x, NON_FINITE_HINT)  # once, after the loop: NaN/inf never heal, so none is missed
         images = self.decode(x, output_type)
@@ -284,7 +280,9 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
 
         return model_fn
 
-    def _step_callback(self, bar, user_callback: Optional[Callable]) -> Callable:
+    def _step_callback(self, bar, user_callback: Optional[Callable], edit=None) -> Callable:
+        """The sampler's per-step callback: the progress bar, the user's callback, and an image edit's blend."""
+
         def callback(i: int, t: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
             bar.update()
             if user_callback is None:
@@ -292,7 +290,7 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
             returned = user_callback(self, i, t, {"latents": x}) or {}
             return returned.get("latents")
 
-        return callback
+        return callback if edit is None else edit.step_callback(callback)
 
     def _resolve_defaults(self, steps, scale, sampler) -> tuple[int, float, str]:
         d = self.generation_defaults
@@ -303,10 +301,12 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         )
 
     def _check_call(self, steps, scale, sampler, output_type, num_images_per_prompt, height, width,
-                    sigma_schedule=None) -> tuple[int, int]:
+                    sigma_schedule=None, guidance_rescale=0.0, eta=0.0) -> tuple[int, int]:
         """Validate scalar arguments, with errors naming the argument; return the checked (height, width)."""
         check_int("num_inference_steps", steps, 1)
         check_finite("guidance_scale", scale, 0)
+        check_finite("guidance_rescale", guidance_rescale, 0, 1)
+        check_finite("eta", eta, 0)
         check_choice("sampler", sampler, SAMPLER_NAMES)
         check_choice("output_type", output_type, OUTPUT_TYPES)
         check_int("num_images_per_prompt", num_images_per_prompt, 1)
