@@ -227,8 +227,15 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
         form = [prompt, negative_prompt, sampler, steps, guidance, seed, width, height]
 
         def generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height, num_images=1,
-                     progress=gr.Progress(), **image_inputs):
-            """Generate images; returns the PNG file(s), each with its settings in its metadata."""
+                     progress=gr.Progress(), image=None, strength=None, mask_image=None):
+            """Generate images; returns the PNG file(s), each with its settings in its metadata.
+
+            The image inputs are explicit keywords defaulting to None, so the API marks them optional.
+            """
+            given = {"image": image, "strength": strength, "mask_image": mask_image}
+            image_inputs = {name: given[name] for name in offered}  # only those the pipeline takes
+            if image is None:  # text-to-image: the strength slider and an empty mask mean nothing
+                image_inputs = {}
             if "mask_image" in image_inputs:
                 image_inputs["mask_image"] = mask_from_editor(image_inputs["mask_image"])
             try:
@@ -251,6 +258,7 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
             except (ValueError, OSError) as error:
                 raise gr.Error(page_message(error)) from None
 
+        offered = tuple(image_inputs)
         gr.on([run.click, prompt.submit], generate, inputs=form + [num_images], inputs_kwargs=image_inputs,
               outputs=files, api_name="generate", concurrency_limit=1
               ).success(show, inputs=files, outputs=[gallery, used], api_visibility="private")

@@ -231,12 +231,13 @@ def test_relation_binding_loss_teaches_the_second_objects_side(stage0_dir):
 
     tokenizer = CLIPTokenizer.from_pretrained(str(stage0_dir / "tokenizer"))
     args = stage0_text.parse_args(["--output_dir", "x", *STAGE0_TINY])
+    torch.manual_seed(0)  # the encoder's initialisation; the tokenizer (trained per session) still varies
     model = stage0_text.build_clip(args, tokenizer)
     captions = [f"a {a} circle {rel} a {b} square" for a, b in (("red", "blue"), ("green", "yellow"))
                 for rel in ("above", "below", "to the left of", "to the right of")]
     vocab = stage0_text.binding_vocab(tokenizer)
     optimizer = torch.optim.Adam(model.text_model.parameters(), lr=1e-2)
-    for _ in range(80):
+    for _ in range(200):  # 80 left the side at 0.79 for some tokenizers (seen in 3 of 13 runs)
         ids, output = stage0_text.encode_texts(model, tokenizer, captions)
         loss = stage0_text.relation_binding_loss(model, ids, output.last_hidden_state, captions, vocab)
         optimizer.zero_grad()
@@ -270,7 +271,7 @@ def test_run_checkpoints_share_the_training_checkpoint_names_and_keep_the_newest
     for step in (5, 10, 15):
         checkpoints.save(model, optimizer, {"step": step, "compute_s": 1.0})
     assert [p.name for p in checkpoints.list()] == ["checkpoint-10", "checkpoint-15"]
-    assert [Path(p) for p in list_checkpoints(str(tmp_path))] == checkpoints.list()
+    assert [Path(p) for p in list_checkpoints(str(tmp_path), common.STATE_FILE)] == checkpoints.list()
     assert checkpoints.latest() == tmp_path / "checkpoint-15"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
     restored = torch.nn.Linear(2, 2)

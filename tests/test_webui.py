@@ -131,7 +131,9 @@ def test_page_offers_every_sampler_and_the_model_defaults(studio, tiny_pipe):
         d["sampler"], d["num_inference_steps"], d["guidance_scale"], RANDOM_SEED]
     dropdown = next(c for c in demo.config["components"] if c["props"].get("label") == "Sampler")
     assert [value for _, value in dropdown["props"]["choices"]] == list(SAMPLER_NAMES)
-    assert not any(c["type"] in ("image", "imageeditor") for c in demo.config["components"])
+    # the pipeline takes image, strength and mask_image now: the page offers an image and a mask brush
+    assert {"image", "imageeditor"} <= {c["type"] for c in demo.config["components"]}
+    assert all(params[k]["parameter_has_default"] for k in ("image", "strength", "mask_image"))
 
 
 class ImageInputsPipe:

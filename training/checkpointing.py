@@ -40,13 +40,13 @@ class TrainingState:
     step_in_epoch: int = 0
 
 
-def list_checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoint folders of a run, oldest first."""
+def list_checkpoints(output_dir: str, mark: str = STATE_FILE) -> list[str]:
+    """Complete checkpoint folders of a run (those holding `mark`, the file written last), oldest first."""
     if not os.path.isdir(output_dir):
         return []
     found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT_RE.match(name))]
     return [os.path.join(output_dir, name) for _, name in sorted(found)
-            if os.path.isfile(os.path.join(output_dir, name, STATE_FILE))]
+            if os.path.isfile(os.path.join(output_dir, name, mark))]
 
 
 def discard_partial_checkpoints(output_dir: str) -> list[str]:
@@ -71,19 +71,19 @@ def discard_partial_checkpoints(output_dir: str) -> list[str]:
     return touched
 
 
-def resolve_checkpoint(output_dir: str, resume_from_checkpoint: Optional[str]) -> Optional[str]:
+def resolve_checkpoint(output_dir: str, resume_from_checkpoint: Optional[str], mark: str = STATE_FILE) -> Optional[str]:
     """The folder to resume from: None, the latest of the run ("latest"; None if there is none yet) or a path."""
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
-        found = list_checkpoints(output_dir)
+        found = list_checkpoints(output_dir, mark)
         return found[-1] if found else None
     if not os.path.isdir(resume_from_checkpoint):
         raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint!r} does not exist "
                          "(give a checkpoint folder or 'latest')")
-    if not os.path.isfile(os.path.join(resume_from_checkpoint, STATE_FILE)):
+    if not os.path.isfile(os.path.join(resume_from_checkpoint, mark)):
         raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a complete checkpoint folder "
-                         f"(no {STATE_FILE})")
+                         f"(no {mark})")
     return resume_from_checkpoint
 
 
@@ -117,9 +117,9 @@ def publish_checkpoint(tmp: str, final: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def prune_checkpoints(output_dir: str, limit: Optional[int]) -> list[str]:
+def prune_checkpoints(output_dir: str, limit: Optional[int], mark: str = STATE_FILE) -> list[str]:
     """Delete the oldest checkpoints beyond `limit`; return the deleted paths."""
-    found = list_checkpoints(output_dir)
+    found = list_checkpoints(output_dir, mark)
     doomed = found[: max(0, len(found) - limit)] if limit else []
     for path in doomed:
         shutil.rmtree(path)

@@ -122,10 +122,10 @@ class RunCheckpoints:
 
     def list(self) -> list[Path]:
         """Complete checkpoint folders, oldest first."""
-        return [Path(p) for p in list_checkpoints(str(self.run_dir))]
+        return [Path(p) for p in list_checkpoints(str(self.run_dir), STATE_FILE)]
 
     def latest(self) -> Optional[Path]:
-        latest = resolve_checkpoint(str(self.run_dir), "latest")
+        latest = resolve_checkpoint(str(self.run_dir), "latest", STATE_FILE)
         return Path(latest) if latest is not None else None
 
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
@@ -137,7 +137,7 @@ class RunCheckpoints:
             tensors, meta = _optimizer_tensors(optimizer)
             save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        prune_checkpoints(str(self.run_dir), self.keep)
+        prune_checkpoints(str(self.run_dir), self.keep, STATE_FILE)
         return final
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
