@@ -6,6 +6,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+# Our samplers beyond DDPM/DDIM and the diffusers scheduler (with its settings) each one mirrors.
+DIFFUSERS_SCHEDULER_OF = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "dpm++_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def diffusers_scheduler_of(sampler: str):
+    """(scheduler class, extra settings) of diffusers for one of our sampler names."""
+    import diffusers
+
+    name, settings = DIFFUSERS_SCHEDULER_OF[sampler]
+    return getattr(diffusers, name), settings
+
 
 def save_sd_folder(path, prediction_type="epsilon", scheduler="pndm"):
     """A diffusers StableDiffusionPipeline folder of tiny components, as a real SD checkpoint is laid out."""

@@ -2,6 +2,7 @@
 import numpy as np
 import PIL.Image
 import pytest
+from conftest import diffusers_scheduler_of
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -118,23 +119,12 @@ def test_img2img_matches_diffusers(sd_folder, sampler, strength):
     assert np.abs(a - b).max() <= 1 / 255
 
 
-NEW_SAMPLERS = {  # the sigma-based and multistep samplers: diffusers' img2img pipeline with their scheduler
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpm++_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-
-
-@pytest.mark.parametrize("sampler", list(NEW_SAMPLERS))
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "heun", "dpm++_sde", "unipc"])
 def test_img2img_with_the_other_samplers_matches_diffusers(sd_folder, sampler):
-    import diffusers
-
-    name, extra = NEW_SAMPLERS[sampler]
+    cls, extra = diffusers_scheduler_of(sampler)
     ours = load_ours(sd_folder)
     theirs = StableDiffusionImg2ImgPipeline.from_pretrained(sd_folder, safety_checker=None, requires_safety_checker=False)
-    theirs.scheduler = getattr(diffusers, name).from_config(theirs.scheduler.config, **extra)
+    theirs.scheduler = cls.from_config(theirs.scheduler.config, **extra)
     theirs.set_progress_bar_config(disable=True)
     image = noise_image()
     a = run(ours, sampler=sampler, image=image, strength=0.6)

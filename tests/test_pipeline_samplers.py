@@ -1,27 +1,15 @@
 """The pipeline with every sampler and σ schedule against diffusers' StableDiffusionPipeline on the same tiny weights."""
 import numpy as np
 import pytest
+from conftest import diffusers_scheduler_of
 import torch
 from diffusers import (
     DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
     StableDiffusionPipeline,
-    UniPCMultistepScheduler,
 )
 
 from latent_diffusion import LatentDiffusionPipeline
 
-SCHEDULERS = {
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "heun": (HeunDiscreteScheduler, {}),
-    "dpm++": (DPMSolverMultistepScheduler, {}),
-    "dpm++_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
-    "unipc": (UniPCMultistepScheduler, {}),
-}
 FLAGS = {"default": {}, "karras": {"use_karras_sigmas": True}, "exponential": {"use_exponential_sigmas": True}}
 PROMPTS = ["a red circle above a blue square", "a cat on a sofa"]
 
@@ -33,7 +21,7 @@ def generate(pipe, seed=0, **kwargs):
 
 def theirs(folder, sampler, sigma_schedule):
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    cls, kwargs = SCHEDULERS[sampler]
+    cls, kwargs = diffusers_scheduler_of(sampler)
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **kwargs, **FLAGS[sigma_schedule])
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -19,15 +19,12 @@ import math
 
 import numpy as np
 import pytest
+from conftest import diffusers_scheduler_of
 import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    UniPCMultistepScheduler,
 )
 
 from latent_diffusion.samplers import SAMPLER_NAMES, SIGMA_SCHEDULE_SAMPLERS, Denoiser, Prediction, get_sampler
@@ -387,14 +384,6 @@ def test_bad_overrides_and_timesteps():
 # step) against ours (start_from_noise, __call__). diffusers keeps its σ in float32 (Euler also its arithmetic),
 # so these compare at SIGMA_TOL; its ᾱ are replaced by our float64 ones before set_timesteps, as above.
 
-SIGMA_THEIRS = {
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "heun": (HeunDiscreteScheduler, {}),
-    "dpm++": (DPMSolverMultistepScheduler, {}),
-    "dpm++_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
-    "unipc": (UniPCMultistepScheduler, {}),
-}
 NEW_NAMES = ("euler", "euler_a", "heun", "dpm++_sde", "unipc")
 SIGMA_FLAGS = {"default": {}, "karras": {"use_karras_sigmas": True}, "exponential": {"use_exponential_sigmas": True}}
 SIGMA_TOL = 2e-5
@@ -419,7 +408,7 @@ def continuous_fake_model_for(schedule, mu=0.3, s=0.5):
 
 
 def their_sigma_scheduler(name, config, sigma_schedule):
-    cls, kwargs = SIGMA_THEIRS[name]
+    cls, kwargs = diffusers_scheduler_of(name)
     scheduler = cls.from_config(config, **kwargs, **SIGMA_FLAGS[sigma_schedule])
     schedule = NoiseSchedule.from_config(config)
     scheduler.betas = schedule.betas.clone()
