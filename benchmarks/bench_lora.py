@@ -1,6 +1,6 @@
 """LoRA training against full fine-tuning and against diffusers' train_text_to_image_lora.py, in one run.
 
-    python benchmarks/bench_lora.py [--steps 4 12] [--images 32] [--batch_size 8] [--rank 8]
+    python benchmarks/bench_lora.py [--steps 10 200] [--images 32] [--batch_size 8] [--rank 8] [--rounds 3]
 
 All three train the embedded default model (saved as float32 into a temporary folder, so every script
 reads the same weights) on the same Shapes images, resolution 64 and batch size, on the CPU, one process:
@@ -9,8 +9,9 @@ reads the same weights) on the same Shapes images, resolution 64 and batch size,
     ours, full        training/train_text2img.py (the whole UNet)
     diffusers, LoRA   ../shared/peers/diffusers/train_text_to_image_lora.py --rank R (through run_peer.py)
 
-Each is run twice, for the two step counts of `--steps`; samples/s = (difference in steps × batch) /
-(difference in wall time), so start-up, loading and caching cancel out. Peak memory is the child
+Each is run twice per round, for the two step counts of `--steps`; samples/s = (difference in steps ×
+batch) / (difference in wall time), so start-up, loading and caching cancel out; the rounds alternate the
+three runs and the median round is reported. Peak memory is the child
 process's maximum resident set (os.wait4), of the longer run. Also printed: the LoRA file's size against
 the UNet's weights file. The machine is shared: only the ratios within one run mean anything.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,10 +60,11 @@ def commands(model: str, data: str, out: str, steps: int, batch: int, rank: int)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, nargs=2, default=[4, 12])
+    p.add_argument("--steps", type=int, nargs=2, default=[10, 200])
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     from latent_diffusion import LatentDiffusionPipeline
     from latent_diffusion.shapes import export_imagefolder
@@ -70,17 +73,25 @@ def main() -> None:
     model = os.path.join(work, "model")
     LatentDiffusionPipeline.from_pretrained().save_pretrained(model)  # float32 copy of the embedded default
     data = str(export_imagefolder(os.path.join(work, "data"), args.images, size=64, seed=0))
-    results: dict[str, list[tuple[float, float]]] = {}
-    for steps in args.steps:
-        for name, command in commands(model, data, work, steps, args.batch_size, args.rank).items():
-            results.setdefault(name, []).append(run(command))
-            print(f"{name}: {steps} steps {results[name][-1][0]:.1f} s", file=sys.stderr)
+    rates: dict[str, list[float]] = {}
+    peak: dict[str, float] = {}
     extra = (args.steps[1] - args.steps[0]) * args.batch_size
-    rates = {name: extra / (runs[1][0] - runs[0][0]) for name, runs in results.items()}
+    for round_ in range(args.rounds):
+        runs: dict[str, list[tuple[float, float]]] = {}
+        for steps in args.steps:
+            for name, command in commands(model, data, work, steps, args.batch_size, args.rank).items():
+                runs.setdefault(name, []).append(run(command))
+                print(f"round {round_}: {name}: {steps} steps {runs[name][-1][0]:.1f} s", file=sys.stderr)
+        for name, (short, long) in runs.items():
+            rates.setdefault(name, []).append(extra / (long[0] - short[0]))
+            peak[name] = max(peak.get(name, 0.0), long[1])
+    for name, values in rates.items():
+        print(f"{name}: samples/s per round " + ", ".join(f"{v:.1f}" for v in values), file=sys.stderr)
+    rates = {name: statistics.median(values) for name, values in rates.items()}
     peer = rates["diffusers LoRA script"]
     print(f"| run | samples/s | × diffusers LoRA | peak RSS MiB |\n|---|---|---|---|")
     for name, rate in rates.items():
-        print(f"| {name} | {rate:.2f} | {rate / peer:.2f} | {results[name][1][1]:.0f} |")
+        print(f"| {name} | {rate:.2f} | {rate / peer:.2f} | {peak[name]:.0f} |")
     lora_file = os.path.join(work, f"ours-lora-{args.steps[1]}", "pytorch_lora_weights.safetensors")
     unet_file = os.path.join(model, "unet", "diffusion_pytorch_model.safetensors")
     print(f"\nLoRA file (rank {args.rank}) {os.path.getsize(lora_file) / 2**20:.3f} MiB, UNet weights "
