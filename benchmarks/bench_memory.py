@@ -1,7 +1,7 @@
 """Peak memory of one generation, ours against diffusers' StableDiffusionPipeline with the same weights.
 
     python benchmarks/bench_memory.py [--model PATH] [--size S] [--steps 20] [--sampler dpm++] [--guidance 7.5]
-                                      [--batch 1] [--device cpu] [--threads N]
+                                      [--batch 1] [--device cpu] [--threads N] [--attention_slicing] [--vae_tiling]
 
 Each pipeline runs in its own fresh process (memory counters are per process): import, load, one untimed
 warm-up generation, then one measured generation through `latent_diffusion.evaluation.measure`:
@@ -12,6 +12,8 @@ warm-up generation, then one measured generation through `latent_diffusion.evalu
   "+ over just before the call" the part above what was resident after the warm-up.
 - CUDA: `torch.cuda.max_memory_allocated` (tensors only); "loaded" is then the memory allocated after loading.
 
+`--attention_slicing` (diffusers' `pipe.enable_attention_slicing()`, one head group at a time) and
+`--vae_tiling` (`pipe.vae.enable_tiling()`, the decode in overlapping tiles) apply to both pipelines.
 Without --model a tiny SD folder is built from config. Prints a markdown line for benchmarks/RESULTS.md with
 the ratio ours/diffusers of what generating adds over the loaded model.
 """
@@ -29,17 +31,24 @@ PROMPT = "a red circle above a blue square"
 PEER_SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler"}
 
 
-def load(kind: str, model: str, sampler: str, device: str):
-    """(pipeline on `device`, extra call arguments)."""
+def load(kind: str, model: str, sampler: str, device: str, slicing: bool = False, tiling: bool = False):
+    """(pipeline on `device`, extra call arguments), with attention slicing / VAE tiling if asked."""
     if kind == "ours":
         from latent_diffusion.pipelines import LatentDiffusionPipeline
 
-        return LatentDiffusionPipeline.from_pretrained(model).to(device), {"sampler": sampler}
-    import diffusers
+        pipe, extra = LatentDiffusionPipeline.from_pretrained(model).to(device), {"sampler": sampler}
+    else:
+        import diffusers
 
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = getattr(diffusers, PEER_SCHEDULERS[sampler]).from_config(pipe.scheduler.config)
-    return pipe.to(device), {}
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(model, safety_checker=None,
+                                                                 requires_safety_checker=False)
+        pipe.scheduler = getattr(diffusers, PEER_SCHEDULERS[sampler]).from_config(pipe.scheduler.config)
+        pipe, extra = pipe.to(device), {}
+    if slicing:
+        pipe.enable_attention_slicing()
+    if tiling:
+        pipe.vae.enable_tiling()
+    return pipe, extra
 
 
 def loaded_bytes(device: str) -> int:
@@ -58,7 +67,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from latent_diffusion.evaluation import measure
 
-    pipe, extra = load(args.worker, args.model, args.sampler, args.device)
+    pipe, extra = load(args.worker, args.model, args.sampler, args.device, args.attention_slicing, args.vae_tiling)
     pipe.set_progress_bar_config(disable=True)
     loaded = loaded_bytes(args.device)
 
@@ -75,7 +84,8 @@ def run_worker(args: argparse.Namespace, kind: str) -> dict:
     size = ["--size", str(args.size)] if args.size else []
     command = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--steps", str(args.steps),
                "--sampler", args.sampler, "--guidance", str(args.guidance), "--batch", str(args.batch),
-               "--device", args.device, *size]
+               "--device", args.device, *size, *(["--attention_slicing"] if args.attention_slicing else []),
+               *(["--vae_tiling"] if args.vae_tiling else [])]
     env = dict(os.environ, HF_HUB_OFFLINE="1", **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -117,12 +127,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="images per generation")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the worker processes")
+    parser.add_argument("--attention_slicing", action="store_true", help="pipe.enable_attention_slicing() in both")
+    parser.add_argument("--vae_tiling", action="store_true", help="pipe.vae.enable_tiling() in both")
     parser.add_argument("--worker", choices=("ours", "diffusers"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    options = "".join([", attention slicing" if args.attention_slicing else "", ", VAE tiling" if args.vae_tiling else ""])
     label = (f"{'tiny SD' if args.model is None else args.model}, {args.size or 'default'} px, batch {args.batch}, "
-             f"{args.sampler} {args.steps} steps, {args.device}")
+             f"{args.sampler} {args.steps} steps, {args.device}{options}")
     args.model = args.model or tiny_folder()
     print_results(args, run_worker(args, "ours"), run_worker(args, "diffusers"), label)
 

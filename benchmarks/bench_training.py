@@ -56,10 +56,12 @@ def measure(train_args: list[str], steps: int, warmup: int) -> tuple[float, floa
     """(samples/s over `steps` timed steps, seconds spent preparing data) for one path."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from latent_diffusion.training import train_text2img as T
-    from latent_diffusion.training.args import parse_args
-    from latent_diffusion.training.batches import step_groups
-    from latent_diffusion.training.checkpointing import TrainingState
+    sys.path.insert(0, REPO)  # training/ is a folder of scripts beside the library, not part of it
+    from training import train_text2img as T
+    from training.args import parse_args
+    from training.batches import step_groups
+    from training.checkpointing import TrainingState
+
     from latent_diffusion.losses import DenoisingLoss
 
     AcceleratorState._reset_state(True)
@@ -72,14 +74,14 @@ def measure(train_args: list[str], steps: int, warmup: int) -> tuple[float, floa
     prepare = time.perf_counter() - started
     optimizer, lr_scheduler = T.make_optimizer(args, accelerator, models.unet, 10**6)
     unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
+    trainee = T.Trainee(unet, optimizer, lr_scheduler, None)
     loss_fn = DenoisingLoss(models.schedule.prediction_type)
     state, done, samples, timed = TrainingState(), 0, 0, 0.0
     while done < warmup + steps:
         loader = T.epoch_loader(args, accelerator, data, state)
         tick = time.perf_counter()
         for group in step_groups(loader, args.gradient_accumulation_steps):  # data loading is inside the timing
-            T.train_step(args, accelerator, models, unet, optimizer, lr_scheduler, loss_fn, group,
-                         T.step_generator(args.seed, done, 0))
+            T.train_step(args, accelerator, models, trainee, loss_fn, group, T.step_generator(args.seed, done, 0))
             tock = time.perf_counter()
             if done >= warmup:
                 timed += tock - tick
@@ -209,6 +211,14 @@ def compare_with_peer(opts) -> dict:
                 ours_s_per_step=per_step["ours"], peer_s_per_step=per_step["diffusers"])
 
 
+def unet_choice(value: str) -> str:
+    """--unet: a UNETS name, sd15, or sd15/N with N a power of two that divides SD 1.5's widths."""
+    name, _, divisor = value.partition("/")
+    if value in UNETS or (name == "sd15" and (not divisor or divisor in ("2", "4", "8", "16", "32"))):
+        return value
+    raise argparse.ArgumentTypeError(f"--unet must be one of {', '.join(UNETS)}, sd15, sd15/N (N in 2..32), got {value!r}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -218,8 +228,9 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="alternating measurements of each path; best kept")
     parser.add_argument("--peer", action="store_true", help="ours against diffusers' train_text_to_image.py")
-    parser.add_argument("--unet", default="tiny", choices=(*UNETS, "sd15", "sd15/32"),
-                        help="--peer: the UNet of the SD folder (sd15: SD 1.5's UNet and VAE)")
+    parser.add_argument("--unet", default="tiny", type=unet_choice,
+                        help="--peer: the UNet of the SD folder: tiny, small, or sd15 / sd15/N (SD 1.5's UNet and "
+                             "VAE, every block N times narrower)")
     parser.add_argument("--short", type=int, default=2, help="--peer: warm-up steps left out of the timing")
     parser.add_argument("--long", type=int, default=12, help="--peer: steps of each run")
     parser.add_argument("--threads", type=int, default=1, help="--peer: OMP_NUM_THREADS of every run")

@@ -99,6 +99,20 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         pipe.generation_defaults.update(_read_generation_config(local))
         return pipe
 
+    @classmethod
+    def extract_init_dict(cls, config_dict: dict, **kwargs):
+        """diffusers' config filtering, without the import of the folder's own pipeline class.
+
+        For a folder saved by StableDiffusionPipeline, diffusers would import that pipeline's module just to
+        learn which of its keys (safety_checker, feature_extractor, ...) our __init__ lacks; the import pulls in
+        transformers' CLIP image processors and warns about torchvision on every load. Our own signature
+        says the same: keys it lacks are dropped here, private ones (`_diffusers_version`, ...) kept.
+        """
+        expected = cls._get_init_keys(cls)
+        config_dict = {key: value for key, value in config_dict.items()
+                       if key in expected or (key.startswith("_") and key != "_class_name")}
+        return super().extract_init_dict(config_dict, **kwargs)
+
     def upcast_half_components(self) -> None:
         """Bring fp16/bf16-stored weights to float32 (the default dtype unless the caller asks for another).
 
