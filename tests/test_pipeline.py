@@ -220,3 +220,24 @@ def test_t5_text_encoder_folder(tmp_path):
     with pytest.warns(UserWarning, match="truncated"):
         images = generate(pipe, prompt=" ".join(["a cat on a sofa"] * 8), num_inference_steps=2)
     assert images.shape == (1, 32, 32, 3)
+
+
+def test_loading_an_sd_folder_skips_diffusers_sd_pipeline_module(sd_folder):
+    """The folder's `_class_name` (StableDiffusionPipeline) is not imported to filter the config: our own
+    signature drops safety_checker/feature_extractor, and transformers' torchvision warnings stay away."""
+    import subprocess
+    import sys
+
+    index = json.loads((sd_folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and "safety_checker" in index
+    code = ("import sys; from latent_diffusion.pipelines import LatentDiffusionPipeline as P; "
+            f"p = P.from_pretrained({str(sd_folder)!r}); "
+            "print(sorted(p.components)); "
+            "print('diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    components, imported = done.stdout.strip().splitlines()[-2:]
+    assert "safety_checker" not in components and "unet" in components
+    assert imported == "False"
+    assert "requires torchvision" not in done.stderr and "are not expected" not in done.stderr
