@@ -57,16 +57,19 @@ def fake_model_for(schedule, mu=0.3, s=0.5):
     alphas_cumprod = schedule.alphas_cumprod
 
     def model_fn(x, t):
-        ab = alphas_cumprod[int(t)].item()
-        alpha, sigma = math.sqrt(ab), math.sqrt(1.0 - ab)
-        t = float(t)
-        x0 = mu + alpha * s**2 * (x - alpha * mu) / (alpha**2 * s**2 + sigma**2)
-        x0 = x0 + 0.2 * torch.tanh(x) * math.cos(t / 350) + 0.05 * math.sin(t / 90)  # (B, C, H, W)
-        eps = (x - alpha * x0) / sigma
-        outputs = {"epsilon": eps, "v_prediction": alpha * eps - sigma * x0, "sample": x0}
-        return outputs[schedule.prediction_type]
+        return fake_prediction(x, float(t), alphas_cumprod[int(t)].item(), schedule.prediction_type, mu, s)
 
     return model_fn
+
+
+def fake_prediction(x, t: float, ab: float, prediction_type: str, mu: float, s: float):
+    """fake_model_for's output at timestep t with ᾱ_t = ab."""
+    alpha, sigma = math.sqrt(ab), math.sqrt(1.0 - ab)
+    x0 = mu + alpha * s**2 * (x - alpha * mu) / (alpha**2 * s**2 + sigma**2)
+    x0 = x0 + 0.2 * torch.tanh(x) * math.cos(t / 350) + 0.05 * math.sin(t / 90)  # (B, C, H, W)
+    eps = (x - alpha * x0) / sigma
+    outputs = {"epsilon": eps, "v_prediction": alpha * eps - sigma * x0, "sample": x0}
+    return outputs[prediction_type]
 
 
 def x_T(dtype=torch.float64, seed=0):
@@ -397,12 +400,7 @@ def continuous_fake_model_for(schedule, mu=0.3, s=0.5):
     def model_fn(x, t):
         t = float(t)
         ab = float(np.interp(t, grid.numpy(), alphas_cumprod.numpy()))
-        alpha, sigma = math.sqrt(ab), math.sqrt(1.0 - ab)
-        x0 = mu + alpha * s**2 * (x - alpha * mu) / (alpha**2 * s**2 + sigma**2)
-        x0 = x0 + 0.2 * torch.tanh(x) * math.cos(t / 350) + 0.05 * math.sin(t / 90)  # (B, C, H, W)
-        eps = (x - alpha * x0) / sigma
-        outputs = {"epsilon": eps, "v_prediction": alpha * eps - sigma * x0, "sample": x0}
-        return outputs[schedule.prediction_type]
+        return fake_prediction(x, t, ab, schedule.prediction_type, mu, s)
 
     return model_fn
 
