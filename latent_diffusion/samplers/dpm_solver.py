@@ -147,24 +147,35 @@ class DPMSolverSampler(MultistepSigmaSampler):
                            self.final_sigmas_type == "zero", self.plan_length(timesteps))
 
     def coefficients(self, timesteps: torch.Tensor) -> "DPMSolverCoefficients":
-        """ᾱ at each timestep and the update coefficients A = σ_t/σ_s, B, K_0, K_1 per step (float64, once per call)."""
+        """ᾱ at each timestep and the update coefficients A = σ_t/σ_s, B, K_0, K_1 and the noise's N per step
+        (float64, once per call); the per-order rules are first_order/second_order/third_order."""
         alpha_bar, alphas, sigmas, lambdas = self.grid(timesteps)
         n = len(alpha_bar)
         h = [lambdas[i + 1] - lambdas[i] for i in range(n)]
         orders = self.orders(timesteps)
-        c = DPMSolverCoefficients(alpha_bar, orders, [], [], [], [], [0.0] * n)
+        c = DPMSolverCoefficients(alpha_bar, orders, [], [], [], [], [])
         for i in range(n):
-            a, b = first_order_coefficients(h[i], alphas[i + 1], sigmas[i + 1], sigmas[i])
+            a, b, noise = self.first_order(h[i], alphas[i + 1], sigmas[i + 1], sigmas[i])
             k0 = k1 = 0.0
             if h[i] == 0.0:  # the plan already ends at σ_min: the last step stays put
                 pass
             elif orders[i] == 2:
-                k0 = second_order_coefficient(h[i], h[i - 1] / h[i], alphas[i + 1], self.solver_type)
+                k0 = self.second_order(h[i], h[i - 1] / h[i], alphas[i + 1])
             elif orders[i] == 3:
-                k0, k1 = third_order_coefficients(h[i], h[i - 1] / h[i], h[i - 2] / h[i], alphas[i + 1])
-            for values, value in zip((c.A, c.B, c.K0, c.K1), (a, b, k0, k1)):
+                k0, k1 = self.third_order(h[i], h[i - 1] / h[i], h[i - 2] / h[i], alphas[i + 1])
+            for values, value in zip((c.A, c.B, c.K0, c.K1, c.noise), (a, b, k0, k1, noise)):
                 values.append(value)
         return c
+
+    def first_order(self, h: float, alpha_t: float, sigma_t: float, sigma_s: float) -> tuple[float, float, float]:
+        """A, B and the noise scale N of one step (N = 0: this solver is an ODE solver)."""
+        return (*first_order_coefficients(h, alpha_t, sigma_t, sigma_s), 0.0)
+
+    def second_order(self, h: float, r0: float, alpha_t: float) -> float:
+        return second_order_coefficient(h, r0, alpha_t, self.solver_type)
+
+    def third_order(self, h: float, r0: float, r1: float, alpha_t: float) -> tuple[float, float]:
+        return third_order_coefficients(h, r0, r1, alpha_t)
 
     def step(self, run: Run, i: int, x: torch.Tensor, memory: dict) -> torch.Tensor:
         c = run.coefficients

@@ -21,7 +21,7 @@ import torch
 
 from ..utils import randn
 from .base import Run
-from .dpm_solver import DPMSolverCoefficients, DPMSolverSampler, divided_difference_weights
+from .dpm_solver import DPMSolverSampler, divided_difference_weights
 
 
 def sde_first_order_coefficients(h: float, alpha_t: float, sigma_t: float, sigma_s: float) -> tuple[float, float, float]:
@@ -64,25 +64,14 @@ class DPMSolverSDESampler(DPMSolverSampler):
         """A checkpoint's algorithm_type (usually dpmsolver++) names another sampler: this one is always the SDE."""
         return {**super().settings_from_config(config), "algorithm_type": "sde-dpmsolver++"}
 
-    def coefficients(self, timesteps: torch.Tensor) -> DPMSolverCoefficients:
-        """ᾱ at each timestep and A, B, K_0, K_1 and the noise's N per step (float64, once per call)."""
-        alpha_bar, alphas, sigmas, lambdas = self.grid(timesteps)
-        n = len(alpha_bar)
-        h = [lambdas[i + 1] - lambdas[i] for i in range(n)]
-        orders = self.orders(timesteps)
-        c = DPMSolverCoefficients(alpha_bar, orders, [], [], [], [], [])
-        for i in range(n):
-            a, b, noise = sde_first_order_coefficients(h[i], alphas[i + 1], sigmas[i + 1], sigmas[i])
-            k0 = k1 = 0.0
-            if h[i] == 0.0:  # the plan already ends at σ_min: the last step stays put
-                pass
-            elif orders[i] == 2:
-                k0 = sde_second_order_coefficient(h[i], h[i - 1] / h[i], alphas[i + 1], self.solver_type)
-            elif orders[i] == 3:
-                k0, k1 = sde_third_order_coefficients(h[i], h[i - 1] / h[i], h[i - 2] / h[i], alphas[i + 1])
-            for values, value in zip((c.A, c.B, c.K0, c.K1, c.noise), (a, b, k0, k1, noise)):
-                values.append(value)
-        return c
+    def first_order(self, h: float, alpha_t: float, sigma_t: float, sigma_s: float) -> tuple[float, float, float]:
+        return sde_first_order_coefficients(h, alpha_t, sigma_t, sigma_s)
+
+    def second_order(self, h: float, r0: float, alpha_t: float) -> float:
+        return sde_second_order_coefficient(h, r0, alpha_t, self.solver_type)
+
+    def third_order(self, h: float, r0: float, r1: float, alpha_t: float) -> tuple[float, float]:
+        return sde_third_order_coefficients(h, r0, r1, alpha_t)
 
     def draw_noise(self, run: Run, x: torch.Tensor) -> torch.Tensor:
         """z ~ N(0, I) of x's shape, drawn at every step (also where N = 0, so the generator advances as diffusers'),
