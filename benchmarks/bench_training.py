@@ -107,11 +107,19 @@ UNETS = {  # UNet2DConditionModel settings on top of latent_diffusion.tiny's; cr
 
 def peer_folder(folder: str, unet: str) -> None:
     """A diffusers SD folder: latent_diffusion.tiny's VAE, text encoder and tokenizer with the `--unet` UNet,
-    or SD 1.5's UNet and VAE (`sd15`, random weights; `sd15/32`: every block 32x narrower, for dry runs)."""
+    the embedded default model as it ships (`default`), or SD 1.5's UNet and VAE (`sd15`, random weights;
+    `sd15/32`: every block 32x narrower, for dry runs)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     from latent_diffusion.tiny import tiny_components, tiny_unet_config
 
+    if unet == "default":  # the embedded Shapes model as it ships: its own UNet, VAE, text encoder and tokenizer
+        import shutil
+
+        from latent_diffusion.assets import default_model_path
+
+        shutil.copytree(default_model_path(), folder)
+        return
     if unet.startswith("sd15"):  # SD 1.5's UNet and VAE (benchmarks/sd_configs.py); "sd15/32": 32x narrower
         from sd_configs import sd15_folder
 
@@ -212,11 +220,11 @@ def compare_with_peer(opts) -> dict:
 
 
 def unet_choice(value: str) -> str:
-    """--unet: a UNETS name, sd15, or sd15/N with N a power of two that divides SD 1.5's widths."""
+    """--unet: a UNETS name, default, sd15, or sd15/N with N a power of two that divides SD 1.5's widths."""
     name, _, divisor = value.partition("/")
-    if value in UNETS or (name == "sd15" and (not divisor or divisor in ("2", "4", "8", "16", "32"))):
+    if value in UNETS or value == "default" or (name == "sd15" and (not divisor or divisor in ("2", "4", "8", "16", "32"))):
         return value
-    raise argparse.ArgumentTypeError(f"--unet must be one of {', '.join(UNETS)}, sd15, sd15/N (N in 2..32), got {value!r}")
+    raise argparse.ArgumentTypeError(f"--unet must be one of {', '.join(UNETS)}, default, sd15, sd15/N (N in 2..32), got {value!r}")
 
 
 def main() -> None:
@@ -229,7 +237,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating measurements of each path; best kept")
     parser.add_argument("--peer", action="store_true", help="ours against diffusers' train_text_to_image.py")
     parser.add_argument("--unet", default="tiny", type=unet_choice,
-                        help="--peer: the UNet of the SD folder: tiny, small, or sd15 / sd15/N (SD 1.5's UNet and "
+                        help="--peer: the UNet of the SD folder: tiny, small, default (the embedded Shapes model), or sd15 / sd15/N (SD 1.5's UNet and "
                              "VAE, every block N times narrower)")
     parser.add_argument("--short", type=int, default=2, help="--peer: warm-up steps left out of the timing")
     parser.add_argument("--long", type=int, default=12, help="--peer: steps of each run")

@@ -87,8 +87,6 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     image, mask = _read_image_inputs(args)
     dtype = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, **dtype)
-    if pipe.trace_unet is None:  # one pipeline call per process: tracing the UNet would cost more than it saves
-        pipe.trace_unet = False
     if args.lora:
         from latent_diffusion.pipelines.lora import apply_loras
 

@@ -10,6 +10,11 @@ little further gain. Traces are
 kept per (shapes, dtypes, device) and share the UNet's parameters, so in-place
 weight updates (training, EMA swaps) are seen. Anything that changes the UNet's
 structure (new attention processors, fused projections) needs `clear()`.
+
+A trace is a one-off cost that pays back over many calls, so `trace_after=N` runs a
+signature eagerly for its first N calls and traces it at call N + 1 (ski rental: the
+eager calls' extra time stays under the trace's cost until the trace is bought). Short
+sessions (one image, one CLI call) never pay for a trace; long ones get it early.
 """
 from __future__ import annotations
 
@@ -41,15 +46,17 @@ def call_unet(unet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *ad
 
 class TracedUNet:
     """Calls `unet(x, t, encoder_hidden_states=context, added_cond_kwargs=...)`, through a cached trace when `enabled`
-    and not training.
+    and not training, once a signature has run `trace_after` eager calls.
 
     If tracing a signature fails, that signature falls back to the eager UNet with a warning.
     """
 
-    def __init__(self, unet: torch.nn.Module, enabled: bool = True):
+    def __init__(self, unet: torch.nn.Module, enabled: bool = True, trace_after: int = 0):
         self.unet = unet
         self.enabled = enabled
+        self.trace_after = trace_after
         self._traces: dict[tuple, Callable] = {}
+        self._eager_calls: dict[tuple, int] = {}  # per signature, until it is traced
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                  added_cond_kwargs: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
@@ -58,10 +65,20 @@ class TracedUNet:
         if not self.enabled or torch.is_grad_enabled() or self.unet.training:
             return call_unet(self.unet, *inputs)
         key = tuple((tuple(a.shape), a.dtype, a.device) for a in inputs)
+        if key not in self._traces:
+            calls = self._eager_calls.get(key, 0)
+            if calls < self.trace_after:
+                self._eager_calls[key] = calls + 1
+                return call_unet(self.unet, *inputs)
         with torch.jit.optimized_execution(False):
             if key not in self._traces:
                 self._traces[key] = self._trace(inputs)
             return self._traces[key](*inputs)
+
+    @property
+    def num_traces(self) -> int:
+        """How many input signatures replay a trace now."""
+        return len(self._traces)
 
     def _trace(self, inputs: tuple[torch.Tensor, ...]) -> Callable:
         eager = _UNetCall(self.unet)
@@ -74,5 +91,6 @@ class TracedUNet:
             return eager
 
     def clear(self) -> None:
-        """Forget all traces (after changing the UNet's structure)."""
+        """Forget all traces and eager-call counts (after changing the UNet's structure)."""
         self._traces.clear()
+        self._eager_calls.clear()

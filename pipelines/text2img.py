@@ -36,6 +36,10 @@ from .lora import LatentDiffusionLoraMixin
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 TRACE_MAX_PARAMETERS = 50_000_000  # the embedded model is ~4M; SD 1.5's UNet is 860M
+# Automatic tracing buys a signature's trace after this many eager calls: the embedded model's trace costs
+# 0.53 s and saves 3.5 ms a call (18.1 against 14.7 ms, batch 2, 2 threads), so it breaks even at ~150 calls
+# (benchmarks/RESULTS.md, "Inference"). One image of 20-50 steps never pays for it; a session of many does.
+TRACE_AFTER_CALLS = 150
 GENERATION_CONFIG = "generation_config.json"
 FALLBACK_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 7.5, "sampler": "dpm++"}
 SDXL_GUIDANCE_SCALE = 5.0  # StableDiffusionXLPipeline's default, for SDXL folders without generation_config.json
@@ -261,16 +265,19 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
     def traced_unet(self) -> TracedUNet:
         """The UNet runner of this pipeline: a replayed trace per input signature, or the module itself.
 
-        `pipe.trace_unet`: True or False forces it (LATENT_DIFFUSION_TRACE=1/0 sets the default); None,
-        the default, traces UNets under TRACE_MAX_PARAMETERS parameters, whose time goes to per-module
-        Python overhead. Large UNets are kernel-bound, gain little, and a trace keeps every intermediate
-        of a forward alive (measured: 2.6× the extra memory of an eager forward), so they run eagerly.
+        `pipe.trace_unet`: True traces every input signature at its first call, False never traces
+        (LATENT_DIFFUSION_TRACE=1/0 sets the default); None, the default, traces UNets under
+        TRACE_MAX_PARAMETERS parameters, whose time goes to per-module Python overhead, once a signature
+        has run TRACE_AFTER_CALLS eager calls (so the first images are not slowed by the trace). Large
+        UNets are kernel-bound, gain little, and a trace keeps every intermediate of a forward alive
+        (measured: 2.6× the extra memory of an eager forward), so they run eagerly.
         Call `pipe.traced_unet().clear()` after changing the UNet's structure.
         """
         if self._traced_unet is None or self._traced_unet.unet is not self.unet:
             self._traced_unet = TracedUNet(self.unet)
         small = sum(p.numel() for p in self.unet.parameters()) < TRACE_MAX_PARAMETERS
         self._traced_unet.enabled = small if self.trace_unet is None else self.trace_unet
+        self._traced_unet.trace_after = TRACE_AFTER_CALLS if self.trace_unet is None else 0
         return self._traced_unet
 
     def _guided_unet(
@@ -385,7 +392,7 @@ def _check_second_prompts(batch: int, prompt_2: Optional[Prompt], negative_promp
 
 
 def _trace_setting() -> Optional[bool]:
-    """LATENT_DIFFUSION_TRACE: "0" never traces, "1" always does, unset leaves it to the UNet's size."""
+    """LATENT_DIFFUSION_TRACE: "0" never traces, "1" traces at once, unset leaves it to the UNet's size and use."""
     value = os.environ.get("LATENT_DIFFUSION_TRACE")
     return None if value is None else value != "0"
 

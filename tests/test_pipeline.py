@@ -121,10 +121,25 @@ def test_traced_unet_gives_the_eager_image_and_is_reused(sd_folder):
     traced = generate(pipe, sampler="dpm++")
     traced_again = generate(pipe, sampler="dpm++", seed=1)
     assert np.array_equal(eager, traced)
-    assert len(pipe.traced_unet()._traces) == 1  # one input signature, traced once
+    assert pipe.traced_unet().num_traces == 1  # one input signature, traced once
     assert not np.array_equal(traced, traced_again)
     generate(pipe, height=48)
-    assert len(pipe.traced_unet()._traces) == 2
+    assert pipe.traced_unet().num_traces == 2
+
+
+def test_automatic_tracing_runs_eagerly_until_trace_after_calls(sd_folder, monkeypatch):
+    import latent_diffusion.pipelines.text2img as text2img
+
+    monkeypatch.setattr(text2img, "TRACE_AFTER_CALLS", 5)
+    pipe = load_ours(sd_folder)
+    eager = generate(pipe, sampler="ddim", num_inference_steps=3)  # UNet calls 1-3: eager
+    assert pipe.traced_unet().num_traces == 0
+    second = generate(pipe, sampler="ddim", num_inference_steps=3)  # calls 4, 5 eager; call 6 traces
+    assert pipe.traced_unet().num_traces == 1
+    assert np.array_equal(eager, second)
+    pipe.trace_unet = True  # forced: a new signature is traced at its first call
+    generate(pipe, sampler="ddim", num_inference_steps=1, height=48)
+    assert pipe.traced_unet().num_traces == 2
 
 
 def test_tracing_is_automatic_by_unet_size(sd_folder, monkeypatch):

@@ -91,7 +91,7 @@ def test_traced_sdxl_unet_gives_the_eager_image(sdxl_folder):
     eager = generate(pipe, sampler="dpm++")
     pipe.trace_unet = True
     assert np.array_equal(eager, generate(pipe, sampler="dpm++"))
-    assert len(pipe.traced_unet()._traces) == 1
+    assert pipe.traced_unet().num_traces == 1
 
 
 def test_saved_sdxl_folder_loads_in_diffusers(sdxl_folder, tmp_path):
