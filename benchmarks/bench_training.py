@@ -212,6 +212,7 @@ def compare_with_peer(opts) -> dict:
     print(f"ours {opts.batch_size / ours:.2f} samples/s ({ours:.3f} s/step), diffusers' train_text_to_image.py "
           f"{opts.batch_size / theirs:.2f} samples/s ({theirs:.3f} s/step): ours/peer {ratio:.2f}x")
     clock = ", CPU time" if opts.cpu_time else ""
+    clock += f", --mixed_precision {opts.mixed_precision}" if opts.mixed_precision != "no" else ""
     print(f"| {opts.unet} UNet, {opts.resolution} px, batch {opts.batch_size}, {opts.threads} thread(s){clock}, "
           f"{opts.ours_flags or 'defaults'} | {opts.batch_size / ours:.2f} | {opts.batch_size / theirs:.2f} | "
           f"**{ratio:.2f}x** | `{command.strip()}` |")

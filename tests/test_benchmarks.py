@@ -1,4 +1,4 @@
-"""benchmarks/gpu_suite.py in --dry-run mode: the GPU suite's code paths on the CPU with tiny sizes."""
+"""The benchmarks' code paths on the CPU with tiny sizes: benchmarks/gpu_suite.py in --dry-run mode, bench_train_step.py."""
 import json
 import subprocess
 import sys
@@ -53,3 +53,15 @@ def test_gpu_suite_dry_run_inference(tmp_path):
 def test_gpu_suite_dry_run_with_training_against_the_peer(tmp_path):
     results = dry_run(tmp_path)
     check_parts(results, INFERENCE + ["training"])
+
+
+def test_bench_train_step_times_each_option_and_rejects_unknown_ones():
+    bench = [sys.executable, str(ROOT / "benchmarks" / "bench_train_step.py"), "--rounds", "1", "--steps", "1",
+             "--batch_size", "2", "--threads", "1"]
+    done = subprocess.run([*bench, "--options", "fp32,bf16,channels_last"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows] == ["| fp32", "| bf16", "| channels_last"]
+    assert rows[0].split(" | ")[2] == "1.00x"
+    bad = subprocess.run([*bench, "--options", "fp32,fp8"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--options" in bad.stderr and "fp8" in bad.stderr
