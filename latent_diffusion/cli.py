@@ -289,6 +289,9 @@ def _add_serve(commands) -> None:
     p.add_argument("--output-dir", default=None, help="where the PNGs go (default: a new temporary folder)")
     p.add_argument("--no-example", action="store_true", help="skip the example image generated at start")
     p.add_argument("--device", default=None, help="cpu, cuda, mps… (default: cuda when available)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA adapter loaded for every request (as in generate; repeatable); the page gets a "
+                        "LoRA strength slider that multiplies the scales")
     p.set_defaults(run=run_serve)
 
 
@@ -303,10 +306,21 @@ def run_serve(args: argparse.Namespace) -> list[Path]:
     except ImportError:
         raise SystemExit("latent-diffusion serve: the web UI needs gradio: pip install -e '.[ui]'") from None
     pipe = LatentDiffusionPipeline.from_pretrained(args.model) if args.model else LatentDiffusionPipeline.from_pretrained()
+    loras = _load_loras(pipe, args.lora)
     pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     serve(pipe, args.model, host=args.host, port=args.port, share=args.share, max_queue=args.max_queue,
-          output_dir=args.output_dir, example=not args.no_example)
+          output_dir=args.output_dir, example=not args.no_example, loras=loras)
     return []
+
+
+def _load_loras(pipe, specs: Sequence[str]) -> list[tuple[str, str, float]]:
+    """Load each --lora PATH[:SCALE] into `pipe`; (adapter name, path, scale) of each, for the web UI."""
+    if not specs:
+        return []
+    from latent_diffusion.pipelines.lora import apply_loras, parse_lora_spec
+
+    names = apply_loras(pipe, specs)
+    return [(name, *parse_lora_spec(spec)) for name, spec in zip(names, specs)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -33,17 +33,18 @@ import random
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from PIL import Image
 
-from latent_diffusion.checks import check_int
+from latent_diffusion.checks import check_finite, check_int
 from latent_diffusion.pngmeta import generation_metadata, read_png_metadata, save_png
 
 RANDOM_SEED = -1  # the seed field's "random" choice
 MAX_SEED = 2**31 - 1  # random seeds are drawn from [0, MAX_SEED]
 MAX_IMAGES = 8  # per request
+MAX_LORA_SCALE = 2.0  # the page's LoRA strength slider: 0 is the base model, 1 each adapter at its --lora scale
 EXAMPLE_PROMPT = "a red circle above a blue square"
 # The page's names for the pipeline's arguments, so an error names the field the user filled in.
 PAGE_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance"}
@@ -55,11 +56,16 @@ class Studio:
     """One loaded pipeline behind a lock: turns the form's settings into PNG files in `out_dir`.
 
     `model` is the name the PNGs record (None: "embedded default"), as the CLI records `--model`.
+    `loras`: (adapter name, path, scale) of the LoRA adapters already loaded into `pipe` (the CLI's
+    `serve --lora PATH[:SCALE]`); a request's `lora_scale` multiplies every adapter's scale.
     """
 
-    def __init__(self, pipe, model: Optional[str], out_dir: Union[str, os.PathLike]):
+    def __init__(self, pipe, model: Optional[str], out_dir: Union[str, os.PathLike],
+                 loras: Sequence[tuple[str, str, float]] = ()):
         self.pipe = pipe
         self.model = model
+        self.loras = list(loras)
+        self._lora_factor = 1.0  # what the adapters are set to now
         self.out_dir = Path(out_dir)
         self._lock = threading.Lock()
         self._numbers = itertools.count()
@@ -88,19 +94,26 @@ class Studio:
         height: Optional[int] = None,
         num_images: int = 1,
         on_step: Optional[Callable[[int, int], None]] = None,
+        lora_scale: Optional[float] = None,
         **image_inputs: Any,
     ) -> list[Path]:
         """PNGs of `num_images` images with seeds seed, seed + 1, ... (as `generate --n`); seed -1 or None draws one.
 
         None takes the model's default, as in the pipeline. `on_step(done, total)` follows the denoising
-        steps. `image_inputs` (image, strength, mask_image) go to the pipeline as they are; None ones are
-        left out. ValueError, naming the argument, for bad settings.
+        steps. `lora_scale` (None: 1) multiplies the loaded adapters' scales. `image_inputs` (image,
+        strength, mask_image) go to the pipeline as they are; None ones are left out. ValueError, naming
+        the argument, for bad settings.
         """
         seeds = [resolve_seed(seed) + k for k in range(check_int("num_images", num_images, 1, MAX_IMAGES))]
+        factor = 1.0 if lora_scale is None else check_finite("lora_scale", lora_scale, 0.0, MAX_LORA_SCALE)
+        if lora_scale is not None and not self.loras:
+            raise ValueError("lora_scale: no LoRA adapter is loaded (start the server with --lora PATH[:SCALE])")
         extra = {name: value for name, value in image_inputs.items() if value is not None}
         settings = dict(prompt=prompt, negative_prompt=negative_prompt or None, sampler=sampler or None, steps=steps,
-                        guidance=guidance, guidance_rescale=0.0, eta=0.0, height=height, width=width)
+                        guidance=guidance, guidance_rescale=0.0, eta=0.0, height=height, width=width,
+                        lora=self._lora_specs(factor))
         with self._lock:
+            self._set_lora_factor(factor)
             result = self.pipe(
                 [prompt] * len(seeds),
                 negative_prompt=settings["negative_prompt"],
@@ -118,6 +131,18 @@ class Studio:
             return [save_png(image, self._next_path(s), generation_metadata(self.pipe, seed=s, model=self.model,
                                                                              **settings))
                     for image, s in zip(result.images, seeds)]
+
+    def _lora_specs(self, factor: float) -> list[str]:
+        """PATH[:SCALE] of each adapter as the PNG records it: the --lora spec's form when the factor is 1."""
+        if factor == 1.0:
+            return [path if scale == 1.0 else f"{path}:{scale:g}" for _, path, scale in self.loras]
+        return [f"{path}:{scale * factor:g}" for _, path, scale in self.loras]
+
+    def _set_lora_factor(self, factor: float) -> None:
+        """Set every adapter to its scale times `factor` (only when it changed: a change drops the UNet traces)."""
+        if self.loras and factor != self._lora_factor:
+            self.pipe.set_adapters([name for name, _, _ in self.loras], [scale * factor for _, _, scale in self.loras])
+            self._lora_factor = factor
 
     def _next_path(self, seed: int) -> Path:
         return self.out_dir / f"{next(self._numbers):05d}-seed{seed}.png"
@@ -215,6 +240,10 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
                     height = gr.Number(label="Height", value=defaults["height"], precision=0, step=8)
                     num_images = gr.Slider(label="Images", minimum=1, maximum=MAX_IMAGES, value=1, step=1)
                 image_inputs = _image_inputs(gr, studio.optional_inputs())
+                if studio.loras:
+                    names = ", ".join(Path(path).name for _, path, _ in studio.loras)
+                    image_inputs["lora_scale"] = gr.Slider(label=f"LoRA strength ({names}; 1: as loaded, 0: off)",
+                                                           minimum=0.0, maximum=MAX_LORA_SCALE, value=1.0, step=0.05)
                 run = gr.Button("Generate", variant="primary")
                 reuse = gr.File(label="Reuse settings: drop a PNG made here or by `latent-diffusion generate`",
                                 file_types=[".png"], type="filepath")
@@ -227,13 +256,14 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
         form = [prompt, negative_prompt, sampler, steps, guidance, seed, width, height]
 
         def generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height, num_images=1,
-                     progress=gr.Progress(), image=None, strength=None, mask_image=None):
+                     progress=gr.Progress(), image=None, strength=None, mask_image=None, lora_scale=None):
             """Generate images; returns the PNG file(s), each with its settings in its metadata.
 
-            The image inputs are explicit keywords defaulting to None, so the API marks them optional.
+            The image inputs and the LoRA strength are explicit keywords defaulting to None, so the API
+            marks them optional.
             """
             given = {"image": image, "strength": strength, "mask_image": mask_image}
-            image_inputs = {name: given[name] for name in offered}  # only those the pipeline takes
+            image_inputs = {name: given[name] for name in offered if name in given}  # only those the pipeline takes
             if image is None:  # text-to-image: the strength slider and an empty mask mean nothing
                 image_inputs = {}
             if "mask_image" in image_inputs:
@@ -242,7 +272,7 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
                 paths = studio.generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height,
                                         1 if num_images is None else int(num_images),
                                         on_step=lambda done, total: progress((done, total), desc="denoising"),
-                                        **image_inputs)
+                                        lora_scale=lora_scale, **image_inputs)
                 return [str(path) for path in paths]
             except ValueError as error:
                 raise gr.Error(page_message(error)) from None
@@ -289,18 +319,20 @@ def serve(
     output_dir: Optional[Union[str, os.PathLike]] = None,
     example: bool = True,
     block: bool = True,
+    loras: Sequence[tuple[str, str, float]] = (),
 ):
     """Serve `pipe` at http://host:port/; returns the launched app (at once when `block` is False).
 
     PNGs go to `output_dir` (default: a new temporary folder). `example` generates one image of
-    EXAMPLE_PROMPT at seed 0 first, shown when the page opens.
+    EXAMPLE_PROMPT at seed 0 first, shown when the page opens. `loras`: (adapter name, path, scale) of
+    adapters loaded into `pipe`; the page then has a LoRA strength slider.
     """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no usage pings
     check_int("--port", port, 1, 65535)
     check_int("--max-queue", max_queue, 1)
     out_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="latent-diffusion-serve-"))
     pipe.set_progress_bar_config(disable=True)  # the page has its own progress bar
-    studio = Studio(pipe, model, out_dir)
+    studio = Studio(pipe, model, out_dir, loras)
     shown = studio.generate(EXAMPLE_PROMPT, seed=0) if example else None
     demo = build_app(studio, max_queue, shown)
     demo.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(out_dir)],

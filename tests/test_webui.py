@@ -163,6 +163,61 @@ def test_page_offers_image_inputs_when_the_pipeline_takes_them(tiny_pipe, tmp_pa
     assert pipe.calls[-1] == {"image": init, "strength": 0.5, "mask_image": None}
 
 
+# ----------------------------------------------------------------- LoRA adapters behind the page (serve --lora)
+
+
+@pytest.fixture(scope="module")
+def lora_file(sd_folder, tmp_path_factory):
+    from test_lora_loading import make_lora
+
+    return str(make_lora(sd_folder, tmp_path_factory.mktemp("webui-lora")))
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_lora_page_matches_the_cli_and_its_strength_scales_the_adapter(sd_folder, lora_file, tmp_path):
+    from latent_diffusion.cli import _load_loras
+    from latent_diffusion.pipelines import LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline.from_pretrained(str(sd_folder))
+    pipe.set_progress_bar_config(disable=True)
+    spec = f"{lora_file}:0.8"
+    studio = Studio(pipe, str(sd_folder), tmp_path / "served", _load_loras(pipe, [spec]))
+    cli_png, base_png = tmp_path / "cli.png", tmp_path / "base.png"
+    assert main(["generate", PROMPT, "-o", str(cli_png), "--model", str(sd_folder), "--lora", spec, *CLI_ARGS]) == 0
+    assert main(["generate", PROMPT, "-o", str(base_png), "--model", str(sd_folder), *CLI_ARGS]) == 0
+    [page] = studio.generate(PROMPT, "", "ddim", 3, 4.0, 7, None, None, 1)
+    assert page.read_bytes() == cli_png.read_bytes()  # the same adapter, scale and metadata as the CLI
+    assert np.abs(pixels(page) - pixels(base_png)).max() > 5  # the adapter matters
+    [off] = studio.generate(PROMPT, "", "ddim", 3, 4.0, 7, None, None, 1, lora_scale=0.0)
+    assert np.abs(pixels(off) - pixels(base_png)).max() <= 1  # strength 0: the base model
+    assert read_png_metadata(off)["lora"] == f"{lora_file}:0"
+    [half] = studio.generate(PROMPT, "", "ddim", 3, 4.0, 7, None, None, 1, lora_scale=0.5)
+    assert read_png_metadata(half)["lora"] == f"{lora_file}:0.4"
+    [again] = studio.generate(PROMPT, "", "ddim", 3, 4.0, 7, None, None, 1, lora_scale=1.0)
+    assert np.array_equal(pixels(again), pixels(page))  # back to the loaded scale
+    with pytest.raises(ValueError, match="lora_scale"):
+        studio.generate(PROMPT, steps=2, lora_scale=5.0)
+    pytest.importorskip("gradio")
+    from latent_diffusion.webui import build_app
+
+    params = api_parameters(build_app(studio))
+    assert params["lora_scale"]["parameter_has_default"]
+
+
+def test_lora_scale_without_adapters_is_an_error_naming_it(studio):
+    with pytest.raises(ValueError, match="lora_scale: no LoRA adapter is loaded"):
+        studio.generate(PROMPT, steps=2, lora_scale=0.5)
+
+
+def test_serve_with_a_missing_lora_exits_2_naming_the_flag(tmp_path, capsys):
+    pytest.importorskip("gradio")
+    assert main(["serve", "--no-example", "--lora", str(tmp_path / "missing.safetensors")]) == 2
+    assert "--lora" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------- the served app: API, concurrency, browser
 
 
