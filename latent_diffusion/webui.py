@@ -239,11 +239,7 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
                     width = gr.Number(label="Width", value=defaults["width"], precision=0, step=8)
                     height = gr.Number(label="Height", value=defaults["height"], precision=0, step=8)
                     num_images = gr.Slider(label="Images", minimum=1, maximum=MAX_IMAGES, value=1, step=1)
-                image_inputs = _image_inputs(gr, studio.optional_inputs())
-                if studio.loras:
-                    names = ", ".join(Path(path).name for _, path, _ in studio.loras)
-                    image_inputs["lora_scale"] = gr.Slider(label=f"LoRA strength ({names}; 1: as loaded, 0: off)",
-                                                           minimum=0.0, maximum=MAX_LORA_SCALE, value=1.0, step=0.05)
+                image_inputs = {**_lora_input(gr, studio.loras), **_image_inputs(gr, studio.optional_inputs())}
                 run = gr.Button("Generate", variant="primary")
                 reuse = gr.File(label="Reuse settings: drop a PNG made here or by `latent-diffusion generate`",
                                 file_types=[".png"], type="filepath")
@@ -295,6 +291,15 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
         random_seed.click(lambda: RANDOM_SEED, outputs=seed, api_visibility="private")
         reuse.upload(reuse_settings, inputs=reuse, outputs=form, api_name="reuse_settings")
     return demo.queue(max_size=max_queue, default_concurrency_limit=1)
+
+
+def _lora_input(gr, loras: Sequence[tuple[str, str, float]]) -> dict[str, Any]:
+    """The LoRA strength slider, keyed "lora_scale", when adapters are loaded."""
+    if not loras:
+        return {}
+    names = ", ".join(f"{Path(path).parent.name or path}/{Path(path).name} ×{scale:g}" for _, path, scale in loras)
+    return {"lora_scale": gr.Slider(label=f"LoRA strength: {names} (1: as loaded, 0: off)", minimum=0.0,
+                                    maximum=MAX_LORA_SCALE, value=1.0, step=0.05)}
 
 
 def _image_inputs(gr, accepted: tuple[str, ...]) -> dict[str, Any]:
