@@ -59,6 +59,9 @@ def _add_generate(commands) -> None:
     p.add_argument("--sigma-schedule", default=None, choices=SIGMA_SCHEDULES,
                    help="σ schedule of euler, heun, dpm++, dpm++_sde, unipc (default: the scheduler config's)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's η")
+    p.add_argument("--clip-skip", type=int, default=None, metavar="K",
+                   help="condition on the text encoder's hidden states K layers before the usual one "
+                        "(A1111's 'Clip skip: K+1'; prompt and negative prompt alike)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -109,10 +112,11 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         image=image,
         mask_image=mask,
         strength=args.strength,
+        clip_skip=args.clip_skip,
     )
     settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, sampler=args.sampler, steps=args.steps,
                     guidance=args.guidance, guidance_rescale=args.guidance_rescale, eta=args.eta,
-                    height=args.height, width=args.width, model=args.model, lora=args.lora)
+                    height=args.height, width=args.width, model=args.model, lora=args.lora, clip_skip=args.clip_skip)
     return [save_png(out, path, {**generation_metadata(pipe, seed=seed, **settings), **image_input_metadata(args, out)})
             for out, path, seed in zip(result.images, output_paths(args.output, args.n), seeds)]
 

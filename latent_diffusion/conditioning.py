@@ -62,17 +62,49 @@ def _tokenize_truncating(tokenizer, prompts: Sequence[str], window: int) -> torc
     return ids.input_ids[:, None, :]
 
 
-def encode_tokens(text_encoder, token_ids: torch.Tensor) -> torch.Tensor:
-    """(B, K, L) ids -> (B, K·L, D) last hidden states; all chunks go through the encoder as one batch."""
+def encode_tokens(text_encoder, token_ids: torch.Tensor, clip_skip: Optional[int] = None) -> torch.Tensor:
+    """(B, K, L) ids -> (B, K·L, D) last hidden states; all chunks go through the encoder as one batch.
+
+    `clip_skip` k ≥ 1 takes the hidden states k layers before the last, through the encoder's final layer
+    norm (A1111's "Clip skip: k + 1", diffusers' `clip_skip=k`).
+    """
     batch, chunks, length = token_ids.shape
     flat = token_ids.reshape(batch * chunks, length).to(text_encoder.device)
-    hidden = text_encoder(flat)[0]  # (B·K, L, D)
+    if clip_skip:
+        hidden = text_encoder(flat, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+        hidden = final_layer_norm(text_encoder)(hidden)  # (B·K, L, D)
+    else:
+        hidden = text_encoder(flat)[0]  # (B·K, L, D)
     return hidden.reshape(batch, chunks * length, hidden.shape[-1])
 
 
-def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], num_chunks: Optional[int] = None) -> torch.Tensor:
-    """Prompts -> (B, K·L, D) conditioning for the UNet's cross-attention."""
-    return encode_tokens(text_encoder, tokenize_prompts(tokenizer, prompts, num_chunks))
+def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], num_chunks: Optional[int] = None,
+                   clip_skip: Optional[int] = None) -> torch.Tensor:
+    """Prompts -> (B, K·L, D) conditioning for the UNet's cross-attention (`clip_skip`: see encode_tokens)."""
+    return encode_tokens(text_encoder, tokenize_prompts(tokenizer, prompts, num_chunks), clip_skip)
+
+
+def final_layer_norm(text_encoder) -> Optional[torch.nn.Module]:
+    """A CLIP text encoder's final LayerNorm (on the model in transformers 5, on `.text_model` before), else None."""
+    return getattr(getattr(text_encoder, "text_model", text_encoder), "final_layer_norm", None)
+
+
+def check_clip_skip(text_encoder, clip_skip: Optional[int], base_skip: int = 0) -> Optional[int]:
+    """None, or a layer count to skip that this CLIP text encoder has; ValueError naming it.
+
+    `base_skip`: layers the model skips anyway (SDXL conditions on the penultimate layer: 1). At most
+    layers − base_skip can go: the furthest back is the token embeddings' output, as in diffusers.
+    """
+    if clip_skip is None:
+        return None
+    layers = getattr(text_encoder.config, "num_hidden_layers", None)
+    if final_layer_norm(text_encoder) is None or layers is None:
+        raise ValueError(f"clip_skip needs a CLIP text encoder; this model's is {type(text_encoder).__name__}")
+    most = layers - base_skip
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= most:
+        raise ValueError(f"clip_skip must be an integer from 1 to {most} (this text encoder has {layers} layers), "
+                         f"got {clip_skip!r}")
+    return clip_skip
 
 
 def latent_scale(vae) -> tuple[float, float]:

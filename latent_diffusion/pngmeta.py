@@ -36,6 +36,7 @@ def generation_metadata(
     width: Optional[int] = None,
     model: Optional[str] = None,
     lora: Optional[Sequence[str]] = None,
+    clip_skip: Optional[int] = None,
 ) -> dict[str, str]:
     """What a generated PNG records: the settings actually used.
 
@@ -59,6 +60,7 @@ def generation_metadata(
         "width": str(image_width),
         "model": str(model or "embedded default"),
         **({"lora": " ".join(lora)} if lora else {}),  # PATH[:SCALE] of each adapter
+        **({"clip_skip": str(clip_skip)} if clip_skip else {}),
         "versions": json.dumps(library_versions()),
     }
 

@@ -165,6 +165,7 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         original_size: Optional[tuple[int, int]] = None,
         crops_coords_top_left: Optional[tuple[int, int]] = None,
         target_size: Optional[tuple[int, int]] = None,
+        clip_skip: Optional[int] = None,
     ):
         """Generate images for `prompt` (a string or a list).
 
@@ -185,6 +186,10 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         (default: `prompt` / `negative_prompt`) and the size conditioning `original_size`, `target_size`
         (default: (height, width)) and `crops_coords_top_left` (default (0, 0)); with no negative prompt, a
         model whose config sets `force_zeros_for_empty_prompt` guides against zero embeddings, as diffusers does.
+
+        `clip_skip` k conditions on the text encoder's hidden states k layers before the one the model
+        normally uses (A1111's "Clip skip: k + 1"), for the prompt and the negative prompt alike; diffusers
+        applies it to the prompt only, so with guidance the two differ in the unconditional branch.
         """
         steps, scale, sampler = self._resolve_defaults(num_inference_steps, guidance_scale, sampler)
         prompts, negatives = _check_prompts(prompt, negative_prompt)
@@ -197,7 +202,8 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         second = _check_second_prompts(len(prompts), prompt_2, negative_prompt, negative_prompt_2)
         cond = self.encode_prompt(prompts, negatives if scale != 1.0 else None, num_images_per_prompt, **second,
                                   size=(height, width), original_size=original_size,
-                                  crops_coords_top_left=crops_coords_top_left, target_size=target_size)
+                                  crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+                                  clip_skip=clip_skip)
         schedule = NoiseSchedule.from_config(self.scheduler.config)
         solver = get_sampler(sampler, schedule, sigma_schedule=sigma_schedule, **({"eta": eta} if sampler == "ddim" else {}))
         timesteps = solver.timesteps(steps)
@@ -225,7 +231,8 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         and `.time_ids`; twice the batch, as [unconditional; conditional], when negatives are given.
 
         `sdxl`: prompts_2, negatives_2, negative_prompt_given, size, original_size, crops_coords_top_left,
-        target_size (see `SDXLConditioner.encode`); a single-encoder model takes only `size` of them.
+        target_size (see `SDXLConditioner.encode`); a single-encoder model takes only `size` of them. Both
+        take `clip_skip`.
         """
         cond = self.conditioner().encode(prompts, negatives, num_images_per_prompt, **sdxl)
         return cond.to(dtype=self.unet.dtype)

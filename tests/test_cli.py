@@ -50,3 +50,14 @@ def test_shapes_export_writes_an_imagefolder(tmp_path):
     assert len(ds) == 6 and ds[0]["image"].size == (32, 32) and ds[0]["text"].startswith("a")
     assert main(["shapes-export", str(out), "--n", "2"]) == 2  # refuses to overwrite without --overwrite
     assert main(["shapes-export", str(tmp_path / "bad"), "--size", "30"]) == 2
+
+
+def test_clip_skip_is_used_and_recorded(sd_folder, tmp_path, capsys):
+    assert run_generate(sd_folder, tmp_path / "plain.png", "--sampler", "ddim") == 0
+    assert run_generate(sd_folder, tmp_path / "skip.png", "--sampler", "ddim", "--clip-skip", "1") == 0
+    skipped = Image.open(tmp_path / "skip.png")
+    assert skipped.text["clip_skip"] == "1" and "clip_skip" not in Image.open(tmp_path / "plain.png").text
+    plain = np.asarray(Image.open(tmp_path / "plain.png")).astype(int)
+    assert np.abs(np.asarray(skipped).astype(int) - plain).max() > 2
+    assert run_generate(sd_folder, tmp_path / "bad.png", "--clip-skip", "5") == 2
+    assert "clip_skip must be an integer from 1 to 2" in capsys.readouterr().err

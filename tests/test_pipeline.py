@@ -256,3 +256,33 @@ def test_loading_an_sd_folder_skips_diffusers_sd_pipeline_module(sd_folder):
     assert "safety_checker" not in components and "unet" in components
     assert imported == "False"
     assert "requires torchvision" not in done.stderr and "are not expected" not in done.stderr
+
+
+def clip_skipped_embeds(pipe, texts, clip_skip):
+    """diffusers' clip_skip formula (StableDiffusionPipeline.encode_prompt): hidden_states[-(k + 1)] through the
+    final LayerNorm. Written out here because diffusers 0.42.1 reaches for `text_encoder.text_model`, which
+    transformers 5's CLIPTextModel no longer has (its own clip_skip path raises AttributeError)."""
+    ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+    return pipe.text_encoder.final_layer_norm(hidden)
+
+
+def test_clip_skip_matches_diffusers_for_prompt_and_negative_prompt(sd_folder):
+    ours, theirs = load_ours(sd_folder), load_theirs(sd_folder, "ddim")
+    negatives = ["", "blurry"]
+    a = generate(ours, sampler="ddim", prompt=PROMPTS, negative_prompt=negatives, clip_skip=1)
+    with torch.no_grad():
+        embeds = dict(prompt_embeds=clip_skipped_embeds(theirs, PROMPTS, 1),
+                      negative_prompt_embeds=clip_skipped_embeds(theirs, negatives, 1))
+    b = theirs(None, generator=torch.Generator().manual_seed(0), num_inference_steps=8, guidance_scale=7.5,
+               output_type="np", **embeds).images
+    assert np.abs(a - b).max() <= 1 / 255  # both branches one layer back, as A1111 does
+    plain = generate(ours, sampler="ddim", prompt=PROMPTS, negative_prompt=negatives)
+    assert np.abs(a - plain).max() > 2 / 255
+
+
+@pytest.mark.parametrize("value", [0, 3, 1.5, True])
+def test_bad_clip_skip_is_an_error_naming_it(sd_folder, value):
+    with pytest.raises(ValueError, match=r"clip_skip must be an integer from 1 to 2 \(this text encoder has 2"):
+        generate(load_ours(sd_folder), clip_skip=value, num_inference_steps=1)

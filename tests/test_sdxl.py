@@ -181,3 +181,15 @@ def test_cli_generates_from_an_sdxl_folder(sdxl_folder, tmp_path):
                  "--quiet"]) == 0
     image = Image.open(out)
     assert image.size == (32, 32) and image.text["guidance"] == "5.0"  # the SDXL default guidance
+
+
+def test_clip_skip_matches_diffusers_sdxl(sdxl_folder):
+    """No negative prompt: the unconditional branch is zeros, so clip_skip moves the prompt's layers only, as in
+    diffusers; the first encoder has 2 layers and SDXL already uses the penultimate one, so 1 is the most."""
+    ours, theirs = load_ours(sdxl_folder), load_theirs(sdxl_folder, "ddim")
+    a = generate(ours, sampler="ddim", prompt=PROMPTS, clip_skip=1)
+    b = generate(theirs, prompt=PROMPTS, clip_skip=1)
+    assert np.abs(a - b).max() <= 1 / 255
+    assert np.abs(a - generate(ours, sampler="ddim", prompt=PROMPTS)).max() > 2 / 255
+    with pytest.raises(ValueError, match="clip_skip must be an integer from 1 to 1"):
+        generate(ours, prompt=PROMPTS, clip_skip=2)
