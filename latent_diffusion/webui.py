@@ -95,12 +95,14 @@ class Studio:
         num_images: int = 1,
         on_step: Optional[Callable[[int, int], None]] = None,
         lora_scale: Optional[float] = None,
+        clip_skip: Optional[int] = None,
         **image_inputs: Any,
     ) -> list[Path]:
         """PNGs of `num_images` images with seeds seed, seed + 1, ... (as `generate --n`); seed -1 or None draws one.
 
         None takes the model's default, as in the pipeline. `on_step(done, total)` follows the denoising
-        steps. `lora_scale` (None: 1) multiplies the loaded adapters' scales. `image_inputs` (image,
+        steps. `lora_scale` (None: 1) multiplies the loaded adapters' scales; `clip_skip` (None or 0: off) is
+        the pipeline's. `image_inputs` (image,
         strength, mask_image) go to the pipeline as they are; None ones are left out. ValueError, naming
         the argument, for bad settings.
         """
@@ -109,9 +111,10 @@ class Studio:
         if lora_scale is not None and not self.loras:
             raise ValueError("lora_scale: no LoRA adapter is loaded (start the server with --lora PATH[:SCALE])")
         extra = {name: value for name, value in image_inputs.items() if value is not None}
+        clip_skip = clip_skip or None  # the page's 0 means off
         settings = dict(prompt=prompt, negative_prompt=negative_prompt or None, sampler=sampler or None, steps=steps,
                         guidance=guidance, guidance_rescale=0.0, eta=0.0, height=height, width=width,
-                        lora=self._lora_specs(factor))
+                        lora=self._lora_specs(factor), clip_skip=clip_skip)
         with self._lock:
             self._set_lora_factor(factor)
             result = self.pipe(
@@ -126,6 +129,7 @@ class Studio:
                 width=width,
                 generator=[torch.Generator().manual_seed(s) for s in seeds],
                 callback_on_step_end=self._step_callback(steps, on_step),
+                clip_skip=clip_skip,
                 **extra,
             )
             return [save_png(image, self._next_path(s), generation_metadata(self.pipe, seed=s, model=self.model,
@@ -239,7 +243,11 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
                     width = gr.Number(label="Width", value=defaults["width"], precision=0, step=8)
                     height = gr.Number(label="Height", value=defaults["height"], precision=0, step=8)
                     num_images = gr.Slider(label="Images", minimum=1, maximum=MAX_IMAGES, value=1, step=1)
-                image_inputs = {**_lora_input(gr, studio.loras), **_image_inputs(gr, studio.optional_inputs())}
+                with gr.Row():
+                    clip_skip = gr.Number(label="Clip skip (0: off; k: the text encoder's states k layers back)",
+                                          value=0, precision=0, minimum=0)
+                image_inputs = {"clip_skip": clip_skip, **_lora_input(gr, studio.loras),
+                                **_image_inputs(gr, studio.optional_inputs())}
                 run = gr.Button("Generate", variant="primary")
                 reuse = gr.File(label="Reuse settings: drop a PNG made here or by `latent-diffusion generate`",
                                 file_types=[".png"], type="filepath")
@@ -252,7 +260,8 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
         form = [prompt, negative_prompt, sampler, steps, guidance, seed, width, height]
 
         def generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height, num_images=1,
-                     progress=gr.Progress(), image=None, strength=None, mask_image=None, lora_scale=None):
+                     progress=gr.Progress(), image=None, strength=None, mask_image=None, lora_scale=None,
+                     clip_skip=None):
             """Generate images; returns the PNG file(s), each with its settings in its metadata.
 
             The image inputs and the LoRA strength are explicit keywords defaulting to None, so the API
@@ -268,7 +277,7 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
                 paths = studio.generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height,
                                         1 if num_images is None else int(num_images),
                                         on_step=lambda done, total: progress((done, total), desc="denoising"),
-                                        lora_scale=lora_scale, **image_inputs)
+                                        lora_scale=lora_scale, clip_skip=clip_skip, **image_inputs)
                 return [str(path) for path in paths]
             except ValueError as error:
                 raise gr.Error(page_message(error)) from None

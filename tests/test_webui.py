@@ -51,6 +51,17 @@ def test_cli_and_page_write_identical_pngs(studio, sd_folder, tmp_path):
     assert read_png_metadata(page_png)["seed"] == "7"
 
 
+def test_clip_skip_page_png_equals_the_cli_png(studio, sd_folder, tmp_path):
+    cli_png = tmp_path / "cli.png"
+    assert main(["generate", PROMPT, "-o", str(cli_png), "--model", str(sd_folder), "--clip-skip", "1", *CLI_ARGS]) == 0
+    [page_png] = studio.generate(PROMPT, "", "ddim", 3, 4.0, 7, None, None, 1, clip_skip=1)
+    assert page_png.read_bytes() == cli_png.read_bytes()
+    [off] = studio.generate(PROMPT, "", "ddim", 3, 4.0, 7, None, None, 1, clip_skip=0)  # the page's 0: off
+    assert "clip_skip" not in read_png_metadata(off)
+    with pytest.raises(ValueError, match="clip_skip must be"):
+        studio.generate(PROMPT, steps=2, clip_skip=9)
+
+
 def test_images_of_a_request_use_seed_plus_k_and_random_seeds_are_recorded(studio):
     batch = studio.generate(PROMPT, steps=2, seed=10, num_images=2)
     assert [read_png_metadata(p)["seed"] for p in batch] == ["10", "11"]
@@ -125,7 +136,8 @@ def test_page_offers_every_sampler_and_the_model_defaults(studio, tiny_pipe):
     params = api_parameters(demo)
     assert list(params)[:9] == ["prompt", "negative_prompt", "sampler", "steps", "guidance", "seed", "width", "height",
                                 "num_images"]
-    assert set(list(params)[9:]) <= {"image", "strength", "mask_image"}  # offered since the pipeline takes them
+    assert set(list(params)[9:]) <= {"clip_skip", "image", "strength", "mask_image"}  # the pipeline takes them
+    assert params["clip_skip"]["parameter_has_default"]
     d = tiny_pipe.generation_defaults
     assert [params[k]["parameter_default"] for k in ("sampler", "steps", "guidance", "seed")] == [
         d["sampler"], d["num_inference_steps"], d["guidance_scale"], RANDOM_SEED]
