@@ -65,15 +65,23 @@ class TracedUNet:
         if not self.enabled or torch.is_grad_enabled() or self.unet.training:
             return call_unet(self.unet, *inputs)
         key = tuple((tuple(a.shape), a.dtype, a.device) for a in inputs)
-        if key not in self._traces:
-            calls = self._eager_calls.get(key, 0)
-            if calls < self.trace_after:
-                self._eager_calls[key] = calls + 1
-                return call_unet(self.unet, *inputs)
+        runner = self._traces.get(key)
+        if runner is None:
+            runner = self._buy_trace(key, inputs)
+        if runner is None:  # still renting: an eager call
+            return call_unet(self.unet, *inputs)
         with torch.jit.optimized_execution(False):
-            if key not in self._traces:
-                self._traces[key] = self._trace(inputs)
-            return self._traces[key](*inputs)
+            return runner(*inputs)
+
+    def _buy_trace(self, key: tuple, inputs: tuple[torch.Tensor, ...]) -> Optional[Callable]:
+        """The signature's trace once it has run `trace_after` eager calls (kept from then on), else None."""
+        calls = self._eager_calls.get(key, 0)
+        if calls < self.trace_after:
+            self._eager_calls[key] = calls + 1
+            return None
+        with torch.jit.optimized_execution(False):
+            self._traces[key] = self._trace(inputs)
+        return self._traces[key]
 
     @property
     def num_traces(self) -> int:

@@ -221,33 +221,14 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
     """
     import gradio as gr
 
-    from latent_diffusion.samplers import SAMPLER_NAMES  # read now: samplers added later appear in the page
-
-    defaults = studio.defaults()
     first = read_png_metadata(example[0]) if example else {}
     with gr.Blocks(title="latent-diffusion") as demo:
         gr.Markdown(f"## latent-diffusion\nModel: `{studio.model or 'embedded default'}`")
         with gr.Row():
             with gr.Column(scale=2):
-                prompt = gr.Textbox(label="Prompt", value=first.get("prompt", ""), lines=2, placeholder=EXAMPLE_PROMPT)
-                negative_prompt = gr.Textbox(label="Negative prompt", value="")
-                with gr.Row():
-                    sampler = gr.Dropdown(label="Sampler", choices=list(SAMPLER_NAMES), value=defaults["sampler"],
-                                          allow_custom_value=True)  # the pipeline names the allowed ones
-                    steps = gr.Number(label="Steps", value=defaults["steps"], precision=0)
-                    guidance = gr.Number(label="Guidance", value=defaults["guidance"], step=0.5)
-                with gr.Row():
-                    seed = gr.Number(label=f"Seed ({RANDOM_SEED}: random)", value=RANDOM_SEED, precision=0)
-                    random_seed = gr.Button("Random seed", scale=0)
-                with gr.Row():
-                    width = gr.Number(label="Width", value=defaults["width"], precision=0, step=8)
-                    height = gr.Number(label="Height", value=defaults["height"], precision=0, step=8)
-                    num_images = gr.Slider(label="Images", minimum=1, maximum=MAX_IMAGES, value=1, step=1)
-                with gr.Row():
-                    clip_skip = gr.Number(label="Clip skip (0: off; k: the text encoder's states k layers back)",
-                                          value=0, precision=0, minimum=0)
-                image_inputs = {"clip_skip": clip_skip, **_lora_input(gr, studio.loras),
-                                **_image_inputs(gr, studio.optional_inputs())}
+                fields = _settings_form(gr, studio.defaults(), first.get("prompt", ""))
+                extra_inputs = {"clip_skip": fields["clip_skip"], **_lora_input(gr, studio.loras)}
+                image_inputs = _image_inputs(gr, studio.optional_inputs())
                 run = gr.Button("Generate", variant="primary")
                 reuse = gr.File(label="Reuse settings: drop a PNG made here or by `latent-diffusion generate`",
                                 file_types=[".png"], type="filepath")
@@ -257,18 +238,18 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
                 used = gr.Markdown(describe(first) if first else "")
                 files = gr.File(label="PNG files (with their generation settings)", file_count="multiple",
                                 value=[str(path) for path in example or []], interactive=False)
-        form = [prompt, negative_prompt, sampler, steps, guidance, seed, width, height]
+        form = [fields[name] for name in FORM_FIELDS]
 
         def generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height, num_images=1,
                      progress=gr.Progress(), image=None, strength=None, mask_image=None, lora_scale=None,
                      clip_skip=None):
             """Generate images; returns the PNG file(s), each with its settings in its metadata.
 
-            The image inputs and the LoRA strength are explicit keywords defaulting to None, so the API
-            marks them optional.
+            The image inputs, clip skip and the LoRA strength are explicit keywords defaulting to None, so the
+            API marks them optional.
             """
             given = {"image": image, "strength": strength, "mask_image": mask_image}
-            image_inputs = {name: given[name] for name in offered if name in given}  # only those the pipeline takes
+            image_inputs = {name: given[name] for name in offered}  # only those the pipeline takes
             if image is None:  # text-to-image: the strength slider and an empty mask mean nothing
                 image_inputs = {}
             if "mask_image" in image_inputs:
@@ -294,12 +275,39 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
                 raise gr.Error(page_message(error)) from None
 
         offered = tuple(image_inputs)
-        gr.on([run.click, prompt.submit], generate, inputs=form + [num_images], inputs_kwargs=image_inputs,
-              outputs=files, api_name="generate", concurrency_limit=1
+        gr.on([run.click, fields["prompt"].submit], generate, inputs=form + [fields["num_images"]],
+              inputs_kwargs={**extra_inputs, **image_inputs}, outputs=files, api_name="generate", concurrency_limit=1
               ).success(show, inputs=files, outputs=[gallery, used], api_visibility="private")
-        random_seed.click(lambda: RANDOM_SEED, outputs=seed, api_visibility="private")
+        fields["random_seed"].click(lambda: RANDOM_SEED, outputs=fields["seed"], api_visibility="private")
         reuse.upload(reuse_settings, inputs=reuse, outputs=form, api_name="reuse_settings")
     return demo.queue(max_size=max_queue, default_concurrency_limit=1)
+
+
+FORM_FIELDS = ("prompt", "negative_prompt", "sampler", "steps", "guidance", "seed", "width", "height")  # form_values' order
+
+
+def _settings_form(gr, defaults: dict[str, Any], prompt: str) -> dict[str, Any]:
+    """The form's generation settings (FORM_FIELDS, num_images, clip_skip) and the random-seed button, by name."""
+    from latent_diffusion.samplers import SAMPLER_NAMES  # read now: samplers added later appear in the page
+
+    fields = {"prompt": gr.Textbox(label="Prompt", value=prompt, lines=2, placeholder=EXAMPLE_PROMPT),
+              "negative_prompt": gr.Textbox(label="Negative prompt", value="")}
+    with gr.Row():
+        fields["sampler"] = gr.Dropdown(label="Sampler", choices=list(SAMPLER_NAMES), value=defaults["sampler"],
+                                        allow_custom_value=True)  # the pipeline names the allowed ones
+        fields["steps"] = gr.Number(label="Steps", value=defaults["steps"], precision=0)
+        fields["guidance"] = gr.Number(label="Guidance", value=defaults["guidance"], step=0.5)
+    with gr.Row():
+        fields["seed"] = gr.Number(label=f"Seed ({RANDOM_SEED}: random)", value=RANDOM_SEED, precision=0)
+        fields["random_seed"] = gr.Button("Random seed", scale=0)
+    with gr.Row():
+        fields["width"] = gr.Number(label="Width", value=defaults["width"], precision=0, step=8)
+        fields["height"] = gr.Number(label="Height", value=defaults["height"], precision=0, step=8)
+        fields["num_images"] = gr.Slider(label="Images", minimum=1, maximum=MAX_IMAGES, value=1, step=1)
+    with gr.Row():
+        fields["clip_skip"] = gr.Number(label="Clip skip (0: off; k: the text encoder's states k layers back)",
+                                        value=0, precision=0, minimum=0)
+    return fields
 
 
 def _lora_input(gr, loras: Sequence[tuple[str, str, float]]) -> dict[str, Any]:

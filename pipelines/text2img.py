@@ -187,9 +187,8 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         (default: (height, width)) and `crops_coords_top_left` (default (0, 0)); with no negative prompt, a
         model whose config sets `force_zeros_for_empty_prompt` guides against zero embeddings, as diffusers does.
 
-        `clip_skip` k conditions on the text encoder's hidden states k layers before the one the model
-        normally uses (A1111's "Clip skip: k + 1"), for the prompt and the negative prompt alike; diffusers
-        applies it to the prompt only, so with guidance the two differ in the unconditional branch.
+        `clip_skip` k conditions on the text encoder's states k layers before the usual ones (A1111's "Clip
+        skip: k + 1"), for prompt and negative prompt alike (diffusers: the prompt only).
         """
         steps, scale, sampler = self._resolve_defaults(num_inference_steps, guidance_scale, sampler)
         prompts, negatives = _check_prompts(prompt, negative_prompt)
@@ -216,13 +215,19 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         else:
             timesteps, x = edit.timesteps, edit.x
         denoiser = Denoiser(self._guided_unet(cond, scale, guidance_rescale, edit.unet_extra if edit else None), schedule)
+        x = self._sample(solver, denoiser, x, timesteps, generator, callback_on_step_end, edit)
+        images = self.decode(x, output_type)
+        self.maybe_free_model_hooks()
+        return LatentDiffusionPipelineOutput(images=images) if return_dict else (images,)
+
+    def _sample(self, solver, denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, generator: Generator,
+                callback_on_step_end: Optional[Callable[..., dict]], edit) -> torch.Tensor:
+        """The sampling loop under the progress bar; its final latents, checked finite."""
         with self.progress_bar(total=len(timesteps)) as bar:
             step_callback = self._step_callback(bar, callback_on_step_end, edit)
             x = solver(denoiser, x, timesteps, generator=generator, callback=step_callback)
         check_all_finite("latents", x, NON_FINITE_HINT)  # once, after the loop: NaN/inf never heal, so none is missed
-        images = self.decode(x, output_type)
-        self.maybe_free_model_hooks()
-        return LatentDiffusionPipelineOutput(images=images) if return_dict else (images,)
+        return x
 
     def encode_prompt(
         self, prompts: list[str], negatives: Optional[list[str]], num_images_per_prompt: int = 1, **sdxl: Any
