@@ -96,7 +96,7 @@ def wall_time(command: list[str]) -> tuple[float, str]:
 
 def cli_command(args: argparse.Namespace, out: str) -> list[str]:
     script = Path(sys.executable).with_name("latent-diffusion")
-    launcher = [str(script)] if script.is_file() else [sys.executable, "-m", "latent_diffusion.cli"]
+    launcher = [str(script)] if script.is_file() else [sys.executable, "-m", "latent_diffusion.apps.cli"]
     size = ["--height", str(args.size), "--width", str(args.size)] if args.size else []
     return launcher + ["generate", PROMPT, "-o", out, "--model", args.model, "--steps", str(args.steps),
                        "--sampler", args.sampler, "--guidance", str(args.guidance), "--quiet", *size]

@@ -7,7 +7,7 @@ equivalent scheduler and step count; runs alternate between the two so that
 machine noise hits both alike. Prints the median warm time per image of each,
 the ratio ours/diffusers, the max pixel difference of their outputs, and the
 time of each one's first call. Ours runs small UNets eagerly for their first
-TRACE_AFTER_CALLS calls and then through a trace (latent_diffusion/tracing.py);
+TRACE_AFTER_CALLS calls and then through a trace (latent_diffusion/pipelines/tracing.py);
 the warm times are taken once the trace is in.
 """
 from __future__ import annotations

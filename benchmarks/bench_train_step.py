@@ -54,7 +54,7 @@ def random_batch(unet, batch_size: int, context_length: int) -> dict:
 def main() -> None:
     from diffusers import UNet2DConditionModel
 
-    from latent_diffusion.assets import default_model_path
+    from latent_diffusion.formats.assets import default_model_path
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(default_model_path()), help="an SD folder (its unet/ is used)")

@@ -57,12 +57,12 @@ def measure(train_args: list[str], steps: int, warmup: int) -> tuple[float, floa
     from accelerate.state import AcceleratorState, GradientState
 
     sys.path.insert(0, REPO)  # training/ is a folder of scripts beside the library, not part of it
-    from training import train_text2img as T
-    from training.args import parse_args
-    from training.batches import step_groups
-    from training.checkpointing import TrainingState
+    from latent_diffusion.training import train_text2img as T
+    from latent_diffusion.training.args import parse_args
+    from latent_diffusion.training.batches import step_groups
+    from latent_diffusion.training.checkpointing import TrainingState
 
-    from latent_diffusion.losses import DenoisingLoss
+    from latent_diffusion.diffusion.losses import DenoisingLoss
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -116,7 +116,7 @@ def peer_folder(folder: str, unet: str) -> None:
     if unet == "default":  # the embedded Shapes model as it ships: its own UNet, VAE, text encoder and tokenizer
         import shutil
 
-        from latent_diffusion.assets import default_model_path
+        from latent_diffusion.formats.assets import default_model_path
 
         shutil.copytree(default_model_path(), folder)
         return

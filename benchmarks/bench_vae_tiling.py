@@ -3,7 +3,7 @@
     python benchmarks/bench_vae_tiling.py --vae PATH/vae [--size 1024] [--threads 2]
 
 Each mode decodes the same random latents (4 × size/8 × size/8, seed 0) through our
-`latent_diffusion.conditioning.decode_latents`, in its own fresh process, after one warm-up decode at
+`latent_diffusion.vae.decode_latents`, in its own fresh process, after one warm-up decode at
 a quarter of the size; peak resident memory from `latent_diffusion.evaluation.measure`. Prints a markdown
 line for benchmarks/RESULTS.md with the ratio tiled/whole of the memory a decode adds.
 """
@@ -22,7 +22,7 @@ def worker(vae_path: str, size: int, tiled: bool) -> dict:
     import torch
     from diffusers import AutoencoderKL
 
-    from latent_diffusion.conditioning import decode_latents
+    from latent_diffusion.vae import decode_latents
     from latent_diffusion.evaluation import measure
 
     vae = AutoencoderKL.from_pretrained(vae_path).eval()

@@ -5,7 +5,7 @@
 set -euo pipefail
 work=${1:-lora-run}
 steps=${2:-400}
-model=$(python -c "from latent_diffusion.assets import default_model_path; print(default_model_path())")
+model=$(python -c "from latent_diffusion.formats.assets import default_model_path; print(default_model_path())")
 python examples/lora_pink.py data "$work/data" --n 64
 accelerate launch --config_file training/configs/cpu.yaml training/train_text2img.py \
     --pretrained_model_name_or_path "$model" --train_data_dir "$work/data" --resolution 64 \

@@ -13,7 +13,7 @@ __all__ = ["LatentDiffusionPipeline", "__version__"]
 
 def __getattr__(name):
     if name == "LatentDiffusionPipeline":
-        from .pipelines import LatentDiffusionPipeline
+        from latent_diffusion.pipelines import LatentDiffusionPipeline
 
         return LatentDiffusionPipeline
     raise AttributeError(f"module 'latent_diffusion' has no attribute {name!r}")

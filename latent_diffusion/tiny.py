@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .text import train_clip_tokenizer
+from latent_diffusion.text.tokenizers import train_clip_tokenizer
 
 TINY_CORPUS = (
     "a red circle above a blue square",

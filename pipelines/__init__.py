@@ -1,4 +1,4 @@
 """The text-to-image pipeline, built on the `latent_diffusion` library."""
-from .text2img import LatentDiffusionPipeline, LatentDiffusionPipelineOutput
+from latent_diffusion.pipelines.text2img import LatentDiffusionPipeline, LatentDiffusionPipelineOutput
 
 __all__ = ["LatentDiffusionPipeline", "LatentDiffusionPipelineOutput"]

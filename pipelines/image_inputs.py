@@ -22,10 +22,10 @@ import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
-from latent_diffusion.conditioning import encode_images, vae_scale_factor
-from latent_diffusion.inpainting import KnownRegionBlend, chain_callbacks, latent_mask, masked_pixels
-from latent_diffusion.sdedit import default_strength, strength_timesteps
-from latent_diffusion.utils import randn
+from latent_diffusion.vae import encode_images, latent_size_multiple, vae_scale_factor
+from latent_diffusion.diffusion.inpainting import KnownRegionBlend, chain_callbacks, latent_mask, masked_pixels
+from latent_diffusion.diffusion.sdedit import default_strength, strength_timesteps
+from latent_diffusion.tensors import randn
 
 IMAGE_TYPES = (PIL.Image.Image, np.ndarray, torch.Tensor)
 ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[Any]]
@@ -52,7 +52,7 @@ class ImageEdit:
 
 def size_multiple(pipe) -> int:
     """What image sides must be multiples of: the VAE factor times the UNet's total downsampling."""
-    return vae_scale_factor(pipe.vae) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    return latent_size_multiple(pipe.vae, pipe.unet)
 
 
 def check_image_arguments(pipe, image, mask_image, strength, latents) -> Optional[float]:

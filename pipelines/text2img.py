@@ -20,19 +20,19 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from latent_diffusion.assets import default_model_path
+from latent_diffusion.formats.assets import default_model_path
 from latent_diffusion.checks import check_all_finite, check_choice, check_finite, check_image_side, check_int
-from latent_diffusion.conditioning import decode_latents, upcast_half_vae, vae_scale_factor
-from latent_diffusion.guidance import guide
-from latent_diffusion.model_files import check_model_path
-from latent_diffusion.prompt_conditioning import Conditioning, conditioner_for
-from latent_diffusion.samplers import SAMPLER_NAMES, Denoiser, check_sigma_schedule, get_sampler
-from latent_diffusion.schedules import NoiseSchedule
-from latent_diffusion.tracing import TracedUNet
-from latent_diffusion.utils import randn
+from latent_diffusion.vae import decode_latents, latent_size_multiple, upcast_half_vae, vae_scale_factor
+from latent_diffusion.diffusion.guidance import guide
+from latent_diffusion.formats.model_files import check_model_path
+from latent_diffusion.text.conditioners import Conditioning, conditioner_for
+from latent_diffusion.diffusion.samplers import SAMPLER_NAMES, Denoiser, check_sigma_schedule, get_sampler
+from latent_diffusion.diffusion.schedules import NoiseSchedule
+from latent_diffusion.pipelines.tracing import TracedUNet
+from latent_diffusion.tensors import randn
 
-from .image_inputs import check_image_arguments, default_size, prepare_image_edit
-from .lora import LatentDiffusionLoraMixin
+from latent_diffusion.pipelines.image_inputs import check_image_arguments, default_size, prepare_image_edit
+from latent_diffusion.pipelines.lora import LatentDiffusionLoraMixin
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 TRACE_MAX_PARAMETERS = 50_000_000  # the embedded model is ~4M; SD 1.5's UNet is 860M
@@ -72,7 +72,7 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, tokenizer_2=None,
                  force_zeros_for_empty_prompt: Optional[bool] = None):
-        """With `text_encoder_2` and `tokenizer_2` this is an SDXL model (`latent_diffusion.prompt_conditioning`)."""
+        """With `text_encoder_2` and `tokenizer_2` this is an SDXL model (`latent_diffusion.text.conditioners`)."""
         super().__init__()
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         self.register_modules(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
@@ -356,10 +356,9 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
     def _check_size(self, name: str, value: Optional[int]) -> int:
         """Sizes must be multiples of the VAE factor times the UNet's total downsampling."""
         vae_factor = vae_scale_factor(self.vae)
-        multiple = vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         if value is None:
             return int(self.unet.config.sample_size) * vae_factor
-        return check_image_side(name, value, multiple)
+        return check_image_side(name, value, latent_size_multiple(self.vae, self.unet))
 
 
 def _check_prompts(prompt: Prompt, negative_prompt: Optional[Prompt]) -> tuple[list[str], list[str]]:

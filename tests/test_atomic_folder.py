@@ -1,7 +1,7 @@
-"""`latent_diffusion.files.atomic_folder`: a folder appears whole or not at all, and replaces an older one."""
+"""`latent_diffusion.formats.atomic.atomic_folder`: a folder appears whole or not at all, and replaces an older one."""
 import pytest
 
-from latent_diffusion.files import atomic_folder, write_text_atomic
+from latent_diffusion.formats.atomic import atomic_folder, write_text_atomic
 
 
 def test_atomic_folder_replaces_the_old_folder_only_when_complete(tmp_path):

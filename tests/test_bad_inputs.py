@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from latent_diffusion.checks import NonFiniteError
-from latent_diffusion.cli import main as cli_main
+from latent_diffusion.apps.cli import main as cli_main
 from test_data import make_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ def test_eval_bad_model(sd_folder, tmp_path, capsys, no_unpickling):
     (["generate", "a red circle", "--steps", "many"], "argument --steps: invalid int value"),
 ], ids=["nan", "argparse"])
 def test_command_exit_status_2_without_traceback(tmp_path, flags, message):
-    done = subprocess.run([sys.executable, "-m", "latent_diffusion.cli", *flags, "-o", str(tmp_path / "x.png")],
+    done = subprocess.run([sys.executable, "-m", "latent_diffusion.apps.cli", *flags, "-o", str(tmp_path / "x.png")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
@@ -206,7 +206,7 @@ def test_nan_latents_stop_sampling_with_a_clear_error(pipe):
 
 def test_fp16_vae_overflow_decodes_again_in_fp32():
     """Huge latents overflow a float16 VAE (inf/NaN, the black-image failure); decode_latents redoes it in float32."""
-    from latent_diffusion.conditioning import decode_latents
+    from latent_diffusion.vae import decode_latents
     from latent_diffusion.tiny import tiny_components
 
     vae = tiny_components()["vae"].half()

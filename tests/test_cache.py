@@ -5,9 +5,9 @@ import threading
 import pytest
 import torch
 
-from latent_diffusion.cache import (CachedSamples, build_or_load_cache, cache_key, encode_captions,
+from latent_diffusion.training.cache import (CachedSamples, build_or_load_cache, cache_key, encode_captions,
                                     encode_latent_moments)
-from latent_diffusion.data import ImageTransform, decode_image, load_caption_dataset, sample_generator
+from latent_diffusion.training.data import ImageTransform, decode_image, load_caption_dataset, sample_generator
 from latent_diffusion.tiny import tiny_components
 from test_data import make_imagefolder
 

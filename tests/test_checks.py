@@ -4,7 +4,7 @@ import math
 import pytest
 
 from latent_diffusion.checks import check_choice, check_finite, check_int
-from latent_diffusion.files import atomic_write, write_text_atomic
+from latent_diffusion.formats.atomic import atomic_write, write_text_atomic
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, "1", None, True])

@@ -4,7 +4,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from latent_diffusion.cli import main
+from latent_diffusion.apps.cli import main
 
 
 def run_generate(folder, out, *extra):

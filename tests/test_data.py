@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from latent_diffusion.data import (CaptionImageDataset, ImageTransform, caption_variants, decode_image,
+from latent_diffusion.training.data import (CaptionImageDataset, ImageTransform, caption_variants, decode_image,
                                    load_caption_dataset, pick_caption, readable_indices, sample_generator)
 
 

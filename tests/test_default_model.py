@@ -10,9 +10,9 @@ from PIL import Image
 from safetensors import safe_open
 
 from latent_diffusion import LatentDiffusionPipeline
-from latent_diffusion import assets
-from latent_diffusion.cli import main
-from latent_diffusion.samplers import SAMPLER_NAMES
+from latent_diffusion.formats import assets
+from latent_diffusion.apps.cli import main
+from latent_diffusion.diffusion.samplers import SAMPLER_NAMES
 from latent_diffusion.shapes import score_images
 
 FOLDER = assets.DEFAULT_MODEL_DIR

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from latent_diffusion.cli import main
+from latent_diffusion.apps.cli import main
 from latent_diffusion.evaluation import WEIGHTS_ENV_VAR
 from latent_diffusion.evaluation import generation, report
 from latent_diffusion.evaluation.prompts import load_prompt_file, make_prompt, shapes_eval_prompts
@@ -163,7 +163,7 @@ def clip_folder(tmp_path_factory):
     import transformers
     from transformers import CLIPConfig, CLIPModel
 
-    from latent_diffusion.text import train_clip_tokenizer
+    from latent_diffusion.text.tokenizers import train_clip_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-clip")
     tokenizer = train_clip_tokenizer(["a red circle", "a cat on a sofa", "a blue square on the left"] * 5,
@@ -340,6 +340,6 @@ def test_line_chart_draws_each_series():
 
 def test_atomic_writes_leave_no_temporary_files(grid_out):
     assert not [p for p in grid_out.rglob(".*.tmp")]
-    assert not [p for p in grid_out.rglob(".*.tmp-*")]  # latent_diffusion.files' temporary names
+    assert not [p for p in grid_out.rglob(".*.tmp-*")]  # latent_diffusion.formats.atomic' temporary names
     assert not [p for p in grid_out.rglob("*") if p.name.endswith(".tmp")]
     assert os.path.isfile(grid_out / "run.json")

@@ -89,7 +89,7 @@ def clip_folder(tmp_path_factory):
     """A tiny random CLIPModel + tokenizer + image processor, saved as a model folder."""
     from transformers import CLIPModel
 
-    from latent_diffusion.text import train_clip_tokenizer
+    from latent_diffusion.text.tokenizers import train_clip_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-clip")
     tokenizer = train_clip_tokenizer(CAPTIONS * 5, vocab_size=80)

@@ -18,8 +18,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from hub_server import FakeHub
-from latent_diffusion import hub as hubmod
-from latent_diffusion.hub import push_checkpoint_weights, push_folder, select_upload_files, write_model_card
+from latent_diffusion.formats import hub as hubmod
+from latent_diffusion.formats.hub import push_checkpoint_weights, push_folder, select_upload_files, write_model_card
 
 # huggingface_hub's LFS PUT passes a file object as `data=`, which its HTTP client deprecates: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")

@@ -14,11 +14,11 @@ from diffusers import (
 )
 
 from latent_diffusion import LatentDiffusionPipeline
-from latent_diffusion.conditioning import encode_images
-from latent_diffusion.inpainting import KnownRegionBlend, blend_known_region
-from latent_diffusion.samplers import Denoiser, get_sampler
-from latent_diffusion.schedules import NoiseSchedule
-from latent_diffusion.sdedit import strength_timesteps, tail_start
+from latent_diffusion.vae import encode_images
+from latent_diffusion.diffusion.inpainting import KnownRegionBlend, blend_known_region
+from latent_diffusion.diffusion.samplers import Denoiser, get_sampler
+from latent_diffusion.diffusion.schedules import NoiseSchedule
+from latent_diffusion.diffusion.sdedit import strength_timesteps, tail_start
 
 # Our samplers that diffusers' img2img / inpaint pipelines run, with their schedulers; extend as samplers land.
 DIFFUSERS_SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
@@ -294,7 +294,7 @@ def test_inpainting_unet_needs_image_and_mask(inpaint_folder):
 
 
 def cli(folder, out, *extra):
-    from latent_diffusion.cli import main
+    from latent_diffusion.apps.cli import main
 
     return main(["generate", PROMPT, "-o", str(out), "--model", str(folder), "--steps", "4", "--quiet", *extra])
 

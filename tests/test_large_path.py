@@ -3,7 +3,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latent_diffusion.cli import main
+from latent_diffusion.apps.cli import main
 from latent_diffusion.pipelines import LatentDiffusionPipeline
 
 PROMPT = "a red circle above a blue square"

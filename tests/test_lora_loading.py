@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from latent_diffusion.lora_keys import diffusers_to_kohya, kohya_to_diffusers
+from latent_diffusion.formats.lora_keys import diffusers_to_kohya, kohya_to_diffusers
 from latent_diffusion.pipelines.lora import parse_lora_spec
 from test_pipeline import generate, load_ours, load_theirs
 
@@ -145,7 +145,7 @@ def test_parse_lora_spec():
 
 
 def test_cli_lora_flag(sd_folder, lora_file, tmp_path):
-    from latent_diffusion.cli import main
+    from latent_diffusion.apps.cli import main
 
     def run(out, *extra):
         return main(["generate", "a red circle above a blue square", "-o", str(out), "--model", str(sd_folder),

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from latent_diffusion.buckets import make_buckets, nearest_bucket, resize_to_cover
+from latent_diffusion.training.buckets import make_buckets, nearest_bucket, resize_to_cover
 from latent_diffusion.training.bucketing import bucket_epoch_batches, bucket_steps_per_epoch
 from test_pipeline import generate, load_ours, load_theirs
 from test_training import cache_dir, data_dir, train  # noqa: F401  (fixtures)
@@ -129,7 +129,7 @@ def mixed_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("cached", [True, False], ids=["cache", "no_cache"])
 def test_bucketed_training_on_mixed_aspect_images(sd_folder, mixed_dir, tmp_path, caplog, cached):
-    from latent_diffusion.cache import load_cache
+    from latent_diffusion.training.cache import load_cache
 
     bucket_flags = ["--enable_bucket", "--min_bucket_reso", "16", "--max_bucket_reso", "64", "--bucket_reso_steps", "8"]
     out = tmp_path / "out"

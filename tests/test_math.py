@@ -16,7 +16,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as diffusers_rescale_zero_terminal_snr
 from diffusers.training_utils import compute_snr
 
-from latent_diffusion.gaussian import (
+from latent_diffusion.diffusion.gaussian import (
     eps_from_v,
     eps_from_x0,
     min_snr_weight,
@@ -28,13 +28,13 @@ from latent_diffusion.gaussian import (
     x0_from_eps,
     x0_from_v,
 )
-from latent_diffusion.guidance import classifier_free_guidance, guide, rescale_guidance
-from latent_diffusion.losses import DenoisingLoss
-from latent_diffusion.samplers.ddim import ddim_coefficients, ddim_sigma
-from latent_diffusion.samplers.ddpm import ancestral_std, posterior_mean_coefficients, posterior_variance
-from latent_diffusion.samplers.dpm_solver import first_order_coefficients, half_log_snr
-from latent_diffusion.schedules import NoiseSchedule
-from latent_diffusion.utils import append_dims, gather
+from latent_diffusion.diffusion.guidance import classifier_free_guidance, guide, rescale_guidance
+from latent_diffusion.diffusion.losses import DenoisingLoss
+from latent_diffusion.diffusion.samplers.ddim import ddim_coefficients, ddim_sigma
+from latent_diffusion.diffusion.samplers.ddpm import ancestral_std, posterior_mean_coefficients, posterior_variance
+from latent_diffusion.diffusion.samplers.dpm_solver import first_order_coefficients, half_log_snr
+from latent_diffusion.diffusion.schedules import NoiseSchedule
+from latent_diffusion.tensors import append_dims, gather
 
 CONFIGS = {
     "linear": dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),

@@ -27,9 +27,9 @@ from diffusers import (
     DPMSolverMultistepScheduler,
 )
 
-from latent_diffusion.samplers import SAMPLER_NAMES, SIGMA_SCHEDULE_SAMPLERS, Denoiser, Prediction, get_sampler
-from latent_diffusion.samplers.sigmas import clamp_zero_snr
-from latent_diffusion.schedules import NoiseSchedule
+from latent_diffusion.diffusion.samplers import SAMPLER_NAMES, SIGMA_SCHEDULE_SAMPLERS, Denoiser, Prediction, get_sampler
+from latent_diffusion.diffusion.samplers.sigmas import clamp_zero_snr
+from latent_diffusion.diffusion.schedules import NoiseSchedule
 
 # diffusers' DPM set_timesteps calls np.array on our float64 tensor; harmless
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -17,8 +17,8 @@ from diffusers import (
 )
 
 from latent_diffusion import LatentDiffusionPipeline
-from latent_diffusion.conditioning import upcast_half_vae
-from latent_diffusion.samplers import SAMPLER_NAMES
+from latent_diffusion.vae import upcast_half_vae
+from latent_diffusion.diffusion.samplers import SAMPLER_NAMES
 
 DIFFUSERS_SCHEDULERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
 PROMPTS = ["a red circle above a blue square", "a cat on a sofa"]
@@ -174,7 +174,7 @@ def test_half_vae_with_force_upcast_decodes_in_float32():
 def test_cli_generates_from_an_sdxl_folder(sdxl_folder, tmp_path):
     from PIL import Image
 
-    from latent_diffusion.cli import main
+    from latent_diffusion.apps.cli import main
 
     out = tmp_path / "out.png"
     assert main(["generate", "a cat on a sofa", "--model", str(sdxl_folder), "-o", str(out), "--steps", "2",

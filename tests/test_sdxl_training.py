@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from latent_diffusion.cache import build_or_load_cache, cache_key
-from latent_diffusion.data import ImageTransform, load_caption_dataset
-from latent_diffusion.prompt_conditioning import SDXLConditioner
+from latent_diffusion.training.cache import build_or_load_cache, cache_key
+from latent_diffusion.training.data import ImageTransform, load_caption_dataset
+from latent_diffusion.text.conditioners import SDXLConditioner
 from latent_diffusion.tiny import tiny_sdxl_components
 from latent_diffusion.training.sdxl import SizedCaptionImageDataset, batch_time_ids
 from test_data import make_imagefolder
@@ -86,7 +86,7 @@ def test_on_the_fly_samples_carry_size_and_crop(sdxl_data_dir):
     """--no_cache: each sample's (top, left) is where its pixels were cut from the resized (mirrored) image."""
     from PIL import Image
 
-    from latent_diffusion.data import decode_image, to_tensor
+    from latent_diffusion.training.data import decode_image, to_tensor
 
     dataset = load_caption_dataset(train_data_dir=sdxl_data_dir)
     samples = SizedCaptionImageDataset(dataset, "image", "text", ImageTransform(32, random_flip=True), seed=0)

@@ -56,7 +56,7 @@ def test_hard_negatives_are_false_grammatical_and_never_held_out():
 def test_stage0_saves_a_loadable_tokenizer_and_text_encoder(stage0_dir):
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from latent_diffusion.conditioning import encode_prompts
+    from latent_diffusion.text.encoding import encode_prompts
 
     tokenizer = CLIPTokenizer.from_pretrained(str(stage0_dir / "tokenizer"))
     text_encoder = CLIPTextModel.from_pretrained(str(stage0_dir / "text_encoder"))

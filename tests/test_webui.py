@@ -1,6 +1,6 @@
 """`latent-diffusion serve`: the page's generation (same PNGs as the CLI), its API, concurrency, errors, a browser.
 
-The fast tests drive `latent_diffusion.webui` in-process on the tiny test model. The served tests start the real
+The fast tests drive `latent_diffusion.apps.webui` in-process on the tiny test model. The served tests start the real
 command (`latent-diffusion serve` on the embedded default model, 127.0.0.1 and a free port) once per module and
 talk to it with gradio_client and headless chromium.
 """
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latent_diffusion.cli import main
-from latent_diffusion.pngmeta import generation_metadata, read_png_metadata, save_png
-from latent_diffusion.webui import RANDOM_SEED, Studio, form_values, page_message
+from latent_diffusion.apps.cli import main
+from latent_diffusion.formats.pngmeta import generation_metadata, read_png_metadata, save_png
+from latent_diffusion.apps.webui import RANDOM_SEED, Studio, form_values, page_message
 
 CLI_ARGS = ["--steps", "3", "--seed", "7", "--sampler", "ddim", "--guidance", "4", "--quiet"]
 PROMPT = "a red circle above a blue square"
@@ -115,7 +115,7 @@ def test_reuse_settings_reads_a_png_back_into_the_form(studio):
 
 
 def test_generate_and_the_webui_module_never_import_gradio():
-    code = ("import sys, latent_diffusion.cli, latent_diffusion.webui; "
+    code = ("import sys, latent_diffusion.apps.cli, latent_diffusion.apps.webui; "
             "sys.exit('gradio' in sys.modules or 'gradio_client' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=300).returncode == 0
 
@@ -129,8 +129,8 @@ def api_parameters(demo, endpoint="/generate"):
 
 def test_page_offers_every_sampler_and_the_model_defaults(studio, tiny_pipe):
     pytest.importorskip("gradio")
-    from latent_diffusion.samplers import SAMPLER_NAMES
-    from latent_diffusion.webui import build_app
+    from latent_diffusion.diffusion.samplers import SAMPLER_NAMES
+    from latent_diffusion.apps.webui import build_app
 
     demo = build_app(studio)
     params = api_parameters(demo)
@@ -162,7 +162,7 @@ class ImageInputsPipe:
 
 def test_page_offers_image_inputs_when_the_pipeline_takes_them(tiny_pipe, tmp_path):
     pytest.importorskip("gradio")
-    from latent_diffusion.webui import build_app
+    from latent_diffusion.apps.webui import build_app
 
     pipe = ImageInputsPipe(tiny_pipe)
     assert "image" in inspect.signature(pipe.__call__).parameters
@@ -190,7 +190,7 @@ def pixels(path) -> np.ndarray:
 
 
 def test_lora_page_matches_the_cli_and_its_strength_scales_the_adapter(sd_folder, lora_file, tmp_path):
-    from latent_diffusion.cli import _load_loras
+    from latent_diffusion.apps.cli import _load_loras
     from latent_diffusion.pipelines import LatentDiffusionPipeline
 
     pipe = LatentDiffusionPipeline.from_pretrained(str(sd_folder))
@@ -213,7 +213,7 @@ def test_lora_page_matches_the_cli_and_its_strength_scales_the_adapter(sd_folder
     with pytest.raises(ValueError, match="lora_scale"):
         studio.generate(PROMPT, steps=2, lora_scale=5.0)
     pytest.importorskip("gradio")
-    from latent_diffusion.webui import build_app
+    from latent_diffusion.apps.webui import build_app
 
     params = api_parameters(build_app(studio))
     assert params["lora_scale"]["parameter_has_default"]
@@ -262,7 +262,7 @@ def server(tmp_path_factory):
     port = free_port()
     log = open(out / "server.log", "w")
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
-    process = subprocess.Popen([sys.executable, "-m", "latent_diffusion.cli", "serve", "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "latent_diffusion.apps.cli", "serve", "--port", str(port),
                                 "--output-dir", str(out / "png"), "--max-queue", "32"],
                                stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from latent_diffusion.checks import MAX_IMAGE_SIDE, check_finite_flags
 
-from .speed import add_speed_args, check_speed_args
+from latent_diffusion.training.speed import add_speed_args, check_speed_args
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 FLOAT_FLAG_BOUNDS = {  # every float flag: finite, within (minimum, maximum); None is unbounded
@@ -24,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_optimisation_args(p.add_argument_group("optimisation"))
     add_output_args(p.add_argument_group("checkpoints, logging, validation, output"))
     add_speed_args(p.add_argument_group("speed (training/speed.py)"))
-    from .bucketing import add_bucket_args
-    from .lora import add_lora_args
+    from latent_diffusion.training.bucketing import add_bucket_args
+    from latent_diffusion.training.lora import add_lora_args
 
     add_lora_args(p.add_argument_group("LoRA (training/lora.py)"))
     add_bucket_args(p.add_argument_group("aspect-ratio bucketing (training/bucketing.py)"))
@@ -151,9 +151,9 @@ def check_args(args: argparse.Namespace) -> list[str]:
     if (args.push_to_hub or args.push_checkpoints_to_hub) and not args.hub_model_id:
         problems.append("--push_to_hub and --push_checkpoints_to_hub need --hub_model_id")
     problems += check_speed_args(args)
-    from .bucketing import check_bucket_args
-    from .lora import check_lora_args
-    from .validation import VALIDATION_METRICS
+    from latent_diffusion.training.bucketing import check_bucket_args
+    from latent_diffusion.training.lora import check_lora_args
+    from latent_diffusion.training.validation import VALIDATION_METRICS
 
     problems += check_lora_args(args) + check_bucket_args(args)
 

@@ -4,7 +4,7 @@ Each epoch shuffles the usable dataset rows with a generator seeded by
 (seed, epoch), drops the tail that does not fill a step on every process, and
 deals rows out round-robin (rank::world_size), so processes see disjoint
 rows. Batch items are (row, epoch) pairs; the datasets seed each sample's own
-random choices from them (see `latent_diffusion.data.sample_generator`).
+random choices from them (see `latent_diffusion.training.data.sample_generator`).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 `--enable_bucket` (kohya's names: `--min_bucket_reso`, `--max_bucket_reso`,
 `--bucket_reso_steps`) trains every image at the size of its bucket
-(`latent_diffusion.buckets`) instead of a square crop. The batch plan stays a
+(`latent_diffusion.training.buckets`) instead of a square crop. The batch plan stays a
 pure function of (seed, epoch, rank), like `batches.epoch_batches`, so
 resuming mid-epoch is exact: each epoch shuffles every bucket's rows with a
 generator seeded by (seed, epoch), cuts each bucket into global batches of
@@ -19,9 +19,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from latent_diffusion.buckets import BucketTransform, make_buckets
-from latent_diffusion.conditioning import vae_scale_factor
-from latent_diffusion.data import decode_image
+from latent_diffusion.training.buckets import BucketTransform, make_buckets
+from latent_diffusion.vae import latent_size_multiple, vae_scale_factor
+from latent_diffusion.training.data import decode_image
 
 Bucket = tuple[int, int]  # (width, height)
 
@@ -55,7 +55,7 @@ def check_bucket_args(args: argparse.Namespace) -> list[str]:
 
 def bucket_transform(args: argparse.Namespace, vae, unet) -> BucketTransform:
     """The image transform of a bucketed run; --bucket_reso_steps must fit the VAE and the UNet's downsampling."""
-    multiple = vae_scale_factor(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
+    multiple = latent_size_multiple(vae, unet)
     if args.bucket_reso_steps % multiple:
         raise ValueError(f"--bucket_reso_steps {args.bucket_reso_steps} must be a multiple of {multiple} "
                          f"(VAE factor {vae_scale_factor(vae)} × the UNet's downsampling)")

@@ -23,7 +23,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from latent_diffusion.files import write_text_atomic
+from latent_diffusion.formats.atomic import write_text_atomic
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 PARTIAL_RE = re.compile(r"^\.checkpoint-(\d+)\.(tmp|old)$")

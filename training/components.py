@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Optional
 
-from latent_diffusion.model_files import WEIGHT_COMPONENTS, check_model_path
+from latent_diffusion.formats.model_files import WEIGHT_COMPONENTS, check_model_path
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # loaded where model_index.json names them, else None

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from latent_diffusion.files import atomic_write, write_text_atomic
+from latent_diffusion.formats.atomic import atomic_write, write_text_atomic
 
 DEFAULT_UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # diffusers' attention projections
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP / T5-style attention projections
@@ -230,7 +230,7 @@ def write_lora_card(output_dir: str, args: argparse.Namespace, *, hyperparameter
     """README.md for the adapter: Hub metadata (base model, `lora` tag) and how to load it with us and diffusers."""
     import shutil
 
-    from latent_diffusion.hub import card_metadata
+    from latent_diffusion.formats.hub import card_metadata
 
     base = args.pretrained_model_name_or_path
     data = card_metadata(base_model=base, dataset=args.dataset_name or args.train_data_dir,
@@ -304,7 +304,7 @@ def save_lora_run(args: argparse.Namespace, accelerator, models, unet, ema, step
     logger.info(f"saved the LoRA adapter to {path} ({os.path.getsize(path) / 2**20:.2f} MiB; {trainable} of "
                 f"{total} UNet parameters trained)")
     if args.push_to_hub:
-        from latent_diffusion.hub import push_folder
+        from latent_diffusion.formats.hub import push_folder
 
         push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, commit_message="End of LoRA training",
                     allow_patterns=list(UPLOADED))

@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from latent_diffusion.data import CaptionImageDataset, crop_box, decode_image, draw_flip, sample_generator
-from latent_diffusion.prompt_conditioning import Conditioning, check_added_embedding, is_sdxl_unet
+from latent_diffusion.training.data import CaptionImageDataset, crop_box, decode_image, draw_flip, sample_generator
+from latent_diffusion.text.conditioners import Conditioning, check_added_embedding, is_sdxl_unet
 
 
 def batch_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, resolution: int) -> torch.Tensor:

@@ -37,14 +37,15 @@ from accelerate.utils import ProjectConfiguration, gather_object
 from tqdm.auto import tqdm
 
 from latent_diffusion.checks import NonFiniteError
-from latent_diffusion.cache import (CachedSamples, build_or_load_cache, cache_key, encode_caption_tensors,
+from latent_diffusion.training.cache import (CachedSamples, build_or_load_cache, cache_key, encode_caption_tensors,
                                     encode_latent_moments, identity, sample_latents)
-from latent_diffusion.conditioning import encode_prompts, vae_scale_factor
-from latent_diffusion.data import CaptionImageDataset, ImageTransform, load_caption_dataset, readable_indices
-from latent_diffusion.losses import DenoisingLoss
-from latent_diffusion.prompt_conditioning import Conditioning
-from latent_diffusion.schedules import NoiseSchedule
-from latent_diffusion.utils import gather, randn
+from latent_diffusion.text.encoding import encode_prompts
+from latent_diffusion.vae import latent_size_multiple, vae_scale_factor
+from latent_diffusion.training.data import CaptionImageDataset, ImageTransform, load_caption_dataset, readable_indices
+from latent_diffusion.diffusion.losses import DenoisingLoss
+from latent_diffusion.text.conditioners import Conditioning
+from latent_diffusion.diffusion.schedules import NoiseSchedule
+from latent_diffusion.tensors import gather, randn
 from latent_diffusion.training.args import parse_args
 from latent_diffusion.training.batches import epoch_batches, step_groups, steps_per_epoch
 from latent_diffusion.training.components import load_components
@@ -169,7 +170,7 @@ def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
 
 def check_model_fits(args: argparse.Namespace, unet, vae, text_encoder, text_encoder_2=None) -> None:
     """The resolution and the UNet must fit the VAE and the text encoder (errors name the flag)."""
-    multiple = vae_scale_factor(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
+    multiple = latent_size_multiple(vae, unet)
     if args.resolution % multiple:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of {multiple} "
                          f"(VAE factor {vae_scale_factor(vae)} × the UNet's downsampling)")
@@ -351,7 +352,7 @@ def train(args, accelerator: Accelerator, models: Models, data: TrainingData, tr
             last = time.perf_counter()  # samples/s counts data loading and the step, not checkpoints or validation
     bar.close()
     if args.sample_index_log:  # lets a test check that every rank ends with the same weights
-        from latent_diffusion.cache import fingerprint_module
+        from latent_diffusion.training.cache import fingerprint_module
 
         with open(f"{args.sample_index_log}.rank{accelerator.process_index}", "a") as f:
             f.write(f"weights {fingerprint_module(accelerator.unwrap_model(unet))}\n")
@@ -437,7 +438,7 @@ def denoising_loss(unet, z0: torch.Tensor, cond: Conditioning, schedule: NoiseSc
 
     t ~ U{0..T−1}, ε ~ N(0, I), z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε, loss = w(t) ‖target − UNet(z_t, t, c)‖².
     """
-    from latent_diffusion.gaussian import q_sample
+    from latent_diffusion.diffusion.gaussian import q_sample
 
     batch = z0.shape[0]
     t_host = torch.randint(0, schedule.num_train_timesteps, (batch,), generator=generator)  # (B,)
@@ -470,7 +471,7 @@ def checkpoint(args, accelerator: Accelerator, state: TrainingState, ema: Option
     path = save_checkpoint(accelerator, args.output_dir, state, ema, args.checkpoints_total_limit)
     logger.info(f"saved {path}")
     if args.push_checkpoints_to_hub and accelerator.is_main_process:
-        from latent_diffusion.hub import push_checkpoint_weights
+        from latent_diffusion.formats.hub import push_checkpoint_weights
 
         push_checkpoint_weights(path, args.hub_model_id, state.global_step, token=args.hub_token)
         logger.info(f"uploaded {checkpoint_weights(path)} of {path}")
@@ -534,7 +535,7 @@ def save_pipeline(args, accelerator: Accelerator, models: Models, unet, ema: Opt
     grid = write_card(args, pipe, step)
     logger.info(f"saved the pipeline to {args.output_dir}" + (f" (validation grid {grid})" if grid else ""))
     if args.push_to_hub:
-        from latent_diffusion.hub import push_folder
+        from latent_diffusion.formats.hub import push_folder
 
         push_folder(args.output_dir, args.hub_model_id, token=args.hub_token,
                     commit_message="End of training")
@@ -542,7 +543,7 @@ def save_pipeline(args, accelerator: Accelerator, models: Models, unet, ema: Opt
 
 def write_card(args, pipe, step: int) -> Optional[str]:
     """README.md model card: base model, dataset, hyperparameters and a final validation grid."""
-    from latent_diffusion import hub
+    from latent_diffusion.formats import hub
 
     grid, metrics = None, {}
     if args.validation_prompts:  # the final grid; write_model_card copies it next to the card

@@ -11,8 +11,8 @@
 
 transformers is imported only when a CLIP model is loaded.
 """
-from .clip_score import CLIPImageEmbedder, CLIPScorer, clip_score
-from .fid import (
+from latent_diffusion.evaluation.clip_score import CLIPImageEmbedder, CLIPScorer, clip_score
+from latent_diffusion.evaluation.fid import (
     compute_fd_clip,
     compute_fid,
     fd_clip_extractor,
@@ -21,13 +21,13 @@ from .fid import (
     measure_name,
     save_reference_statistics,
 )
-from .frechet import feature_statistics, frechet_distance
-from .inception import WEIGHTS_ENV_VAR, FIDInception, FIDWeightsNotFoundError, load_fid_inception
-from .prompts import shapes_eval_prompts
-from .report import rebuild_report, run_evaluation
-from .run_folder import EvalRun
-from .settings import SettingsRequest
-from .resources import Measurement, measure
+from latent_diffusion.evaluation.frechet import feature_statistics, frechet_distance
+from latent_diffusion.evaluation.inception import WEIGHTS_ENV_VAR, FIDInception, FIDWeightsNotFoundError, load_fid_inception
+from latent_diffusion.evaluation.prompts import shapes_eval_prompts
+from latent_diffusion.evaluation.report import rebuild_report, run_evaluation
+from latent_diffusion.evaluation.run_folder import EvalRun
+from latent_diffusion.evaluation.settings import SettingsRequest
+from latent_diffusion.evaluation.resources import Measurement, measure
 
 __all__ = [
     "CLIPImageEmbedder",

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .images import iter_batches, to_pil
+from latent_diffusion.evaluation.images import iter_batches, to_pil
 
 DEFAULT_BATCH_SIZE = 32
 

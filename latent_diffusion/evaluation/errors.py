@@ -2,7 +2,7 @@
 
 The library calls a parameter by its Python name (`samplers`, `out_dir`); the
 `latent-diffusion eval` command maps those names to its flags (`--samplers`,
-`--out`) in `latent_diffusion/cli.py`, so the flags are spelled in one place.
+`--out`) in `latent_diffusion/apps/cli.py`, so the flags are spelled in one place.
 """
 from __future__ import annotations
 

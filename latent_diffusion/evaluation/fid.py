@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..files import atomic_write
-from .clip_score import CLIPImageEmbedder
-from .frechet import feature_statistics, frechet_distance
-from .images import iter_batches, stack_same_size
-from .inception import load_fid_inception
+from latent_diffusion.formats.atomic import atomic_write
+from latent_diffusion.evaluation.clip_score import CLIPImageEmbedder
+from latent_diffusion.evaluation.frechet import feature_statistics, frechet_distance
+from latent_diffusion.evaluation.images import iter_batches, stack_same_size
+from latent_diffusion.evaluation.inception import load_fid_inception
 
 DEFAULT_BATCH_SIZE = 50
 

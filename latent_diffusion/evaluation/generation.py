@@ -13,12 +13,12 @@ from typing import Sequence
 
 import torch
 
-from ..pngmeta import save_png
-from .prompts import EvalPrompt
-from .resources import PeakMemory
-from .run_folder import EvalRun, image_seed
-from .settings import Setting
-from .timings import append_timing
+from latent_diffusion.formats.pngmeta import save_png
+from latent_diffusion.evaluation.prompts import EvalPrompt
+from latent_diffusion.evaluation.resources import PeakMemory
+from latent_diffusion.evaluation.run_folder import EvalRun, image_seed
+from latent_diffusion.evaluation.settings import Setting
+from latent_diffusion.evaluation.timings import append_timing
 
 
 def _call_pipeline(pipe, run: EvalRun, setting: Setting, items: Sequence[tuple[EvalPrompt, int]], steps=None):

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..pngmeta import save_png
+from latent_diffusion.formats.pngmeta import save_png
 
 FRAME_COLOURS = {True: (40, 170, 60), False: (210, 50, 40), None: (150, 150, 150)}
 FRAME = 3  # pixels of frame around each cell

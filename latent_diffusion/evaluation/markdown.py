@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..shapes.scorer import REPORT_KEYS
-from .resources import MIB
+from latent_diffusion.shapes.scorer import REPORT_KEYS
+from latent_diffusion.evaluation.resources import MIB
 
 CATEGORY_KEYS = tuple(key for key in REPORT_KEYS if key not in ("overall", "held_out"))
 

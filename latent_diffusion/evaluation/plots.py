@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 
 from PIL import Image, ImageDraw
 
-from ..pngmeta import save_png
-from .grids import default_font
+from latent_diffusion.formats.pngmeta import save_png
+from latent_diffusion.evaluation.grids import default_font
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127)]

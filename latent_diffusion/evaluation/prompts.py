@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from ..shapes import evaluation_prompts, parse_prompt
-from .errors import EvalArgumentError, EvalFileNotFoundError
+from latent_diffusion.shapes import evaluation_prompts, parse_prompt
+from latent_diffusion.evaluation.errors import EvalArgumentError, EvalFileNotFoundError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ class QualityMeasures:
 
     def _reference_pair(self, extractor):
         """(extractor, (mu, sigma) of the reference), or None with a note when the reference cannot be read."""
-        from .fid import measure_name, reference_statistics
+        from latent_diffusion.evaluation.fid import measure_name, reference_statistics
 
         try:
             return extractor, reference_statistics(self.reference, extractor)
@@ -41,7 +41,7 @@ class QualityMeasures:
             return None
 
     def _fid(self, weights):
-        from .inception import FIDWeightsNotFoundError, load_fid_inception
+        from latent_diffusion.evaluation.inception import FIDWeightsNotFoundError, load_fid_inception
 
         try:
             return self._reference_pair(load_fid_inception(weights, device=self.device))
@@ -51,7 +51,7 @@ class QualityMeasures:
 
     def _clip(self, clip):
         """(CLIPScorer or None, image embedder); a vision-only CLIP folder gives FD-CLIP but no CLIP score."""
-        from .clip_score import CLIPImageEmbedder, CLIPScorer
+        from latent_diffusion.evaluation.clip_score import CLIPImageEmbedder, CLIPScorer
 
         try:
             scorer = CLIPScorer(clip, device=self.device)
@@ -66,7 +66,7 @@ class QualityMeasures:
                     clip_score=self.clip_scorer(images, list(prompts)) if self.clip_scorer and images else None)
 
     def _frechet(self, pair, images) -> Optional[float]:
-        from .fid import compute_fid
+        from latent_diffusion.evaluation.fid import compute_fid
 
         if pair is None or len(images) < 2:
             return None

@@ -54,14 +54,14 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..files import write_text_atomic
-from .generation import generate_missing
-from .markdown import markdown_report
-from .prompts import EvalPrompt, load_prompt_file, make_prompt, shapes_eval_prompts
-from .quality import QualityMeasures
-from .run_folder import EvalRun, image_seed, prepare_out_dir
-from .scoring import collect_results, shapes_adherence
-from .settings import Setting, SettingsRequest
+from latent_diffusion.formats.atomic import write_text_atomic
+from latent_diffusion.evaluation.generation import generate_missing
+from latent_diffusion.evaluation.markdown import markdown_report
+from latent_diffusion.evaluation.prompts import EvalPrompt, load_prompt_file, make_prompt, shapes_eval_prompts
+from latent_diffusion.evaluation.quality import QualityMeasures
+from latent_diffusion.evaluation.run_folder import EvalRun, image_seed, prepare_out_dir
+from latent_diffusion.evaluation.scoring import collect_results, shapes_adherence
+from latent_diffusion.evaluation.settings import Setting, SettingsRequest
 
 __all__ = [
     "EvalPrompt", "EvalRun", "QualityMeasures", "Setting", "SettingsRequest", "collect_results", "image_seed",
@@ -72,8 +72,8 @@ __all__ = [
 
 def write_report(run: EvalRun, results: dict) -> list[Path]:
     """Write grids, plots, results.json and report.md into run.out_dir; returns [report.md, results.json, ...]."""
-    from .grids import write_grids
-    from .plots import write_quality_plots
+    from latent_diffusion.evaluation.grids import write_grids
+    from latent_diffusion.evaluation.plots import write_quality_plots
 
     grids = write_grids(run, results["results"])
     plots = write_quality_plots(results["results"], run.out_dir / "plots")

@@ -14,10 +14,10 @@ import json
 import os
 from pathlib import Path
 
-from ..files import write_text_atomic
-from .errors import EvalArgumentError, EvalFileNotFoundError
-from .prompts import EvalPrompt
-from .settings import Setting
+from latent_diffusion.formats.atomic import write_text_atomic
+from latent_diffusion.evaluation.errors import EvalArgumentError, EvalFileNotFoundError
+from latent_diffusion.evaluation.prompts import EvalPrompt
+from latent_diffusion.evaluation.settings import Setting
 
 SEED_STRIDE = 1_000_003  # image_seed(i, k) = SEED_STRIDE * k + i
 

@@ -12,13 +12,13 @@ from typing import Optional, Sequence
 
 from PIL import Image
 
-from ..shapes import score_images
-from ..shapes.scorer import REPORT_KEYS
-from .prompts import EvalPrompt, is_shapes_prompt
-from .quality import QualityMeasures
-from .run_folder import EvalRun
-from .settings import Setting
-from .timings import read_timings, timing_summary
+from latent_diffusion.shapes import score_images
+from latent_diffusion.shapes.scorer import REPORT_KEYS
+from latent_diffusion.evaluation.prompts import EvalPrompt, is_shapes_prompt
+from latent_diffusion.evaluation.quality import QualityMeasures
+from latent_diffusion.evaluation.run_folder import EvalRun
+from latent_diffusion.evaluation.settings import Setting
+from latent_diffusion.evaluation.timings import read_timings, timing_summary
 
 VERDICT_FIELD = "shapes_correct"
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Optional
 
-from ..samplers import SAMPLER_NAMES
-from .errors import EvalArgumentError
+from latent_diffusion.diffusion.samplers import SAMPLER_NAMES
+from latent_diffusion.evaluation.errors import EvalArgumentError
 
 
 @dataclasses.dataclass(frozen=True)

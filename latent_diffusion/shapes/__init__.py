@@ -5,7 +5,7 @@ rendering, `captions` its grammar, `dataset` the datasets.Dataset and
 streaming forms and the imagefolder export, `scorer` the detector and judge,
 `prompts` the evaluation prompt sets.
 """
-from .captions import (
+from latent_diffusion.shapes.captions import (
     CATEGORIES,
     ObjectSpec,
     PromptSpec,
@@ -15,9 +15,9 @@ from .captions import (
     parse_prompt,
     spec_from_scene,
 )
-from .dataset import export_imagefolder, shapes_dataset, shapes_stream
-from .prompts import evaluation_prompts
-from .scorer import (
+from latent_diffusion.shapes.dataset import export_imagefolder, shapes_dataset, shapes_stream
+from latent_diffusion.shapes.prompts import evaluation_prompts
+from latent_diffusion.shapes.scorer import (
     Detection,
     DetectedObject,
     Judgement,
@@ -27,7 +27,7 @@ from .scorer import (
     judge_detection,
     score_images,
 )
-from .world import (
+from latent_diffusion.shapes.world import (
     BACKGROUNDS,
     COLOURS,
     HELD_OUT_PAIRS,

@@ -28,7 +28,7 @@ from typing import Optional
 
 import numpy as np
 
-from .world import BACKGROUNDS, OBJECT_COLOURS, POSITIONS, RELATIONS, SHAPES, SIZE_CLASSES, Scene, is_held_out
+from latent_diffusion.shapes.world import BACKGROUNDS, OBJECT_COLOURS, POSITIONS, RELATIONS, SHAPES, SIZE_CLASSES, Scene, is_held_out
 
 KEEP_PROBABILITY = 0.5  # chance that caption() keeps each optional part
 

@@ -38,9 +38,9 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..files import write_text_atomic
-from .captions import caption
-from .world import check_size, check_split, render, sample_scene
+from latent_diffusion.formats.atomic import write_text_atomic
+from latent_diffusion.shapes.captions import caption
+from latent_diffusion.shapes.world import check_size, check_split, render, sample_scene
 
 FEATURES = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
 METADATA_FILE = "metadata.jsonl"

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .captions import PromptSpec, drop_optional_parts, format_prompt, spec_from_scene
-from .world import sample_scene
+from latent_diffusion.shapes.captions import PromptSpec, drop_optional_parts, format_prompt, spec_from_scene
+from latent_diffusion.shapes.world import sample_scene
 
 PROMPT_KINDS: tuple[str, ...] = ("single", "position", "two_objects", "background", "held_out")
 

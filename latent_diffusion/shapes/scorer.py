@@ -72,8 +72,8 @@ from typing import Iterable, NamedTuple, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from .captions import CATEGORIES, ObjectSpec, PromptSpec, parse_prompt
-from .world import (
+from latent_diffusion.shapes.captions import CATEGORIES, ObjectSpec, PromptSpec, parse_prompt
+from latent_diffusion.shapes.world import (
     BACKGROUNDS,
     COLOURS,
     OBJECT_COLOURS,

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from latent_diffusion.files import atomic_folder, write_text_atomic
+from latent_diffusion.formats.atomic import atomic_folder, write_text_atomic
 from latent_diffusion.shapes import caption, full_caption, render_array, sample_scene
 from latent_diffusion.training.checkpointing import list_checkpoints, prune_checkpoints, resolve_checkpoint
 
@@ -269,5 +269,5 @@ def train_stage(args: argparse.Namespace, model: torch.nn.Module, step_loss: Ste
 
 
 def write_json(path: os.PathLike, data: dict) -> None:
-    """Write JSON atomically (`latent_diffusion.files`)."""
+    """Write JSON atomically (`latent_diffusion.formats.atomic`)."""
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")

@@ -46,7 +46,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from latent_diffusion.files import atomic_folder, write_text_atomic
+from latent_diffusion.formats.atomic import atomic_folder, write_text_atomic
 from latent_diffusion.training.recipes.shapes.common import write_json
 
 HERE = Path(__file__).resolve().parent

@@ -2,7 +2,7 @@
 
     python training/recipes/shapes/stage0_text.py --output_dir /work/runs/shapes/stage0
 
-1. A CLIP-format BPE tokenizer (`latent_diffusion.text.train_clip_tokenizer`)
+1. A CLIP-format BPE tokenizer (`latent_diffusion.text.tokenizers.train_clip_tokenizer`)
    is trained on Shapes training captions, full and with optional parts
    dropped, plus one line of every lower-case letter, digit and punctuation
    mark so that prompts outside the Shapes world never hit the unknown token.
@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from latent_diffusion.conditioning import tokenize_prompts
+from latent_diffusion.text.encoding import tokenize_prompts
 from latent_diffusion.shapes import (
     BACKGROUNDS,
     HELD_OUT_PAIRS,
@@ -65,7 +65,7 @@ from latent_diffusion.shapes import (
     parse_prompt,
     sample_scene,
 )
-from latent_diffusion.text import train_clip_tokenizer
+from latent_diffusion.text.tokenizers import train_clip_tokenizer
 from latent_diffusion.training.recipes.shapes.common import (
     add_loop_arguments,
     shapes_batch,

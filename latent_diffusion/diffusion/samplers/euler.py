@@ -10,8 +10,8 @@ import dataclasses
 
 import torch
 
-from .base import Run
-from .sigmas import VESigmaSampler, to_d
+from latent_diffusion.diffusion.samplers.base import Run
+from latent_diffusion.diffusion.samplers.sigmas import VESigmaSampler, to_d
 
 
 def euler_step(x_ve: torch.Tensor, d: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:

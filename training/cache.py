@@ -16,7 +16,7 @@ Layout of one cache, `cache_dir/<key>/`:
     empty.safetensors                   embedding of the empty caption (L, D) (and its pooled (P,) for SDXL)
     manifest.json                       written last: the cache is complete when it exists
 
-With aspect-ratio buckets (`latent_diffusion.buckets.BucketTransform`) each row
+With aspect-ratio buckets (`latent_diffusion.training.buckets.BucketTransform`) each row
 has its bucket's latent size, so `latent_mean` / `latent_std` are stored flat,
 row after row, with `latent_shapes` (n, 4) = (S, C, h, w) per row, and load as
 a list of per-row (S, C, h, w) tensors.
@@ -42,11 +42,12 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from safetensors.torch import load_file, save_file
 
-from .conditioning import encode_prompts, latent_scale
-from .data import (ImageTransform, caption_variants, crop_box, decode_image, draw_flip, pick_caption_index,
+from latent_diffusion.text.encoding import encode_prompts
+from latent_diffusion.vae import latent_scale, vae_scale_factor
+from latent_diffusion.training.data import (ImageTransform, caption_variants, crop_box, decode_image, draw_flip, pick_caption_index,
                    sample_generator)
-from .prompt_conditioning import SDXLConditioner
-from .files import atomic_write, write_text_atomic
+from latent_diffusion.text.conditioners import SDXLConditioner
+from latent_diffusion.formats.atomic import atomic_write, write_text_atomic
 
 CACHE_FORMAT = 2  # 2: original sizes and crops of every image, pooled embeddings for SDXL
 MANIFEST = "manifest.json"
@@ -326,7 +327,7 @@ def _pack_latents(means: list, stds: list, bucketed: bool, empty: torch.Tensor) 
 
 
 def _empty_latents(vae, resolution: int, sides: int) -> torch.Tensor:
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(vae)
     return torch.zeros(0, sides, vae.config.latent_channels, resolution // factor, resolution // factor)
 
 

@@ -10,9 +10,9 @@ from typing import NamedTuple
 
 import torch
 
-from ..gaussian import posterior_variance
-from ..utils import randn
-from .base import Run, Sampler
+from latent_diffusion.diffusion.gaussian import posterior_variance
+from latent_diffusion.tensors import randn
+from latent_diffusion.diffusion.samplers.base import Run, Sampler
 
 
 def ddim_previous_alpha_bars(

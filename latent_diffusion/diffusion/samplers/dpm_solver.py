@@ -21,10 +21,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..checks import check_choice
-from .base import Run
-from .sigmas import MultistepSigmaSampler
-from .timesteps import solver_timesteps
+from latent_diffusion.checks import check_choice
+from latent_diffusion.diffusion.samplers.base import Run
+from latent_diffusion.diffusion.samplers.sigmas import MultistepSigmaSampler
+from latent_diffusion.diffusion.samplers.timesteps import solver_timesteps
 
 
 def half_log_snr(alpha: float, sigma: float) -> float:

@@ -19,9 +19,9 @@ from typing import Any, Mapping
 
 import torch
 
-from ..utils import randn
-from .base import Run
-from .dpm_solver import DPMSolverSampler, divided_difference_weights
+from latent_diffusion.tensors import randn
+from latent_diffusion.diffusion.samplers.base import Run
+from latent_diffusion.diffusion.samplers.dpm_solver import DPMSolverSampler, divided_difference_weights
 
 
 def sde_first_order_coefficients(h: float, alpha_t: float, sigma_t: float, sigma_s: float) -> tuple[float, float, float]:

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from .data import draw_flip, to_tensor
+from latent_diffusion.training.data import draw_flip, to_tensor
 
 Size = tuple[int, int]  # (width, height) in pixels
 

@@ -19,11 +19,11 @@ from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Optional, Seque
 
 import torch
 
-from ..checks import check_choice
-from ..gaussian import predictions_from_output, q_sample
-from ..schedules import NoiseSchedule
-from ..utils import gather
-from .timesteps import SPACINGS, check_num_inference_steps, spaced_timesteps
+from latent_diffusion.checks import check_choice
+from latent_diffusion.diffusion.gaussian import predictions_from_output, q_sample
+from latent_diffusion.diffusion.schedules import NoiseSchedule
+from latent_diffusion.tensors import gather
+from latent_diffusion.diffusion.samplers.timesteps import SPACINGS, check_num_inference_steps, spaced_timesteps
 
 Generator = Union[torch.Generator, Sequence[torch.Generator], None]
 Callback = Callable[[int, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]

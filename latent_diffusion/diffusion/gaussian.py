@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .schedules import PREDICTION_TYPES, snr
+from latent_diffusion.diffusion.schedules import PREDICTION_TYPES, snr
 
 
 def q_sample(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:

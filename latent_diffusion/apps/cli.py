@@ -44,7 +44,7 @@ def run_shapes_export(args: argparse.Namespace) -> list[Path]:
 
 
 def _add_generate(commands) -> None:
-    from latent_diffusion.samplers import SAMPLER_NAMES, SIGMA_SCHEDULES
+    from latent_diffusion.diffusion.samplers import SAMPLER_NAMES, SIGMA_SCHEDULES
 
     p = commands.add_parser("generate", help="generate images for a prompt")
     p.add_argument("prompt")
@@ -84,7 +84,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     import torch
 
     from latent_diffusion.pipelines import LatentDiffusionPipeline
-    from latent_diffusion.pngmeta import generation_metadata, image_input_metadata, save_png
+    from latent_diffusion.formats.pngmeta import generation_metadata, image_input_metadata, save_png
 
     check_generate_args(args)  # before the model loads: a typo fails in milliseconds
     image, mask = _read_image_inputs(args)
@@ -145,7 +145,7 @@ def _read_image_inputs(args: argparse.Namespace):
 def check_generate_args(args: argparse.Namespace) -> None:
     """ValueError naming the flag for values no model could take (the model checks sizes against itself)."""
     from latent_diffusion.checks import MAX_IMAGE_SIDE, check_choice, check_finite, check_int
-    from latent_diffusion.samplers import SAMPLER_NAMES
+    from latent_diffusion.diffusion.samplers import SAMPLER_NAMES
 
     check_int("--n", args.n, 1)
     check_finite("--guidance-rescale", args.guidance_rescale, 0, 1)
@@ -162,7 +162,7 @@ def check_generate_args(args: argparse.Namespace) -> None:
         if side is not None:
             check_int(flag, side, 1, MAX_IMAGE_SIDE)
     if args.model is not None:
-        from latent_diffusion.model_files import check_model_path
+        from latent_diffusion.formats.model_files import check_model_path
 
         check_model_path(args.model, "--model")
     folder = Path(args.output).parent
@@ -260,14 +260,14 @@ def check_eval_args(args: argparse.Namespace) -> None:
     if args.size is not None:
         check_int("--size", args.size, 1, MAX_IMAGE_SIDE)
     if args.model is not None:
-        from latent_diffusion.model_files import check_model_path
+        from latent_diffusion.formats.model_files import check_model_path
 
         check_model_path(args.model, "--model")
 
 
 def _load_eval_pipeline(model: Optional[str]):
     """The pipeline and the model's name as recorded in run.json (a local folder's absolute path)."""
-    from latent_diffusion.assets import default_model_path
+    from latent_diffusion.formats.assets import default_model_path
     from latent_diffusion.pipelines import LatentDiffusionPipeline
 
     path = Path(model) if model else default_model_path()
@@ -303,7 +303,7 @@ def run_serve(args: argparse.Namespace) -> list[Path]:
     import torch
 
     from latent_diffusion.pipelines import LatentDiffusionPipeline
-    from latent_diffusion.webui import serve
+    from latent_diffusion.apps.webui import serve
 
     try:
         import gradio  # noqa: F401  (the optional ui extra)

@@ -23,11 +23,11 @@ from typing import Any, ClassVar, Mapping, NamedTuple
 import numpy as np
 import torch
 
-from ..checks import check_choice
-from ..gaussian import q_sample
-from ..utils import append_dims
-from .base import Sampler, check_timestep_range
-from .timesteps import euler_timesteps
+from latent_diffusion.checks import check_choice
+from latent_diffusion.diffusion.gaussian import q_sample
+from latent_diffusion.tensors import append_dims
+from latent_diffusion.diffusion.samplers.base import Sampler, check_timestep_range
+from latent_diffusion.diffusion.samplers.timesteps import euler_timesteps
 
 SIGMA_SCHEDULES = ("default", "karras", "exponential")
 ZERO_SNR_ALPHA_BAR = 2.0**-24  # ᾱ_T = 0 has σ_T = ∞; diffusers' σ schedulers use 2⁻²⁴ instead

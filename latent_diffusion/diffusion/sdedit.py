@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_finite
+from latent_diffusion.checks import check_finite
 
 IMG2IMG_STRENGTH = 0.8  # diffusers' StableDiffusionImg2ImgPipeline default
 INPAINT_STRENGTH = 1.0  # diffusers' StableDiffusionInpaintPipeline default: the hole starts from pure noise

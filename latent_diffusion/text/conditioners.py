@@ -28,7 +28,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .conditioning import check_clip_skip, count_chunks, encode_prompts, tokenize_prompts
+from latent_diffusion.text.encoding import check_clip_skip, count_chunks, encode_prompts, tokenize_prompts
 
 Size = tuple[int, int]
 TIME_IDS = 6  # original (h, w), crop top-left (top, left), target (h, w)

@@ -11,10 +11,10 @@ from typing import NamedTuple
 
 import torch
 
-from ..checks import check_choice
-from ..gaussian import posterior_variance
-from ..utils import randn
-from .base import Run, Sampler
+from latent_diffusion.checks import check_choice
+from latent_diffusion.diffusion.gaussian import posterior_variance
+from latent_diffusion.tensors import randn
+from latent_diffusion.diffusion.samplers.base import Run, Sampler
 
 # "fixed_small_log" gives the same σ_t as "fixed_small" in diffusers (it stores the std directly).
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..schedules import NoiseSchedule
-from .base import Denoiser, Prediction, Sampler
-from .ddim import DDIMSampler
-from .ddpm import DDPMSampler
-from .dpm_solver import DPMSolverSampler
-from .dpm_solver_sde import DPMSolverSDESampler
-from .euler import EulerSampler
-from .euler_ancestral import EulerAncestralSampler
-from .heun import HeunSampler
-from .sigmas import SIGMA_SCHEDULES
-from .unipc import UniPCSampler
+from latent_diffusion.diffusion.schedules import NoiseSchedule
+from latent_diffusion.diffusion.samplers.base import Denoiser, Prediction, Sampler
+from latent_diffusion.diffusion.samplers.ddim import DDIMSampler
+from latent_diffusion.diffusion.samplers.ddpm import DDPMSampler
+from latent_diffusion.diffusion.samplers.dpm_solver import DPMSolverSampler
+from latent_diffusion.diffusion.samplers.dpm_solver_sde import DPMSolverSDESampler
+from latent_diffusion.diffusion.samplers.euler import EulerSampler
+from latent_diffusion.diffusion.samplers.euler_ancestral import EulerAncestralSampler
+from latent_diffusion.diffusion.samplers.heun import HeunSampler
+from latent_diffusion.diffusion.samplers.sigmas import SIGMA_SCHEDULES
+from latent_diffusion.diffusion.samplers.unipc import UniPCSampler
 
 SAMPLERS: dict[str, type[Sampler]] = {
     "ddpm": DDPMSampler, "ddim": DDIMSampler, "dpm++": DPMSolverSampler, "dpm++_sde": DPMSolverSDESampler,

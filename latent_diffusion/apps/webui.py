@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 from latent_diffusion.checks import check_finite, check_int
-from latent_diffusion.pngmeta import generation_metadata, read_png_metadata, save_png
+from latent_diffusion.formats.pngmeta import generation_metadata, read_png_metadata, save_png
 
 RANDOM_SEED = -1  # the seed field's "random" choice
 MAX_SEED = 2**31 - 1  # random seeds are drawn from [0, MAX_SEED]
@@ -288,7 +288,7 @@ FORM_FIELDS = ("prompt", "negative_prompt", "sampler", "steps", "guidance", "see
 
 def _settings_form(gr, defaults: dict[str, Any], prompt: str) -> dict[str, Any]:
     """The form's generation settings (FORM_FIELDS, num_images, clip_skip) and the random-seed button, by name."""
-    from latent_diffusion.samplers import SAMPLER_NAMES  # read now: samplers added later appear in the page
+    from latent_diffusion.diffusion.samplers import SAMPLER_NAMES  # read now: samplers added later appear in the page
 
     fields = {"prompt": gr.Textbox(label="Prompt", value=prompt, lines=2, placeholder=EXAMPLE_PROMPT),
               "negative_prompt": gr.Textbox(label="Negative prompt", value="")}

@@ -13,10 +13,10 @@ import math
 
 import torch
 
-from ..utils import randn
-from .base import Run
-from .euler import euler_step
-from .sigmas import VESigmaSampler, to_d
+from latent_diffusion.tensors import randn
+from latent_diffusion.diffusion.samplers.base import Run
+from latent_diffusion.diffusion.samplers.euler import euler_step
+from latent_diffusion.diffusion.samplers.sigmas import VESigmaSampler, to_d
 
 
 def ancestral_sigmas(sigma: float, sigma_next: float) -> tuple[float, float]:

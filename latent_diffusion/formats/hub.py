@@ -30,7 +30,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
 
-from .files import atomic_write
+from latent_diffusion.formats.atomic import atomic_write
 
 PathLike = Union[str, os.PathLike]
 

@@ -5,8 +5,8 @@ from typing import Optional
 
 import torch
 
-from .gaussian import min_snr_weight, training_target
-from .schedules import PREDICTION_TYPES
+from latent_diffusion.diffusion.gaussian import min_snr_weight, training_target
+from latent_diffusion.diffusion.schedules import PREDICTION_TYPES
 
 
 class DenoisingLoss:

@@ -12,9 +12,9 @@ import dataclasses
 
 import torch
 
-from .base import Run
-from .euler import euler_step
-from .sigmas import VESigmaSampler, to_d
+from latent_diffusion.diffusion.samplers.base import Run
+from latent_diffusion.diffusion.samplers.euler import euler_step
+from latent_diffusion.diffusion.samplers.sigmas import VESigmaSampler, to_d
 
 
 def heun_correction(x_ve: torch.Tensor, d: torch.Tensor, d_next: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:

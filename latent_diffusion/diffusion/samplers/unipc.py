@@ -23,10 +23,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..checks import check_choice
-from .base import Run
-from .sigmas import MultistepSigmaSampler
-from .timesteps import solver_timesteps
+from latent_diffusion.checks import check_choice
+from latent_diffusion.diffusion.samplers.base import Run
+from latent_diffusion.diffusion.samplers.sigmas import MultistepSigmaSampler
+from latent_diffusion.diffusion.samplers.timesteps import solver_timesteps
 
 
 def unipc_order_conditions(rks: list[float], hh: float, B_h: float) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence, Union
 
 from PIL import Image, PngImagePlugin
 
-from latent_diffusion.files import atomic_write
+from latent_diffusion.formats.atomic import atomic_write
 
 
 def library_versions() -> dict[str, str]:
@@ -69,7 +69,7 @@ def image_input_metadata(args: Any, image: Image.Image) -> dict[str, str]:
     """What an img2img / inpainting PNG adds: the input and mask paths, the strength used, the output's real size."""
     if getattr(args, "image", None) is None:
         return {}
-    from .sdedit import default_strength
+    from latent_diffusion.diffusion.sdedit import default_strength
 
     meta = {"image": str(args.image), "strength": str(default_strength(args.strength, inpainting=args.mask is not None)),
             "height": str(image.height), "width": str(image.width)}

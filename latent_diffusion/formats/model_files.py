@@ -13,7 +13,7 @@ import struct
 from pathlib import Path
 from typing import Sequence, Union
 
-from .assets import missing_components
+from latent_diffusion.formats.assets import missing_components
 
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the last: SDXL only
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
