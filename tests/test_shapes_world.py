@@ -1,4 +1,4 @@
-"""The Shapes world against specs/shapes.md: sampling, layout rules, rendering, captions, datasets, export."""
+"""The Shapes world against docs/shapes.md: sampling, layout rules, rendering, captions, datasets, export."""
 import itertools
 import re
 

@@ -1,6 +1,6 @@
 """The Shapes world: seeded (image, caption) data for the embedded default model, and a strict scorer.
 
-The contract is `specs/shapes.md`; `world` holds its tables, sampling and
+The contract is `docs/shapes.md`; `world` holds its tables, sampling and
 rendering, `captions` its grammar, `dataset` the datasets.Dataset and
 streaming forms and the imagefolder export, `scorer` the detector and judge,
 `prompts` the evaluation prompt sets.

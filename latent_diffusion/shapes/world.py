@@ -1,6 +1,6 @@
 """The Shapes world: palette, shapes, layout rules, scene sampling and rendering.
 
-This module is the executable form of `specs/shapes.md`. Everything that the
+This module is the executable form of `docs/shapes.md`. Everything that the
 spec states as a table lives here once, as data, and is used by the sampler,
 the captions and the scorer alike:
 

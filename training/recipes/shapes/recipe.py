@@ -493,7 +493,7 @@ tags: [text-to-image, latent-diffusion, stable-diffusion, shapes]
 A tiny latent text-to-image model (Stable Diffusion format, float16
 safetensors, {metrics['weights_bytes'] / 2**20:.1f} MiB of weights) shipped inside the `latent_diffusion`
 package and loaded by `LatentDiffusionPipeline.from_pretrained()` with no argument, offline. It draws the
-Shapes world of `specs/shapes.md`: one or two coloured circles, squares and triangles on a white, gray or
+Shapes world of `docs/shapes.md`: one or two coloured circles, squares and triangles on a white, gray or
 black background, with sizes, positions and relations.
 
 ```python
