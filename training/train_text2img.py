@@ -78,7 +78,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if settings.text_encoder_trains:
             lora.sync_text_encoder_gradients(accelerator, optimizer, models.text_encoder)
     ema = EMA(accelerator.unwrap_model(unet), opt.ema_decay) if opt.use_ema else None
-    state = resume(settings, accelerator, ema)  # a fresh TrainingState when not resuming
+    state = resume(settings.output, accelerator, ema)  # a fresh TrainingState when not resuming
     start_trackers(settings, accelerator)
     trainee = Trainee(unet, optimizer, lr_scheduler, ema)
     state = train(settings, accelerator, models, data, trainee, state, max_steps)
@@ -309,9 +309,8 @@ def make_optimizer(settings: TrainingSettings, accelerator: Accelerator, unet, m
     return optimizer, lr_scheduler
 
 
-def resume(settings: TrainingSettings, accelerator: Accelerator, ema: Optional[EMA]) -> TrainingState:
+def resume(out: OutputSettings, accelerator: Accelerator, ema: Optional[EMA]) -> TrainingState:
     """Load the checkpoint named by --resume_from_checkpoint (weights, optimizer, LR, EMA, data position)."""
-    out = settings.output
     if accelerator.is_main_process:  # a killed save's .checkpoint-N.tmp is never resumed from: clear it
         for leftover in discard_partial_checkpoints(out.output_dir):
             logger.info(f"cleared {leftover}, left by an interrupted checkpoint save")
@@ -355,7 +354,7 @@ def train(settings: TrainingSettings, accelerator: Accelerator, models: Models, 
             mean_loss = losses.read() if losses.due(state.global_step, max_steps) else None
             if mean_loss is not None:  # a NaN anywhere in the window makes its mean NaN
                 check_loss(mean_loss, state.global_step)
-            log_step(settings.output, accelerator, state, mean_loss, trainee.lr_scheduler, micro_batches,
+            log_step(out, accelerator, state, mean_loss, trainee.lr_scheduler, micro_batches,
                      time.perf_counter() - last)
             bar.update(1)
             if mean_loss is not None:
@@ -364,7 +363,7 @@ def train(settings: TrainingSettings, accelerator: Accelerator, models: Models, 
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
             if state.global_step % out.checkpointing_steps == 0 or state.global_step == max_steps:
                 check_pending_loss(losses, state.global_step)  # never save weights a NaN/inf loss went into
-                checkpoint(settings, accelerator, state, ema)
+                checkpoint(out, accelerator, state, ema)
             if val.validation_prompts and state.global_step % val.validation_steps == 0:
                 validate(settings, accelerator, models, unet, ema, state.global_step)
             if state.global_step >= max_steps:
@@ -487,9 +486,8 @@ def log_step(out: OutputSettings, accelerator: Accelerator, state: TrainingState
             f.write(f"{state.global_step} {' '.join(map(str, rows))}\n")
 
 
-def checkpoint(settings: TrainingSettings, accelerator: Accelerator, state: TrainingState, ema: Optional[EMA]) -> None:
+def checkpoint(out: OutputSettings, accelerator: Accelerator, state: TrainingState, ema: Optional[EMA]) -> None:
     """Write checkpoint-N (atomically, pruned to --checkpoints_total_limit) and optionally upload its weights."""
-    out = settings.output
     path = save_checkpoint(accelerator, out.output_dir, state, ema, out.checkpoints_total_limit)
     logger.info(f"saved {path}")
     if out.push_checkpoints_to_hub and accelerator.is_main_process:
