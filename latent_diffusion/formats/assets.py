@@ -13,8 +13,8 @@ def default_model_path() -> Path:
     """The embedded Shapes model's folder; a clear error when this install has none."""
     if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
         raise FileNotFoundError(
-            f"no embedded default model at {DEFAULT_MODEL_DIR}; pass a diffusers folder or Hub id to "
-            "`from_pretrained(path)` / `--model PATH`"
+            f"no embedded default model at {DEFAULT_MODEL_DIR}; pass a diffusers folder or Hub id as "
+            "`pretrained_model_name_or_path` of `from_pretrained(path)`"
         )
     return DEFAULT_MODEL_DIR
 
