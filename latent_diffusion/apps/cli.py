@@ -227,7 +227,8 @@ def _run_eval(args: argparse.Namespace) -> list[Path]:
     from latent_diffusion.evaluation import report
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    measures = lambda: report.QualityMeasures(args.reference, args.clip, args.fid_weights, device)  # noqa: E731
+    measures = lambda: report.QualityMeasures(args.reference, args.clip, args.fid_weights, device,  # noqa: E731
+                                              names={"reference": "--reference", "clip": "--clip"})
     if args.report_only:
         return report.rebuild_report(args.out, measures, progress=not args.quiet)[:2]
     check_eval_args(args)
