@@ -45,6 +45,7 @@ def add_adapters(lora: LoraSettings, unet, text_encoder) -> None:
         except ValueError as error:
             raise ValueError(f"--train_text_encoder_lora: {error}") from None
         _upcast_trainable(text_encoder)
+        text_encoder.train()  # so --lora_dropout applies; whether it trains is LoraSettings.train_text_encoder
 
 
 def _upcast_trainable(module: torch.nn.Module) -> None:

@@ -141,9 +141,9 @@ class Trainee:
 
 def load_models(settings: TrainingSettings, accelerator: Accelerator) -> Models:
     """Components from --pretrained_model_name_or_path; a fresh UNet from --unet_config if given."""
-    model_cfg, data_cfg, speed = settings.model, settings.data, settings.speed
     from diffusers import UNet2DConditionModel
 
+    model_cfg, data_cfg, speed = settings.model, settings.data, settings.speed
     parts = load_components(model_cfg.pretrained_model_name_or_path, revision=model_cfg.revision,
                             variant=model_cfg.variant, cache_dir=data_cfg.cache_dir,
                             skip=("unet",) if model_cfg.unet_config else ())
@@ -214,8 +214,8 @@ def load_training_data(settings: TrainingSettings, accelerator: Accelerator, mod
                                        data_cfg.cache_dir)
     transform = ImageTransform(data_cfg.resolution, data_cfg.center_crop, data_cfg.random_flip)
     if settings.bucket is not None:  # each image at its bucket's size, centre-cropped (training/bucketing.py)
-        transform = bucketing.bucket_transform(settings.bucket, data_cfg.resolution,
-                                             data_cfg.random_flip, models.vae, models.unet)
+        transform = bucketing.bucket_transform(settings.bucket, data_cfg.resolution, data_cfg.random_flip,
+                                               models.vae, models.unet)
     cache = None
     if data_cfg.no_cache:
         rows, unreadable = find_readable_rows(accelerator, dataset, data_cfg.image_column)
