@@ -59,6 +59,7 @@ def measure(train_args: list[str], steps: int, warmup: int) -> tuple[float, floa
     sys.path.insert(0, REPO)  # training/ is a folder of scripts beside the library, not part of it
     from latent_diffusion.training import train_text2img as T
     from latent_diffusion.training.args import parse_args
+    from latent_diffusion.training.settings import training_settings
     from latent_diffusion.training.batches import step_groups
     from latent_diffusion.training.checkpointing import TrainingState
 
@@ -66,7 +67,7 @@ def measure(train_args: list[str], steps: int, warmup: int) -> tuple[float, floa
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    args = parse_args(train_args)
+    args = training_settings(parse_args(train_args))
     accelerator = T.make_accelerator(args)
     models = T.load_models(args, accelerator)
     started = time.perf_counter()
@@ -80,8 +81,8 @@ def measure(train_args: list[str], steps: int, warmup: int) -> tuple[float, floa
     while done < warmup + steps:
         loader = T.epoch_loader(args, accelerator, data, state)
         tick = time.perf_counter()
-        for group in step_groups(loader, args.gradient_accumulation_steps):  # data loading is inside the timing
-            T.train_step(args, accelerator, models, trainee, loss_fn, group, T.step_generator(args.seed, done, 0))
+        for group in step_groups(loader, args.optim.gradient_accumulation_steps):  # data loading is inside the timing
+            T.train_step(args, accelerator, models, trainee, loss_fn, group, T.step_generator(args.optim.seed, done, 0))
             tock = time.perf_counter()
             if done >= warmup:
                 timed += tock - tick

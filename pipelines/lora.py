@@ -11,8 +11,9 @@ The mixin (peft underneath) does the loading, in any layout it knows
 What we add: only safetensors files are read (a `.bin` / pickle LoRA is
 refused, never unpickled), and every call that changes the adapters clears the
 pipeline's UNet traces (`TracedUNet`), which would otherwise replay the old
-weights and scales. `parse_lora_spec` / `apply_loras` serve the CLI's
-`--lora PATH[:SCALE]`.
+weights and scales. `parse_lora_spec` / `apply_loras` read adapter specs
+'PATH[:SCALE]'; a bad one is a `LoraSpecError` naming the spec, which a front
+end words its own way (the CLI: its `--lora` flag).
 """
 from __future__ import annotations
 
@@ -98,6 +99,14 @@ class LatentDiffusionLoraMixin(StableDiffusionLoraLoaderMixin):
             traced.clear()
 
 
+class LoraSpecError(ValueError):
+    """A bad adapter spec: the `spec` itself and the `problem` (what is wrong and allowed)."""
+
+    def __init__(self, spec: str, problem: str):
+        self.spec, self.problem = spec, problem
+        super().__init__(f"lora spec {spec!r}: {problem}")
+
+
 def parse_lora_spec(spec: str) -> tuple[str, float]:
     """'PATH[:SCALE]' -> (path, scale); the scale defaults to 1 (a path may itself hold ':' if no scale follows)."""
     path, _, scale = spec.rpartition(":")
@@ -107,7 +116,7 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
         except ValueError:
             pass
     if not spec:
-        raise ValueError("--lora needs a path or Hub id, optionally followed by :SCALE")
+        raise LoraSpecError(spec, "needs a path or Hub id, optionally followed by :SCALE")
     return spec, 1.0
 
 
@@ -120,7 +129,7 @@ def apply_loras(pipe, specs: Sequence[str]) -> list[str]:
         try:
             pipe.load_lora_weights(path, adapter_name=name)
         except (OSError, ValueError) as error:
-            raise ValueError(f"--lora {spec!r}: {error}") from None
+            raise LoraSpecError(spec, str(error)) from None
         names.append(name)
         scales.append(scale)
     if names:

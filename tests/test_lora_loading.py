@@ -16,10 +16,11 @@ from test_pipeline import generate, load_ours, load_theirs
 
 
 def make_lora(folder, out, text_encoder=False, seed=1):
-    """A random LoRA for the tiny model in `folder`, saved by training/lora.py's writer (diffusers layout)."""
+    """A random LoRA for the tiny model in `folder`, saved by training/lora_weights.py's writer (diffusers layout)."""
     from peft import LoraConfig
 
-    from latent_diffusion.training.lora import DEFAULT_UNET_TARGETS, TEXT_ENCODER_TARGETS, save_lora_weights
+    from latent_diffusion.training.lora import DEFAULT_UNET_TARGETS, TEXT_ENCODER_TARGETS
+    from latent_diffusion.training.lora_weights import save_lora_weights
 
     pipe = load_ours(folder)
     torch.manual_seed(seed)
@@ -84,7 +85,7 @@ def test_two_adapters_combine(sd_folder, lora_file, tmp_path):
 def test_kohya_round_trip_and_kohya_file_gives_the_same_image(sd_folder, lora_file, tmp_path):
     from safetensors import safe_open
 
-    from latent_diffusion.training.lora import LORA_WEIGHTS  # noqa: F401
+    from latent_diffusion.training.lora_weights import LORA_WEIGHTS  # noqa: F401
 
     ours = load_ours(sd_folder)
     state = load_file(str(lora_file))

@@ -1,4 +1,7 @@
-"""Command-line flags of train_text2img.py (names follow diffusers' train_text_to_image.py where the feature is the same)."""
+"""Command-line flags of train_text2img.py (names follow diffusers' train_text_to_image.py where the feature is the same).
+
+Parsing checks the flags (each problem names its flag); training/settings.py then types them once.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +10,7 @@ from typing import Optional, Sequence
 
 from latent_diffusion.checks import MAX_IMAGE_SIDE, check_finite_flags
 
+from latent_diffusion.training.settings import target_modules
 from latent_diffusion.training.speed import add_speed_args, check_speed_args
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -25,7 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_args(p.add_argument_group("checkpoints, logging, validation, output"))
     add_speed_args(p.add_argument_group("speed (training/speed.py)"))
     from latent_diffusion.training.bucketing import add_bucket_args
-    from latent_diffusion.training.lora import add_lora_args
 
     add_lora_args(p.add_argument_group("LoRA (training/lora.py)"))
     add_bucket_args(p.add_argument_group("aspect-ratio bucketing (training/bucketing.py)"))
@@ -112,6 +115,19 @@ def add_output_args(g) -> None:
     g.add_argument("--hub_token", default=None)
 
 
+def add_lora_args(g) -> None:
+    from latent_diffusion.training.lora import DEFAULT_UNET_TARGETS
+
+    g.add_argument("--lora_rank", type=int, default=None,
+                   help="train peft LoRA adapters of this rank instead of the whole UNet (the UNet stays frozen)")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA scale numerator α (default: the rank)")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch's input")
+    g.add_argument("--lora_target_modules", default=",".join(DEFAULT_UNET_TARGETS),
+                   help="comma-separated UNet module names to adapt (default: %(default)s)")
+    g.add_argument("--train_text_encoder_lora", action="store_true",
+                   help="also add LoRA adapters to the text encoder's attention (needs --no_cache)")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check the flags; a bad value ends with argparse's error naming the flag."""
     parser = build_parser()
@@ -152,7 +168,6 @@ def check_args(args: argparse.Namespace) -> list[str]:
         problems.append("--push_to_hub and --push_checkpoints_to_hub need --hub_model_id")
     problems += check_speed_args(args)
     from latent_diffusion.training.bucketing import check_bucket_args
-    from latent_diffusion.training.lora import check_lora_args
     from latent_diffusion.training.validation import VALIDATION_METRICS
 
     problems += check_lora_args(args) + check_bucket_args(args)
@@ -160,4 +175,27 @@ def check_args(args: argparse.Namespace) -> list[str]:
     for name in args.validation_metrics:
         if name not in VALIDATION_METRICS:
             problems.append(f"--validation_metrics: unknown metric {name!r}; registered: {sorted(VALIDATION_METRICS)}")
+    return problems
+
+
+def check_lora_args(args: argparse.Namespace) -> list[str]:
+    """Problems with the LoRA flags, each naming its flag."""
+    problems = []
+    if args.lora_rank is None:
+        if args.train_text_encoder_lora:
+            problems.append("--train_text_encoder_lora needs --lora_rank")
+        return problems
+    if args.lora_rank < 1:
+        problems.append(f"--lora_rank must be >= 1, got {args.lora_rank}")
+    if args.lora_alpha is not None and not args.lora_alpha > 0:
+        problems.append(f"--lora_alpha must be > 0, got {args.lora_alpha}")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        problems.append(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if not target_modules(args.lora_target_modules):
+        problems.append("--lora_target_modules must name at least one module, e.g. to_k,to_q,to_v,to_out.0")
+    if args.train_text_encoder_lora and not args.no_cache:
+        problems.append("--train_text_encoder_lora trains the text encoder, so its embeddings cannot be cached: "
+                        "add --no_cache")
+    if getattr(args, "unet_config", None):
+        problems.append("--lora_rank adapts a pretrained UNet; it cannot be combined with --unet_config")
     return problems

@@ -22,6 +22,7 @@ import torch
 from latent_diffusion.training.buckets import BucketTransform, make_buckets
 from latent_diffusion.vae import latent_size_multiple, vae_scale_factor
 from latent_diffusion.training.data import decode_image
+from latent_diffusion.training.settings import BucketSettings
 
 Bucket = tuple[int, int]  # (width, height)
 
@@ -53,21 +54,21 @@ def check_bucket_args(args: argparse.Namespace) -> list[str]:
     return problems
 
 
-def bucket_transform(args: argparse.Namespace, vae, unet) -> BucketTransform:
+def bucket_transform(bucket: BucketSettings, resolution: int, random_flip: bool, vae, unet) -> BucketTransform:
     """The image transform of a bucketed run; --bucket_reso_steps must fit the VAE and the UNet's downsampling."""
     multiple = latent_size_multiple(vae, unet)
-    if args.bucket_reso_steps % multiple:
-        raise ValueError(f"--bucket_reso_steps {args.bucket_reso_steps} must be a multiple of {multiple} "
+    if bucket.bucket_reso_steps % multiple:
+        raise ValueError(f"--bucket_reso_steps {bucket.bucket_reso_steps} must be a multiple of {multiple} "
                          f"(VAE factor {vae_scale_factor(vae)} × the UNet's downsampling)")
-    buckets = make_buckets(args.resolution, args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps)
-    return BucketTransform(tuple(buckets), args.resolution, args.random_flip)
+    buckets = make_buckets(resolution, bucket.min_bucket_reso, bucket.max_bucket_reso, bucket.bucket_reso_steps)
+    return BucketTransform(tuple(buckets), resolution, random_flip)
 
 
-def cache_setting(args: argparse.Namespace) -> Optional[list[int]]:
+def cache_setting(bucket: Optional[BucketSettings], resolution: int) -> Optional[list[int]]:
     """What the latent cache key records about bucketing (None without it, so square caches keep their keys)."""
-    if not args.enable_bucket:
+    if bucket is None:
         return None
-    return [args.resolution, args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps]
+    return [resolution, bucket.min_bucket_reso, bucket.max_bucket_reso, bucket.bucket_reso_steps]
 
 
 def buckets_from_cache(cache, factor: int) -> dict[int, Bucket]:
@@ -119,9 +120,9 @@ def bucket_epoch_batches(row_buckets: dict[int, Bucket], rows: Sequence[int], *,
     return [[(row, epoch) for row in batch[rank::world_size]] for batch in batches[: steps * accumulation]]
 
 
-def row_buckets_for(args, data_cache, dataset, rows, transform, vae) -> dict[int, Bucket]:
+def row_buckets_for(data_cache, dataset, image_column: str, rows, transform, vae) -> dict[int, Bucket]:
     """Each usable row's bucket: from the cache when there is one, else from the images."""
     if data_cache is not None:
         return buckets_from_cache(data_cache, vae_scale_factor(vae))
-    return buckets_from_images(dataset, args.image_column, rows, transform)
+    return buckets_from_images(dataset, image_column, rows, transform)
 

@@ -19,7 +19,6 @@ a run stopped; the trained pipeline is saved to OUT in diffusers format.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
@@ -47,12 +46,15 @@ from latent_diffusion.text.conditioners import Conditioning
 from latent_diffusion.diffusion.schedules import NoiseSchedule
 from latent_diffusion.tensors import gather, randn
 from latent_diffusion.training.args import parse_args
+from latent_diffusion.training.settings import OutputSettings, TrainingSettings, training_settings
 from latent_diffusion.training.batches import epoch_batches, step_groups, steps_per_epoch
 from latent_diffusion.training.components import load_components
 from latent_diffusion.training.checkpointing import (TrainingState, checkpoint_weights, discard_partial_checkpoints,
                                                      load_checkpoint, resolve_checkpoint, save_checkpoint)
 from latent_diffusion.training.ema import EMA
 from latent_diffusion.training import bucketing, lora
+from latent_diffusion.training.lora_run import save_lora_run
+from latent_diffusion.training.lora_weights import register_checkpoint_hooks
 from latent_diffusion.training.sdxl import (SizedCaptionImageDataset, batch_conditioning, check_sdxl_parts, context_dim,
                                             read_force_zeros)
 from latent_diffusion.training.speed import LossMeter, adamw_options, speed_up_unet
@@ -62,46 +64,49 @@ logger = get_logger(__name__)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    args = parse_args(argv)
-    accelerator = make_accelerator(args)
-    models = load_models(args, accelerator)  # the UNet learns; VAE and text encoder are frozen
-    data = load_training_data(args, accelerator, models)  # cached latents, or images encoded on the fly
-    max_steps = args.max_train_steps or args.num_train_epochs * data.steps_per_epoch
-    trained = lora.trained_modules(args, models.unet, models.text_encoder)  # the UNet (+ text encoder LoRA)
-    optimizer, lr_scheduler = make_optimizer(args, accelerator, trained, max_steps)
+    settings = training_settings(parse_args(argv))  # flags parsed and checked, then typed once
+    opt = settings.optim
+    accelerator = make_accelerator(settings)
+    models = load_models(settings, accelerator)  # the UNet learns; VAE and text encoder are frozen
+    data = load_training_data(settings, accelerator, models)  # cached latents, or images encoded on the fly
+    max_steps = opt.max_train_steps or opt.num_train_epochs * data.steps_per_epoch
+    trained = lora.trained_modules(settings.lora, models.unet, models.text_encoder)  # the UNet (+ text encoder LoRA)
+    optimizer, lr_scheduler = make_optimizer(settings, accelerator, trained, max_steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
-    if lora.lora_enabled(args):  # checkpoints hold the adapters only; text encoder LoRA gradients are averaged
-        lora.register_checkpoint_hooks(accelerator, models.text_encoder if args.train_text_encoder_lora else None)
-        if args.train_text_encoder_lora:
+    if settings.lora is not None:  # checkpoints hold the adapters only; text encoder LoRA gradients are averaged
+        register_checkpoint_hooks(accelerator, models.text_encoder if settings.text_encoder_trains else None)
+        if settings.text_encoder_trains:
             lora.sync_text_encoder_gradients(accelerator, optimizer, models.text_encoder)
-    ema = EMA(accelerator.unwrap_model(unet), args.ema_decay) if args.use_ema else None
-    state = resume(args, accelerator, ema)  # a fresh TrainingState when not resuming
-    start_trackers(args, accelerator)
+    ema = EMA(accelerator.unwrap_model(unet), opt.ema_decay) if opt.use_ema else None
+    state = resume(settings.output, accelerator, ema)  # a fresh TrainingState when not resuming
+    start_trackers(settings, accelerator)
     trainee = Trainee(unet, optimizer, lr_scheduler, ema)
-    state = train(args, accelerator, models, data, trainee, state, max_steps)
-    save_pipeline(args, accelerator, models, unet, ema, state.global_step)  # diffusers folder, model card, upload
+    state = train(settings, accelerator, models, data, trainee, state, max_steps)
+    save_pipeline(settings, accelerator, models, unet, ema, state.global_step)  # diffusers folder, model card, upload
     accelerator.end_training()
 
 
 # ----------------------------------------------------------------------------- setup
 
 
-def make_accelerator(args: argparse.Namespace) -> Accelerator:
+def make_accelerator(settings: TrainingSettings) -> Accelerator:
     """The Accelerator: mixed precision, accumulation, trackers; the LR schedule steps once per optimizer step."""
-    project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir))
+    opt, out = settings.optim, settings.output
+    project = ProjectConfiguration(project_dir=out.output_dir,
+                                    logging_dir=os.path.join(out.output_dir, out.logging_dir))
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        gradient_accumulation_steps=opt.gradient_accumulation_steps,
+        mixed_precision=opt.mixed_precision,
+        log_with=None if out.report_to == "none" else out.report_to,
         project_config=project,
         step_scheduler_with_optimizer=False,
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if args.allow_tf32 and torch.cuda.is_available():
+    if opt.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    torch.manual_seed(args.seed)
+    torch.manual_seed(opt.seed)
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+        os.makedirs(out.output_dir, exist_ok=True)
     return accelerator
 
 
@@ -116,6 +121,7 @@ class Models:
     text_encoder_2: Any = None  # SDXL: the second (projection) text encoder and its tokenizer, frozen
     tokenizer_2: Any = None
     force_zeros_for_empty_prompt: Optional[bool] = None  # SDXL: kept from the base folder
+    text_encoder_trains: bool = False  # its LoRA adapters train: captions are encoded with gradients, never cached
 
     @cached_property
     def schedule(self) -> NoiseSchedule:
@@ -133,20 +139,22 @@ class Trainee:
     ema: Optional[EMA]
 
 
-def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
+def load_models(settings: TrainingSettings, accelerator: Accelerator) -> Models:
     """Components from --pretrained_model_name_or_path; a fresh UNet from --unet_config if given."""
     from diffusers import UNet2DConditionModel
 
-    parts = load_components(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-                            cache_dir=args.cache_dir, skip=("unet",) if args.unet_config else ())
-    if args.unet_config is not None:
-        parts["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(args.unet_config))
+    model_cfg, data_cfg, speed = settings.model, settings.data, settings.speed
+    parts = load_components(model_cfg.pretrained_model_name_or_path, revision=model_cfg.revision,
+                            variant=model_cfg.variant, cache_dir=data_cfg.cache_dir,
+                            skip=("unet",) if model_cfg.unet_config else ())
+    if model_cfg.unet_config is not None:
+        parts["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_cfg.unet_config))
     unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
     scheduler = parts["scheduler"]
-    if args.prediction_type is not None:  # the saved scheduler carries the trained prediction type
-        scheduler = type(scheduler).from_config(scheduler.config, prediction_type=args.prediction_type)
+    if model_cfg.prediction_type is not None:  # the saved scheduler carries the trained prediction type
+        scheduler = type(scheduler).from_config(scheduler.config, prediction_type=model_cfg.prediction_type)
     text_encoder_2 = parts["text_encoder_2"]
-    check_model_fits(args, unet, vae, text_encoder, text_encoder_2)
+    check_model_fits(settings, unet, vae, text_encoder, text_encoder_2)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for frozen in (vae, text_encoder) + ((text_encoder_2,) if text_encoder_2 is not None else ()):
@@ -157,25 +165,26 @@ def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
         unet.to(dtype=torch.float32)
     unet.requires_grad_(True)
     unet.train()
-    if lora.lora_enabled(args):  # freezes the UNet and adds trainable peft adapters (training/lora.py)
-        lora.add_adapters(args, unet, text_encoder)
+    if settings.lora is not None:  # freezes the UNet and adds trainable peft adapters (training/lora.py)
+        lora.add_adapters(settings.lora, unet, text_encoder)
         logger.info("LoRA: %d of %d UNet parameters train", *lora.count_parameters(unet))
-    if args.gradient_checkpointing:
+    if settings.optim.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    speed_up_unet(unet, args.channels_last, args.compile, args.compile_mode)  # --channels_last, --compile
-    force_zeros = read_force_zeros(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    speed_up_unet(unet, speed.channels_last, speed.compile, speed.compile_mode)  # --channels_last, --compile
+    force_zeros = read_force_zeros(model_cfg.pretrained_model_name_or_path, model_cfg.revision, data_cfg.cache_dir)
     return Models(unet, vae, text_encoder, parts["tokenizer"], scheduler,
-                  weight_dtype, text_encoder_2, parts["tokenizer_2"], force_zeros)
+                  weight_dtype, text_encoder_2, parts["tokenizer_2"], force_zeros, settings.text_encoder_trains)
 
 
-def check_model_fits(args: argparse.Namespace, unet, vae, text_encoder, text_encoder_2=None) -> None:
+def check_model_fits(settings: TrainingSettings, unet, vae, text_encoder, text_encoder_2=None) -> None:
     """The resolution and the UNet must fit the VAE and the text encoder (errors name the flag)."""
+    data_cfg = settings.data
     multiple = latent_size_multiple(vae, unet)
-    if args.resolution % multiple:
-        raise ValueError(f"--resolution {args.resolution} must be a multiple of {multiple} "
+    if data_cfg.resolution % multiple:
+        raise ValueError(f"--resolution {data_cfg.resolution} must be a multiple of {multiple} "
                          f"(VAE factor {vae_scale_factor(vae)} × the UNet's downsampling)")
     check_sdxl_parts(unet, text_encoder_2)
-    if text_encoder_2 is not None and (args.enable_bucket or args.train_text_encoder_lora):
+    if text_encoder_2 is not None and (settings.bucket is not None or settings.text_encoder_trains):
         raise ValueError("--enable_bucket and --train_text_encoder_lora are not supported for SDXL models yet "
                          "(the size ids assume square --resolution crops; the second encoder has no LoRA path)")
     if unet.config.cross_attention_dim != context_dim(text_encoder, text_encoder_2):
@@ -196,45 +205,49 @@ class TrainingData:
     buckets: Optional[dict] = None  # --enable_bucket: row -> (width, height) of its bucket
 
 
-def load_training_data(args: argparse.Namespace, accelerator: Accelerator, models: Models) -> TrainingData:
+def load_training_data(settings: TrainingSettings, accelerator: Accelerator, models: Models) -> TrainingData:
     """The dataset, its unreadable images skipped (and counted), served from the cache or decoded on the fly."""
+    data_cfg, opt = settings.data, settings.optim
     with accelerator.main_process_first():
-        dataset = load_caption_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir,
-                                       args.image_column, args.caption_column, args.max_train_samples, args.cache_dir)
-    transform = ImageTransform(args.resolution, args.center_crop, args.random_flip)
-    if args.enable_bucket:  # each image at its aspect-ratio bucket's size, centre-cropped (training/bucketing.py)
-        transform = bucketing.bucket_transform(args, models.vae, models.unet)
+        dataset = load_caption_dataset(data_cfg.dataset_name, data_cfg.dataset_config_name, data_cfg.train_data_dir,
+                                       data_cfg.image_column, data_cfg.caption_column, data_cfg.max_train_samples,
+                                       data_cfg.cache_dir)
+    transform = ImageTransform(data_cfg.resolution, data_cfg.center_crop, data_cfg.random_flip)
+    if settings.bucket is not None:  # each image at its bucket's size, centre-cropped (training/bucketing.py)
+        transform = bucketing.bucket_transform(settings.bucket, data_cfg.resolution, data_cfg.random_flip,
+                                               models.vae, models.unet)
     cache = None
-    if args.no_cache:
-        rows, unreadable = find_readable_rows(accelerator, dataset, args.image_column)
+    if data_cfg.no_cache:
+        rows, unreadable = find_readable_rows(accelerator, dataset, data_cfg.image_column)
         dataset_cls = SizedCaptionImageDataset if models.text_encoder_2 is not None else CaptionImageDataset
-        samples = dataset_cls(dataset, args.image_column, args.caption_column, transform,
-                                      args.caption_dropout, args.seed)
-        collate_fn, workers = None, args.dataloader_num_workers
+        samples = dataset_cls(dataset, data_cfg.image_column, data_cfg.caption_column, transform,
+                                      data_cfg.caption_dropout, opt.seed)
+        collate_fn, workers = None, data_cfg.dataloader_num_workers
     else:
-        cache = build_cache(args, accelerator, models, dataset, transform)
+        cache = build_cache(settings, accelerator, models, dataset, transform)
         rows, unreadable = cache.indices.tolist(), cache.unreadable.tolist()
-        samples = CachedSamples(cache, args.random_flip, args.caption_dropout, args.seed)
+        samples = CachedSamples(cache, data_cfg.random_flip, data_cfg.caption_dropout, opt.seed)
         collate_fn, workers = identity, 0  # tensors in memory: worker processes would only add overhead
     if not rows:
-        source = f"--dataset_name {args.dataset_name!r}" if args.dataset_name else f"--train_data_dir {args.train_data_dir!r}"
+        source = (f"--dataset_name {data_cfg.dataset_name!r}" if data_cfg.dataset_name
+                  else f"--train_data_dir {data_cfg.train_data_dir!r}")
         raise ValueError(f"{source}: none of its {len(dataset)} image(s) could be read (column "
-                         f"--image_column {args.image_column!r}); give a dataset with readable images")
+                         f"--image_column {data_cfg.image_column!r}); give a dataset with readable images")
     if unreadable:
         logger.warning(f"skipped {len(unreadable)} unreadable image(s) of {len(dataset)}: rows {unreadable[:20]}")
-    steps = steps_per_epoch(len(rows), world_size=accelerator.num_processes, batch_size=args.train_batch_size,
-                            accumulation=args.gradient_accumulation_steps)
+    steps = steps_per_epoch(len(rows), world_size=accelerator.num_processes, batch_size=opt.train_batch_size,
+                            accumulation=opt.gradient_accumulation_steps)
     buckets = None
-    if args.enable_bucket:
-        buckets = bucketing.row_buckets_for(args, cache, dataset, rows, transform, models.vae)
+    if settings.bucket is not None:
+        buckets = bucketing.row_buckets_for(cache, dataset, data_cfg.image_column, rows, transform, models.vae)
         steps = bucketing.bucket_steps_per_epoch(buckets, world_size=accelerator.num_processes,
-                                                 batch_size=args.train_batch_size,
-                                                 accumulation=args.gradient_accumulation_steps)
+                                                 batch_size=opt.train_batch_size,
+                                                 accumulation=opt.gradient_accumulation_steps)
         logger.info(f"{len(transform.buckets)} buckets; images per bucket (width×height): "
                     f"{bucketing.describe_buckets(buckets)}")
     if steps < 1:
         raise ValueError(f"{len(rows)} usable images cannot fill one step of --train_batch_size "
-                         f"{args.train_batch_size} × --gradient_accumulation_steps {args.gradient_accumulation_steps} "
+                         f"{opt.train_batch_size} × --gradient_accumulation_steps {opt.gradient_accumulation_steps} "
                          f"× {accelerator.num_processes} process(es)" + (" within one bucket" if buckets else ""))
     logger.info(f"{len(rows)} images, {steps} steps per epoch, {len(unreadable)} unreadable skipped")
     return TrainingData(samples, rows, steps, collate_fn, workers, buckets)
@@ -248,20 +261,23 @@ def find_readable_rows(accelerator: Accelerator, dataset, image_column: str) -> 
     return sorted(r for ok, _ in everyone for r in ok), sorted(r for _, bad in everyone for r in bad)
 
 
-def build_cache(args, accelerator: Accelerator, models: Models, dataset, transform):
+def build_cache(settings: TrainingSettings, accelerator: Accelerator, models: Models, dataset, transform):
     """Latents and embeddings of every row, computed once (rows split across processes), then loaded everywhere."""
-    key = cache_key(models.vae, models.text_encoder, models.tokenizer, resolution=args.resolution,
-                    center_crop=args.center_crop, dataset_fingerprint=dataset._fingerprint,
-                    image_column=args.image_column, caption_column=args.caption_column, random_flip=args.random_flip,
-                    text_encoder_2=models.text_encoder_2, tokenizer_2=models.tokenizer_2,
-                    buckets=bucketing.cache_setting(args))
-    root = os.path.join(args.cache_dir or args.output_dir, "latent_cache")
+    data_cfg = settings.data
+    key = cache_key(models.vae, models.text_encoder, models.tokenizer, resolution=data_cfg.resolution,
+                    center_crop=data_cfg.center_crop, dataset_fingerprint=dataset._fingerprint,
+                    image_column=data_cfg.image_column, caption_column=data_cfg.caption_column,
+                    random_flip=data_cfg.random_flip, text_encoder_2=models.text_encoder_2,
+                    tokenizer_2=models.tokenizer_2,
+                    buckets=bucketing.cache_setting(settings.bucket, data_cfg.resolution))
+    root = os.path.join(data_cfg.cache_dir or settings.output.output_dir, "latent_cache")
     bar = tqdm(total=math.ceil(len(dataset) / accelerator.num_processes), desc="caching latents",
                disable=not accelerator.is_local_main_process)
     cache, hit = build_or_load_cache(
         root, key, dataset, vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
-        transform=transform, image_column=args.image_column, caption_column=args.caption_column,
-        batch_size=args.train_batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        transform=transform, image_column=data_cfg.image_column, caption_column=data_cfg.caption_column,
+        batch_size=settings.optim.train_batch_size, rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
         barrier=accelerator.wait_for_everyone, progress=bar.update,
         text_encoder_2=models.text_encoder_2, tokenizer_2=models.tokenizer_2,
     )
@@ -270,37 +286,38 @@ def build_cache(args, accelerator: Accelerator, models: Models, dataset, transfo
     return cache
 
 
-def make_optimizer(args: argparse.Namespace, accelerator: Accelerator, unet, max_steps: int):
+def make_optimizer(settings: TrainingSettings, accelerator: Accelerator, unet, max_steps: int):
     """AdamW (8-bit with --use_8bit_adam) and the LR schedule, counted in optimizer steps."""
+    opt = settings.optim
     from diffusers.optimization import get_scheduler
 
-    lr = args.learning_rate
-    if args.scale_lr:
-        lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    adamw, kernel = torch.optim.AdamW, adamw_options(args.adamw_implementation, accelerator.device)
-    if args.use_8bit_adam:
+    lr = opt.learning_rate
+    if opt.scale_lr:
+        lr *= opt.gradient_accumulation_steps * opt.train_batch_size * accelerator.num_processes
+    adamw, kernel = torch.optim.AdamW, adamw_options(settings.speed.adamw_implementation, accelerator.device)
+    if opt.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError as err:
             raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from err
         adamw, kernel = bnb.optim.AdamW8bit, {}
     optimizer = adamw([p for p in unet.parameters() if p.requires_grad], lr=lr,
-                      betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                      eps=args.adam_epsilon, **kernel)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                      betas=(opt.adam_beta1, opt.adam_beta2), weight_decay=opt.adam_weight_decay,
+                      eps=opt.adam_epsilon, **kernel)
+    lr_scheduler = get_scheduler(opt.lr_scheduler, optimizer=optimizer, num_warmup_steps=opt.lr_warmup_steps,
                                  num_training_steps=max_steps)
     return optimizer, lr_scheduler
 
 
-def resume(args: argparse.Namespace, accelerator: Accelerator, ema: Optional[EMA]) -> TrainingState:
+def resume(out: OutputSettings, accelerator: Accelerator, ema: Optional[EMA]) -> TrainingState:
     """Load the checkpoint named by --resume_from_checkpoint (weights, optimizer, LR, EMA, data position)."""
     if accelerator.is_main_process:  # a killed save's .checkpoint-N.tmp is never resumed from: clear it
-        for leftover in discard_partial_checkpoints(args.output_dir):
+        for leftover in discard_partial_checkpoints(out.output_dir):
             logger.info(f"cleared {leftover}, left by an interrupted checkpoint save")
     accelerator.wait_for_everyone()
-    path = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    path = resolve_checkpoint(out.output_dir, out.resume_from_checkpoint)
     if path is None:
-        if args.resume_from_checkpoint == "latest":
+        if out.resume_from_checkpoint == "latest":
             logger.info("--resume_from_checkpoint latest: no checkpoint yet, starting fresh")
         return TrainingState()
     state = load_checkpoint(accelerator, path, ema)
@@ -308,26 +325,27 @@ def resume(args: argparse.Namespace, accelerator: Accelerator, ema: Optional[EMA
     return state
 
 
-def start_trackers(args: argparse.Namespace, accelerator: Accelerator) -> None:
-    config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-    accelerator.init_trackers(args.tracker_project_name, config=config)
+def start_trackers(settings: TrainingSettings, accelerator: Accelerator) -> None:
+    accelerator.init_trackers(settings.output.tracker_project_name, config=settings.tracker_config())
 
 
 # ----------------------------------------------------------------------------- training
 
 
-def train(args, accelerator: Accelerator, models: Models, data: TrainingData, trainee: Trainee, state: TrainingState,
-          max_steps: int) -> TrainingState:
+def train(settings: TrainingSettings, accelerator: Accelerator, models: Models, data: TrainingData, trainee: Trainee,
+          state: TrainingState, max_steps: int) -> TrainingState:
     """Run optimizer steps until `max_steps`, checkpointing and validating on the way."""
+    opt, out, val = settings.optim, settings.output, settings.validation
     unet, ema = trainee.unet, trainee.ema
-    loss_fn = DenoisingLoss(models.schedule.prediction_type, args.snr_gamma)
+    loss_fn = DenoisingLoss(models.schedule.prediction_type, opt.snr_gamma)
     bar = tqdm(total=max_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process)
-    losses = LossMeter(args.loss_log_steps)  # the loss is read back from the device every --loss_log_steps steps
+    losses = LossMeter(settings.speed.loss_log_steps)  # the loss is read back from the device every N steps
     while state.global_step < max_steps:
         last = time.perf_counter()
-        for micro_batches in step_groups(epoch_loader(args, accelerator, data, state), args.gradient_accumulation_steps):
-            generator = step_generator(args.seed, state.global_step, accelerator.process_index)
-            loss = train_step(args, accelerator, models, trainee, loss_fn, micro_batches, generator)
+        batches = epoch_loader(settings, accelerator, data, state)
+        for micro_batches in step_groups(batches, opt.gradient_accumulation_steps):
+            generator = step_generator(opt.seed, state.global_step, accelerator.process_index)
+            loss = train_step(settings, accelerator, models, trainee, loss_fn, micro_batches, generator)
             if ema is not None:
                 ema.update(accelerator.unwrap_model(unet))
             state.global_step += 1
@@ -336,25 +354,26 @@ def train(args, accelerator: Accelerator, models: Models, data: TrainingData, tr
             mean_loss = losses.read() if losses.due(state.global_step, max_steps) else None
             if mean_loss is not None:  # a NaN anywhere in the window makes its mean NaN
                 check_loss(mean_loss, state.global_step)
-            log_step(args, accelerator, state, mean_loss, trainee.lr_scheduler, micro_batches, time.perf_counter() - last)
+            log_step(out, accelerator, state, mean_loss, trainee.lr_scheduler, micro_batches,
+                     time.perf_counter() - last)
             bar.update(1)
             if mean_loss is not None:
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
             if state.step_in_epoch == data.steps_per_epoch:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            if state.global_step % args.checkpointing_steps == 0 or state.global_step == max_steps:
+            if state.global_step % out.checkpointing_steps == 0 or state.global_step == max_steps:
                 check_pending_loss(losses, state.global_step)  # never save weights a NaN/inf loss went into
-                checkpoint(args, accelerator, state, ema)
-            if args.validation_prompts and state.global_step % args.validation_steps == 0:
-                validate(args, accelerator, models, unet, ema, state.global_step)
+                checkpoint(out, accelerator, state, ema)
+            if val.validation_prompts and state.global_step % val.validation_steps == 0:
+                validate(settings, accelerator, models, unet, ema, state.global_step)
             if state.global_step >= max_steps:
                 break
             last = time.perf_counter()  # samples/s counts data loading and the step, not checkpoints or validation
     bar.close()
-    if args.sample_index_log:  # lets a test check that every rank ends with the same weights
+    if out.sample_index_log:  # lets a test check that every rank ends with the same weights
         from latent_diffusion.training.cache import fingerprint_module
 
-        with open(f"{args.sample_index_log}.rank{accelerator.process_index}", "a") as f:
+        with open(f"{out.sample_index_log}.rank{accelerator.process_index}", "a") as f:
             f.write(f"weights {fingerprint_module(accelerator.unwrap_model(unet))}\n")
     return state
 
@@ -376,13 +395,14 @@ def check_pending_loss(losses, step: int) -> None:
         check_loss(float(losses.total), step)
 
 
-def epoch_loader(args, accelerator: Accelerator, data: TrainingData, state: TrainingState):
+def epoch_loader(settings: TrainingSettings, accelerator: Accelerator, data: TrainingData, state: TrainingState):
     """The rest of the current epoch's batches for this process, from the saved position on."""
+    opt = settings.optim
     plan = epoch_batches if data.buckets is None else partial(bucketing.bucket_epoch_batches, data.buckets)
-    batches = plan(data.rows, epoch=state.epoch, seed=args.seed, rank=accelerator.process_index,
-                   world_size=accelerator.num_processes, batch_size=args.train_batch_size,
-                   accumulation=args.gradient_accumulation_steps)
-    remaining = batches[state.step_in_epoch * args.gradient_accumulation_steps :]
+    batches = plan(data.rows, epoch=state.epoch, seed=opt.seed, rank=accelerator.process_index,
+                   world_size=accelerator.num_processes, batch_size=opt.train_batch_size,
+                   accumulation=opt.gradient_accumulation_steps)
+    remaining = batches[state.step_in_epoch * opt.gradient_accumulation_steps :]
     return torch.utils.data.DataLoader(data.samples, batch_sampler=remaining, collate_fn=data.collate_fn,
                                        num_workers=data.num_workers)
 
@@ -392,19 +412,19 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((int(seed), int(step), int(rank), 7)) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-def train_step(args, accelerator: Accelerator, models: Models, trainee: Trainee, loss_fn, micro_batches: list,
-               generator: torch.Generator) -> torch.Tensor:
+def train_step(settings: TrainingSettings, accelerator: Accelerator, models: Models, trainee: Trainee, loss_fn,
+               micro_batches: list, generator: torch.Generator) -> torch.Tensor:
     """One optimizer step over the accumulated micro-batches; the mean loss over processes (0-d, on the device)."""
     unet, optimizer, lr_scheduler = trainee.unet, trainee.optimizer, trainee.lr_scheduler
     schedule = models.schedule
     losses = []
     for batch in micro_batches:
         with accelerator.accumulate(unet):
-            latents, cond = batch_inputs(batch, models, accelerator.device, generator, args.resolution)
-            loss = denoising_loss(unet, latents, cond, schedule, loss_fn, generator, args.noise_offset)
+            latents, cond = batch_inputs(batch, models, accelerator.device, generator, settings.data.resolution)
+            loss = denoising_loss(unet, latents, cond, schedule, loss_fn, generator, settings.optim.noise_offset)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+            if accelerator.sync_gradients and settings.optim.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(unet.parameters(), settings.optim.max_grad_norm)
             optimizer.step()
             if accelerator.sync_gradients:
                 lr_scheduler.step()
@@ -421,7 +441,7 @@ def batch_inputs(batch: dict, models: Models, device, generator: torch.Generator
         mean, std, context = batch["latent_mean"], batch["latent_std"], batch["text_embeds"]
     else:
         mean, std = encode_latent_moments(models.vae, batch["pixels"])
-        if models.text_encoder.training:  # --train_text_encoder_lora: embeddings with gradients
+        if models.text_encoder_trains:  # --train_text_encoder_lora: embeddings with gradients
             context = encode_prompts(models.tokenizer, models.text_encoder, list(batch["caption"]), num_chunks=1)
         else:
             texts = encode_caption_tensors(models.tokenizer, models.text_encoder, batch["caption"], models.tokenizer_2,
@@ -452,7 +472,7 @@ def denoising_loss(unet, z0: torch.Tensor, cond: Conditioning, schedule: NoiseSc
     return loss_fn(model_output, z0, noise, alpha_bar)
 
 
-def log_step(args, accelerator: Accelerator, state: TrainingState, loss: Optional[float], lr_scheduler,
+def log_step(out: OutputSettings, accelerator: Accelerator, state: TrainingState, loss: Optional[float], lr_scheduler,
              micro_batches, seconds: float) -> None:
     """Loss (on the steps it is read back), learning rate, throughput to the trackers; rows to --sample_index_log."""
     samples = sum(len(b["index"]) for b in micro_batches) * accelerator.num_processes
@@ -460,25 +480,27 @@ def log_step(args, accelerator: Accelerator, state: TrainingState, loss: Optiona
     if loss is not None:
         metrics["train/loss"] = loss
     accelerator.log(metrics, step=state.global_step)
-    if args.sample_index_log:
+    if out.sample_index_log:
         rows = [int(i) for b in micro_batches for i in b["index"]]
-        with open(f"{args.sample_index_log}.rank{accelerator.process_index}", "a") as f:
+        with open(f"{out.sample_index_log}.rank{accelerator.process_index}", "a") as f:
             f.write(f"{state.global_step} {' '.join(map(str, rows))}\n")
 
 
-def checkpoint(args, accelerator: Accelerator, state: TrainingState, ema: Optional[EMA]) -> None:
+def checkpoint(out: OutputSettings, accelerator: Accelerator, state: TrainingState, ema: Optional[EMA]) -> None:
     """Write checkpoint-N (atomically, pruned to --checkpoints_total_limit) and optionally upload its weights."""
-    path = save_checkpoint(accelerator, args.output_dir, state, ema, args.checkpoints_total_limit)
+    path = save_checkpoint(accelerator, out.output_dir, state, ema, out.checkpoints_total_limit)
     logger.info(f"saved {path}")
-    if args.push_checkpoints_to_hub and accelerator.is_main_process:
+    if out.push_checkpoints_to_hub and accelerator.is_main_process:
         from latent_diffusion.formats.hub import push_checkpoint_weights
 
-        push_checkpoint_weights(path, args.hub_model_id, state.global_step, token=args.hub_token)
+        push_checkpoint_weights(path, out.hub_model_id, state.global_step, token=out.hub_token)
         logger.info(f"uploaded {checkpoint_weights(path)} of {path}")
 
 
-def validate(args, accelerator: Accelerator, models: Models, unet, ema: Optional[EMA], step: int) -> Optional[str]:
+def validate(settings: TrainingSettings, accelerator: Accelerator, models: Models, unet, ema: Optional[EMA],
+             step: int) -> Optional[str]:
     """Sample the validation prompts with the current (EMA, if on) UNet on the main process; log grid and metrics."""
+    val = settings.validation
     path = None
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(unet)
@@ -486,10 +508,11 @@ def validate(args, accelerator: Accelerator, models: Models, unet, ema: Optional
         with ema.swapped_into(model) if ema is not None else contextlib.nullcontext():
             pipe = make_pipeline(models, model)
             path, metrics = run_validation(
-                pipe, args.validation_prompts, step=step, output_dir=args.output_dir, seed=args.seed,
-                num_inference_steps=args.num_validation_inference_steps,
-                guidance_scale=args.validation_guidance_scale, resolution=args.resolution,
-                metric_names=args.validation_metrics, trackers=accelerator.trackers,
+                pipe, val.validation_prompts, step=step, output_dir=settings.output.output_dir,
+                seed=settings.optim.seed,
+                num_inference_steps=val.num_validation_inference_steps,
+                guidance_scale=val.validation_guidance_scale, resolution=settings.data.resolution,
+                metric_names=val.validation_metrics, trackers=accelerator.trackers,
             )
         model.train()
         logger.info(f"validation grid {path} {metrics}")
@@ -509,10 +532,12 @@ def make_pipeline(models: Models, unet):
 # ----------------------------------------------------------------------------- output
 
 
-def save_pipeline(args, accelerator: Accelerator, models: Models, unet, ema: Optional[EMA], step: int) -> None:
+def save_pipeline(settings: TrainingSettings, accelerator: Accelerator, models: Models, unet, ema: Optional[EMA],
+                  step: int) -> None:
     """OUT/ as a diffusers folder holding the (EMA) UNet in float32, a model card, and optionally upload it."""
-    if lora.lora_enabled(args):  # OUT/pytorch_lora_weights.safetensors and its card instead (training/lora.py)
-        return lora.save_lora_run(args, accelerator, models, unet, ema, step, make_pipeline)
+    model_cfg, out = settings.model, settings.output
+    if settings.lora is not None:  # OUT/pytorch_lora_weights.safetensors and its card instead (training/lora_run.py)
+        return save_lora_run(settings, accelerator, models, unet, ema, step, make_pipeline)
     accelerator.wait_for_everyone()
     weights = accelerator.get_state_dict(unet)  # collective: gathers sharded (FSDP, ZeRO) weights on the main process
     if not accelerator.is_main_process:
@@ -525,43 +550,45 @@ def save_pipeline(args, accelerator: Accelerator, models: Models, unet, ema: Opt
         ema.copy_to(final_unet)
     vae, text_encoder, text_encoder_2 = models.vae, models.text_encoder, models.text_encoder_2
     if models.weight_dtype != torch.float32:  # the frozen parts were cast for speed: save the originals
-        parts = load_components(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-                                cache_dir=args.cache_dir, skip=("unet", "tokenizer", "scheduler", "tokenizer_2"))
+        parts = load_components(model_cfg.pretrained_model_name_or_path, revision=model_cfg.revision,
+                                variant=model_cfg.variant, cache_dir=settings.data.cache_dir,
+                                skip=("unet", "tokenizer", "scheduler", "tokenizer_2"))
         vae, text_encoder, text_encoder_2 = parts["vae"], parts["text_encoder"], parts["text_encoder_2"]
     pipe = make_pipeline(Models(final_unet, vae, text_encoder, models.tokenizer, models.scheduler,
                                 torch.float32, text_encoder_2, models.tokenizer_2,
                                 models.force_zeros_for_empty_prompt), final_unet)
-    pipe.save_pretrained(args.output_dir)
-    grid = write_card(args, pipe, step)
-    logger.info(f"saved the pipeline to {args.output_dir}" + (f" (validation grid {grid})" if grid else ""))
-    if args.push_to_hub:
+    pipe.save_pretrained(out.output_dir)
+    grid = write_card(settings, pipe, step)
+    logger.info(f"saved the pipeline to {out.output_dir}" + (f" (validation grid {grid})" if grid else ""))
+    if out.push_to_hub:
         from latent_diffusion.formats.hub import push_folder
 
-        push_folder(args.output_dir, args.hub_model_id, token=args.hub_token,
+        push_folder(out.output_dir, out.hub_model_id, token=out.hub_token,
                     commit_message="End of training")
 
 
-def write_card(args, pipe, step: int) -> Optional[str]:
+def write_card(settings: TrainingSettings, pipe, step: int) -> Optional[str]:
     """README.md model card: base model, dataset, hyperparameters and a final validation grid."""
+    model_cfg, data_cfg, out, val = settings.model, settings.data, settings.output, settings.validation
     from latent_diffusion.formats import hub
 
     grid, metrics = None, {}
-    if args.validation_prompts:  # the final grid; write_model_card copies it next to the card
-        grid, metrics = run_validation(pipe, args.validation_prompts, step=step,
-                                       output_dir=args.output_dir, seed=args.seed,
-                                       num_inference_steps=args.num_validation_inference_steps,
-                                       guidance_scale=args.validation_guidance_scale, resolution=args.resolution,
-                                       metric_names=args.validation_metrics)
-    hyper = {k: getattr(args, k) for k in (
+    if val.validation_prompts:  # the final grid; write_model_card copies it next to the card
+        grid, metrics = run_validation(pipe, val.validation_prompts, step=step,
+                                       output_dir=out.output_dir, seed=settings.optim.seed,
+                                       num_inference_steps=val.num_validation_inference_steps,
+                                       guidance_scale=val.validation_guidance_scale, resolution=data_cfg.resolution,
+                                       metric_names=val.validation_metrics)
+    hyper = settings.record((
         "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
         "max_train_steps", "mixed_precision", "use_ema", "snr_gamma", "prediction_type", "caption_dropout",
-        "noise_offset", "seed")}
+        "noise_offset", "seed"))
     hyper["prediction_type"] = pipe.scheduler.config.prediction_type
     hub.write_model_card(
-        args.output_dir, base_model=None if args.unet_config else args.pretrained_model_name_or_path,
-        dataset=args.dataset_name or args.train_data_dir, tags=["text-to-image", "latent-diffusion", "diffusers"],
-        hyperparameters=hyper, metrics=metrics, validation_grid=grid, prompts=args.validation_prompts or [],
-        description=("UNet trained from scratch" if args.unet_config else "Fine-tuned") +
+        out.output_dir, base_model=None if model_cfg.unet_config else model_cfg.pretrained_model_name_or_path,
+        dataset=data_cfg.source, tags=["text-to-image", "latent-diffusion", "diffusers"],
+        hyperparameters=hyper, metrics=metrics, validation_grid=grid, prompts=val.validation_prompts or [],
+        description=("UNet trained from scratch" if model_cfg.unet_config else "Fine-tuned") +
                     " with latent_diffusion's training/train_text2img.py.",
     )
     return grid

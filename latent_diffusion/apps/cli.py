@@ -91,9 +91,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     dtype = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, **dtype)
     if args.lora:
-        from latent_diffusion.pipelines.lora import apply_loras
-
-        apply_loras(pipe, args.lora)
+        _apply_loras(pipe, args.lora)
     pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.set_progress_bar_config(disable=args.quiet)
     seeds = [args.seed + k for k in range(args.n)]
@@ -229,7 +227,8 @@ def _run_eval(args: argparse.Namespace) -> list[Path]:
     from latent_diffusion.evaluation import report
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    measures = lambda: report.QualityMeasures(args.reference, args.clip, args.fid_weights, device)  # noqa: E731
+    measures = lambda: report.QualityMeasures(args.reference, args.clip, args.fid_weights, device,  # noqa: E731
+                                              names={"reference": "--reference", "clip": "--clip"})
     if args.report_only:
         return report.rebuild_report(args.out, measures, progress=not args.quiet)[:2]
     check_eval_args(args)
@@ -303,8 +302,11 @@ def run_serve(args: argparse.Namespace) -> list[Path]:
     import torch
 
     from latent_diffusion.pipelines import LatentDiffusionPipeline
-    from latent_diffusion.apps.webui import serve
+    from latent_diffusion.apps.webui import SERVE_LIMITS, serve
+    from latent_diffusion.checks import check_int
 
+    for name, limits in SERVE_LIMITS.items():  # before the model loads; errors name the flag
+        check_int(f"--{name.replace('_', '-')}", getattr(args, name), *limits)
     try:
         import gradio  # noqa: F401  (the optional ui extra)
     except ImportError:
@@ -321,10 +323,20 @@ def _load_loras(pipe, specs: Sequence[str]) -> list[tuple[str, str, float]]:
     """Load each --lora PATH[:SCALE] into `pipe`; (adapter name, path, scale) of each, for the web UI."""
     if not specs:
         return []
-    from latent_diffusion.pipelines.lora import apply_loras, parse_lora_spec
+    from latent_diffusion.pipelines.lora import parse_lora_spec
 
-    names = apply_loras(pipe, specs)
+    names = _apply_loras(pipe, specs)
     return [(name, *parse_lora_spec(spec)) for name, spec in zip(names, specs)]
+
+
+def _apply_loras(pipe, specs: Sequence[str]) -> list[str]:
+    """apply_loras, its errors naming this command's --lora flag where the library names the spec."""
+    from latent_diffusion.pipelines.lora import LoraSpecError, apply_loras
+
+    try:
+        return apply_loras(pipe, specs)
+    except LoraSpecError as error:
+        raise ValueError(f"--lora {error.spec!r}: {error.problem}") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -109,7 +109,7 @@ class Studio:
         seeds = [resolve_seed(seed) + k for k in range(check_int("num_images", num_images, 1, MAX_IMAGES))]
         factor = 1.0 if lora_scale is None else check_finite("lora_scale", lora_scale, 0.0, MAX_LORA_SCALE)
         if lora_scale is not None and not self.loras:
-            raise ValueError("lora_scale: no LoRA adapter is loaded (start the server with --lora PATH[:SCALE])")
+            raise ValueError("lora_scale: no LoRA adapter is loaded (serve the pipeline with `loras`)")
         extra = {name: value for name, value in image_inputs.items() if value is not None}
         clip_skip = clip_skip or None  # the page's 0 means off
         settings = dict(prompt=prompt, negative_prompt=negative_prompt or None, sampler=sampler or None, steps=steps,
@@ -331,6 +331,15 @@ def _image_inputs(gr, accepted: tuple[str, ...]) -> dict[str, Any]:
     return components
 
 
+SERVE_LIMITS = {"port": (1, 65535), "max_queue": (1, None)}  # serve()'s integer settings: (minimum, maximum)
+
+
+def check_serve_settings(port: int, max_queue: int) -> None:
+    """ValueError naming `port` or `max_queue` when it is out of range."""
+    for name, value in (("port", port), ("max_queue", max_queue)):
+        check_int(name, value, *SERVE_LIMITS[name])
+
+
 def serve(
     pipe,
     model: Optional[str] = None,
@@ -350,8 +359,7 @@ def serve(
     adapters loaded into `pipe`; the page then has a LoRA strength slider.
     """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no usage pings
-    check_int("--port", port, 1, 65535)
-    check_int("--max-queue", max_queue, 1)
+    check_serve_settings(port, max_queue)
     out_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="latent-diffusion-serve-"))
     pipe.set_progress_bar_config(disable=True)  # the page has its own progress bar
     studio = Studio(pipe, model, out_dir, loras)

@@ -6,7 +6,7 @@ missing and how to get it. See `fid.py` and `clip_score.py` for the measures the
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from PIL import Image
 
@@ -15,19 +15,22 @@ class QualityMeasures:
     """FID, FD-CLIP and CLIP score where their inputs are given; otherwise a note saying what is missing.
 
     `reference`: a folder of real images or an .npz of saved statistics; `clip`: a transformers CLIP folder;
-    `fid_weights`: the FID Inception weights file (default: $LATENT_DIFFUSION_FID_WEIGHTS).
+    `fid_weights`: the FID Inception weights file (default: $LATENT_DIFFUSION_FID_WEIGHTS). The notes call
+    `reference` and `clip` by these names, or by a front end's spellings in `names` (the CLI: its flags).
     """
 
-    def __init__(self, reference=None, clip=None, fid_weights=None, device=None):
+    def __init__(self, reference=None, clip=None, fid_weights=None, device=None,
+                 names: Optional[Mapping[str, str]] = None):
         self.reference, self.device, self.notes = reference, device, []
+        self.names = {"reference": "reference", "clip": "clip", **(names or {})}
         self.fid = self._fid(fid_weights) if reference is not None else None
         self.clip_scorer, clip_embedder = self._clip(clip) if clip is not None else (None, None)
         self.fd_clip = self._reference_pair(clip_embedder) if clip_embedder is not None and reference else None
         if reference is None:
-            self.notes.append("FID and FD-CLIP: not computed; give --reference DIR (real images, e.g. "
+            self.notes.append(f"FID and FD-CLIP: not computed; give {self.names['reference']} DIR (real images, e.g. "
                               "`latent-diffusion shapes-export DIR --split all --size S`, or an .npz of statistics).")
         if clip is None:
-            self.notes.append("CLIP score and FD-CLIP: not computed; give --clip PATH "
+            self.notes.append(f"CLIP score and FD-CLIP: not computed; give {self.names['clip']} PATH "
                               "(a transformers CLIP model folder).")
 
     def _reference_pair(self, extractor):
@@ -37,7 +40,7 @@ class QualityMeasures:
         try:
             return extractor, reference_statistics(self.reference, extractor)
         except (ValueError, FileNotFoundError) as error:
-            self.notes.append(f"{measure_name(extractor)}: not computed; --reference: {error}")
+            self.notes.append(f"{measure_name(extractor)}: not computed; {self.names['reference']}: {error}")
             return None
 
     def _fid(self, weights):
@@ -57,7 +60,7 @@ class QualityMeasures:
             scorer = CLIPScorer(clip, device=self.device)
             return scorer, scorer.embedder
         except ValueError as error:
-            self.notes.append(f"CLIP score: not computed; --clip: {error}")
+            self.notes.append(f"CLIP score: not computed; {self.names['clip']}: {error}")
             return None, CLIPImageEmbedder(clip, device=self.device)
 
     def scores(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, Optional[float]]:

@@ -4,7 +4,9 @@
   pure function of (seed, step), so a resumed run sees exactly the batches it
   would have seen;
 * `add_loop_arguments`, `train_stage`: the flags every stage has, and
-  `train_resumable` run with them;
+  `train_resumable` run with them: checkpoints (safetensors) go to
+  OUTPUT_DIR/checkpoints every `--checkpointing_steps`, and rerunning the same
+  command resumes from the latest;
 * `train_resumable`: the one training loop of both stages: resume from the
   latest checkpoint, then per step the learning rate, the step's RNG seed, the
   stage's loss, a clipped AdamW step, and a checkpoint every

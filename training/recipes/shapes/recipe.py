@@ -467,18 +467,32 @@ def made_by_words(args) -> str:
             "trained\", below). The table states the recipe's settings when this copy was assembled.")
 
 
+def spatial_words(text_eval: dict) -> str:
+    """Stage 0's spatial scores for the card: hard-negative accuracy by position/relation edit, relation binding."""
+    by_edit = text_eval.get("hard_negative_accuracy_by_edit", {})
+    spatial = ", ".join(f"{k} {by_edit[k]:.2f}" for k in ("position", "relation") if k in by_edit)
+    spatial = f" ({spatial})" if spatial else ""
+    binding = text_eval.get("relation_binding_accuracy")
+    if binding:
+        spatial += (f"; relation binding (side of the second object, first object's colour/shape read from the states): "
+                    f"{binding['side']:.2f}, {binding['colour']:.2f}/{binding['shape']:.2f}")
+    return spatial
+
+
+def stage_table(args, s0: dict, s1: dict) -> str:
+    """The card's table of the three stages: what each trained and what it scored."""
+    return f"""| stage | what | result |
+|---|---|---|
+| 0 text | CLIP-format BPE tokenizer ({s0['vocab_size']} tokens, window {s0['model_max_length']}); CLIP text encoder ({s0['parameters_text'] / 1e6:.2f}M params) trained contrastively with a ViT on (image, caption) pairs, with hard-negative captions, a token-identity and a relation-binding loss; {s0['max_train_steps']} steps of batch {s0['train_batch_size']} | caption→image top-1 among {s0['eval']['candidates']}: {s0['eval']['retrieval_top1_full_captions']:.3f} (full captions), hard-negative accuracy {s0['eval']['hard_negative_accuracy']:.3f}{spatial_words(s0['eval'])} |
+| 1 vae | `AutoencoderKL`, factor {s1['downsampling_factor']}, 4 latent channels ({s1['parameters'] / 1e6:.2f}M params), L1 + L2 + 1e-6·KL; {s1['max_train_steps']} steps of batch {s1['train_batch_size']}; scaling_factor {s1['scaling_factor']:.4f} = 1/std of the latents | PSNR {s1['eval']['psnr_db']:.1f} dB, scorer accuracy on reconstructions {s1['eval']['scorer_accuracy_reconstructions']:.3f} |
+| 2 unet | `UNet2DConditionModel` from `training/recipes/shapes/unet_config.json`, trained with `training/train_text2img.py` on {args.num_train_images} Shapes images: v-prediction, cosine schedule, min-SNR-γ {args.snr_gamma}, EMA {args.ema_decay}, caption dropout {args.caption_dropout}, batch {args.stage2_batch_size}, {stage2_lr_words(args)} | see below |"""
+
+
 def model_card(args, metrics: dict, adherence_table: str) -> str:
     """README.md of the embedded model: what it is, how it was made, what it scores."""
     s0, s1 = metrics["stage0"], metrics["stage1"]
     d = metrics["generation_defaults"]
     compute = "\n".join(f"| {k} | {v / 60:.1f} min |" for k, v in metrics["compute_s"].items())
-    by_edit = s0["eval"].get("hard_negative_accuracy_by_edit", {})
-    spatial = ", ".join(f"{k} {by_edit[k]:.2f}" for k in ("position", "relation") if k in by_edit)
-    spatial = f" ({spatial})" if spatial else ""
-    binding = s0["eval"].get("relation_binding_accuracy")
-    if binding:
-        spatial += (f"; relation binding (side of the second object, first object's colour/shape read from the states): "
-                    f"{binding['side']:.2f}, {binding['colour']:.2f}/{binding['shape']:.2f}")
     history = f"\n## How this copy was trained\n\n{Path(args.history).read_text().strip()}\n" if args.history else ""
     made_by = made_by_words(args)
     return f"""---
@@ -511,11 +525,7 @@ guidance {d['guidance_scale']}, sampler `{d['sampler']}`.
 
 {made_by}
 
-| stage | what | result |
-|---|---|---|
-| 0 text | CLIP-format BPE tokenizer ({s0['vocab_size']} tokens, window {s0['model_max_length']}); CLIP text encoder ({s0['parameters_text'] / 1e6:.2f}M params) trained contrastively with a ViT on (image, caption) pairs, with hard-negative captions, a token-identity and a relation-binding loss; {s0['max_train_steps']} steps of batch {s0['train_batch_size']} | caption→image top-1 among {s0['eval']['candidates']}: {s0['eval']['retrieval_top1_full_captions']:.3f} (full captions), hard-negative accuracy {s0['eval']['hard_negative_accuracy']:.3f}{spatial} |
-| 1 vae | `AutoencoderKL`, factor {s1['downsampling_factor']}, 4 latent channels ({s1['parameters'] / 1e6:.2f}M params), L1 + L2 + 1e-6·KL; {s1['max_train_steps']} steps of batch {s1['train_batch_size']}; scaling_factor {s1['scaling_factor']:.4f} = 1/std of the latents | PSNR {s1['eval']['psnr_db']:.1f} dB, scorer accuracy on reconstructions {s1['eval']['scorer_accuracy_reconstructions']:.3f} |
-| 2 unet | `UNet2DConditionModel` from `training/recipes/shapes/unet_config.json`, trained with `training/train_text2img.py` on {args.num_train_images} Shapes images: v-prediction, cosine schedule, min-SNR-γ {args.snr_gamma}, EMA {args.ema_decay}, caption dropout {args.caption_dropout}, batch {args.stage2_batch_size}, {stage2_lr_words(args)} | see below |
+{stage_table(args, s0, s1)}
 
 {GRAMMAR_AWARE_NOTE}
 

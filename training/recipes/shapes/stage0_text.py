@@ -34,8 +34,7 @@
    score their own caption above its hard negative, and the accuracy of the
    relation-binding readouts.
 
-Checkpoints (safetensors) go to OUTPUT_DIR/checkpoints every
-`--checkpointing_steps`; rerunning the same command resumes from the latest.
+Checkpoints and resuming: `common.train_stage` (OUTPUT_DIR/checkpoints).
 """
 from __future__ import annotations
 
@@ -212,29 +211,27 @@ def hard_negative_with_kind(text: str, rng: np.random.Generator, spatial_share: 
 # ---------------------------------------------------------------- model
 
 
+def tower(width: int, layers: int, heads: int, projection_dim: int) -> dict:
+    """The size of one CLIP tower (text or vision): transformer width, depth and heads, MLP 4× the width."""
+    return dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
+                projection_dim=projection_dim)
+
+
 def build_clip(args, tokenizer):
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
     text = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=args.text_hidden_size,
-        intermediate_size=4 * args.text_hidden_size,
-        num_hidden_layers=args.text_layers,
-        num_attention_heads=args.text_heads,
+        **tower(args.text_hidden_size, args.text_layers, args.text_heads, args.projection_dim),
         max_position_embeddings=args.model_max_length,
-        projection_dim=args.projection_dim,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     vision = CLIPVisionConfig(
-        hidden_size=args.vision_hidden_size,
-        intermediate_size=4 * args.vision_hidden_size,
-        num_hidden_layers=args.vision_layers,
-        num_attention_heads=args.vision_heads,
+        **tower(args.vision_hidden_size, args.vision_layers, args.vision_heads, args.projection_dim),
         image_size=args.resolution,
         patch_size=args.patch_size,
-        projection_dim=args.projection_dim,
     )
     config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=args.projection_dim)
     torch.manual_seed(args.seed)

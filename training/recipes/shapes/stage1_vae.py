@@ -21,8 +21,7 @@ captions of their ground-truth scenes (and on the ground truth itself, which
 must be 1.0), the same after a float16 round trip of the weights (the
 embedded model ships in fp16), and encode/decode times of one image.
 
-Checkpoints (safetensors) go to OUTPUT_DIR/checkpoints every
-`--checkpointing_steps`; rerunning the same command resumes from the latest.
+Checkpoints and resuming: `common.train_stage` (OUTPUT_DIR/checkpoints).
 """
 from __future__ import annotations
 

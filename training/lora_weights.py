@@ -1,0 +1,97 @@
+"""LoRA adapter weights on disk: adapter-only checkpoints (peft's layout) and the run's diffusers-layout file.
+
+Checkpoints hold the adapters, not the frozen base: accelerate's save/load
+hooks write `lora_model_<i>.safetensors` (peft's own key layout, loaded back
+with `set_peft_model_state_dict`, so resuming is exact) beside the optimizer
+and RNG state. The run's output file is `OUT/pytorch_lora_weights.safetensors`
+in diffusers' layout (`get_peft_model_state_dict` → `convert_state_dict_to_diffusers`,
+written by `StableDiffusionPipeline.save_lora_weights` with the LoraConfig as
+metadata, so an α different from the rank survives).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from latent_diffusion.formats.atomic import atomic_write
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+CHECKPOINT_ADAPTER = "lora_model_{index}.safetensors"
+TEXT_ENCODER_ADAPTER = "lora_text_encoder.safetensors"
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def register_checkpoint_hooks(accelerator, text_encoder=None) -> None:
+    """Make accelerate's save_state/load_state write and read only the adapters (peft layout), not the base."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    def save_adapters(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for index, model in enumerate(models):
+                _save_tensors(get_peft_model_state_dict(accelerator.unwrap_model(model)),
+                              os.path.join(output_dir, CHECKPOINT_ADAPTER.format(index=index)))
+            if text_encoder is not None:
+                _save_tensors(get_peft_model_state_dict(text_encoder), os.path.join(output_dir, TEXT_ENCODER_ADAPTER))
+        weights.clear()  # accelerate must not also write the full (frozen) weights
+
+    def load_adapters(models, input_dir):
+        for index, model in enumerate(models):
+            _load_adapter(set_peft_model_state_dict, accelerator.unwrap_model(model),
+                          os.path.join(input_dir, CHECKPOINT_ADAPTER.format(index=index)))
+        if text_encoder is not None:
+            _load_adapter(set_peft_model_state_dict, text_encoder, os.path.join(input_dir, TEXT_ENCODER_ADAPTER))
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_adapters)
+    accelerator.register_load_state_pre_hook(load_adapters)
+
+
+def _save_tensors(tensors: dict, path: str) -> None:
+    with atomic_write(path, suffix=".safetensors") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+def _load_adapter(set_state, model, path: str) -> None:
+    if not os.path.isfile(path):
+        raise ValueError(f"--resume_from_checkpoint: {os.path.dirname(path)!r} has no {os.path.basename(path)}; "
+                         "was it written by a LoRA run (--lora_rank)?")
+    result = set_state(model, load_file(path), adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"{path}: adapter keys that the model does not have: {unexpected[:5]}")
+
+
+# ----------------------------------------------------------------------------- the run's adapter file
+
+
+def lora_layers(module) -> dict[str, torch.Tensor]:
+    """The module's adapter weights in diffusers' key layout (lora_A/lora_B → lora.down/lora.up), float32, CPU."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+
+
+def adapter_metadata(module) -> dict:
+    """The adapter's LoraConfig as a dict, stored in the safetensors header (rank, alpha, targets)."""
+    config = module.peft_config["default"].to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+
+
+def save_lora_weights(output_dir: str, unet, text_encoder=None) -> str:
+    """Write OUT/pytorch_lora_weights.safetensors (diffusers' layout and metadata); return its path."""
+    from diffusers import StableDiffusionPipeline
+
+    te = text_encoder if text_encoder is not None and getattr(text_encoder, "peft_config", None) else None
+    StableDiffusionPipeline.save_lora_weights(
+        output_dir, unet_lora_layers=lora_layers(unet), unet_lora_adapter_metadata=adapter_metadata(unet),
+        text_encoder_lora_layers=lora_layers(te) if te is not None else None,
+        text_encoder_lora_adapter_metadata=adapter_metadata(te) if te is not None else None,
+        safe_serialization=True,
+    )
+    return os.path.join(output_dir, LORA_WEIGHTS)

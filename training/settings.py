@@ -1,0 +1,179 @@
+"""The training run's settings, typed once: train_text2img.py parses its flags, then builds a `TrainingSettings`.
+
+Each group is a frozen dataclass whose fields carry the flag names (`--learning_rate` is
+`settings.optim.learning_rate`), so the flags (training's public API) and the settings read the same.
+Optional features are None when off: `settings.lora` (no `--lora_rank`), `settings.bucket` (no
+`--enable_bucket`). Values worked out from several flags are worked out here, once (the LoRA α default,
+the target module list). The pieces of training take the group or values they need, never the Namespace.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+
+def _from_flags(cls, args: argparse.Namespace):
+    """An instance of the dataclass `cls` holding the flags of the same names."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    pretrained_model_name_or_path: str
+    unet_config: Optional[str]
+    revision: Optional[str]
+    variant: Optional[str]
+    prediction_type: Optional[str]
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    dataset_name: Optional[str]
+    dataset_config_name: Optional[str]
+    train_data_dir: Optional[str]
+    image_column: str
+    caption_column: str
+    max_train_samples: Optional[int]
+    resolution: int
+    center_crop: bool
+    random_flip: bool
+    caption_dropout: float
+    dataloader_num_workers: int
+    no_cache: bool
+    cache_dir: Optional[str]
+
+    @property
+    def source(self) -> str:
+        """The dataset as the model card names it."""
+        return self.dataset_name or self.train_data_dir
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    train_batch_size: int
+    gradient_accumulation_steps: int
+    max_train_steps: Optional[int]
+    num_train_epochs: int
+    learning_rate: float
+    scale_lr: bool
+    lr_scheduler: str
+    lr_warmup_steps: int
+    adam_beta1: float
+    adam_beta2: float
+    adam_weight_decay: float
+    adam_epsilon: float
+    use_8bit_adam: bool
+    max_grad_norm: float
+    snr_gamma: Optional[float]
+    noise_offset: float
+    use_ema: bool
+    ema_decay: float
+    mixed_precision: Optional[str]
+    gradient_checkpointing: bool
+    allow_tf32: bool
+    seed: int
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    output_dir: str
+    checkpointing_steps: int
+    checkpoints_total_limit: Optional[int]
+    resume_from_checkpoint: Optional[str]
+    logging_dir: str
+    report_to: str
+    tracker_project_name: str
+    sample_index_log: Optional[str]
+    push_to_hub: bool
+    push_checkpoints_to_hub: bool
+    hub_model_id: Optional[str]
+    hub_token: Optional[str]
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    validation_prompts: Optional[list[str]]
+    validation_steps: int
+    validation_metrics: list[str]
+    num_validation_inference_steps: int
+    validation_guidance_scale: float
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    adamw_implementation: str
+    channels_last: bool
+    compile: bool
+    compile_mode: str
+    loss_log_steps: int
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """peft LoRA adapters (training/lora.py); α is resolved (`--lora_alpha`, default: the rank)."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+    train_text_encoder: bool  # the text encoder trains too: captions are encoded with gradients every step
+
+
+def target_modules(spec: str) -> tuple[str, ...]:
+    """`--lora_target_modules` 'to_k, to_q' -> ('to_k', 'to_q')."""
+    return tuple(name.strip() for name in spec.split(",") if name.strip())
+
+
+def lora_settings(args: argparse.Namespace) -> Optional[LoraSettings]:
+    if args.lora_rank is None:
+        return None
+    return LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha or args.lora_rank, dropout=args.lora_dropout,
+                        target_modules=target_modules(args.lora_target_modules),
+                        train_text_encoder=args.train_text_encoder_lora)
+
+
+@dataclass(frozen=True)
+class BucketSettings:
+    """Aspect-ratio bucketing (training/bucketing.py): bucket sides in pixels."""
+
+    min_bucket_reso: int
+    max_bucket_reso: int
+    bucket_reso_steps: int
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    model: ModelSettings
+    data: DataSettings
+    optim: OptimSettings
+    output: OutputSettings
+    validation: ValidationSettings
+    speed: SpeedSettings
+    lora: Optional[LoraSettings]
+    bucket: Optional[BucketSettings]
+    flags: dict[str, Any]  # the flags as given: a record for the trackers and model cards, not read otherwise
+
+    @property
+    def text_encoder_trains(self) -> bool:
+        """The text encoder's LoRA adapters train: captions are encoded with gradients, never cached."""
+        return self.lora is not None and self.lora.train_text_encoder
+
+    def record(self, names) -> dict[str, Any]:
+        """The named flags as given (a model card's hyperparameter table)."""
+        return {name: self.flags[name] for name in names}
+
+    def tracker_config(self) -> dict[str, Any]:
+        """The flags with a scalar value, for the trackers."""
+        return {k: v for k, v in self.flags.items() if isinstance(v, (int, float, str, bool))}
+
+
+def training_settings(args: argparse.Namespace) -> TrainingSettings:
+    """The typed settings of checked flags (train_text2img's `parse_args`)."""
+    return TrainingSettings(
+        model=_from_flags(ModelSettings, args), data=_from_flags(DataSettings, args),
+        optim=_from_flags(OptimSettings, args), output=_from_flags(OutputSettings, args),
+        validation=_from_flags(ValidationSettings, args), speed=_from_flags(SpeedSettings, args),
+        lora=lora_settings(args), bucket=_from_flags(BucketSettings, args) if args.enable_bucket else None,
+        flags=dict(vars(args)),
+    )
