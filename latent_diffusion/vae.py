@@ -23,12 +23,22 @@ def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def scale_latents(vae, z_vae: torch.Tensor) -> torch.Tensor:
+    """z = (z_VAE − shift) · scale: the VAE's latents in the UNet's (unit-variance) space (LDM §4.3, SD3's shift)."""
+    scale, shift = latent_scale(vae)
+    return (z_vae - shift) * scale
+
+
+def unscale_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """z_VAE = z / scale + shift, the inverse of `scale_latents`."""
+    scale, shift = latent_scale(vae)
+    return z / scale + shift
+
+
 def encode_images(vae, pixels: torch.Tensor, generator: Optional[torch.Generator] = None, sample: bool = True) -> torch.Tensor:
     """(B, 3, H, W) pixels in [-1, 1] -> (B, C, H/f, W/f) scaled latents, sampled from the posterior or its mean."""
-    scale, shift = latent_scale(vae)
     dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    z = dist.sample(generator) if sample else dist.mean
-    return (z - shift) * scale
+    return scale_latents(vae, dist.sample(generator) if sample else dist.mean)
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -81,9 +91,8 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """z_vae = z / scale + shift (the inverse of `encode_images`' scaling), decoded in the VAE's dtype."""
-    scale, shift = latent_scale(vae)
-    return vae.decode(latents.to(vae.dtype) / scale + shift).sample  # (B, 3, H, W)
+    """Scaled latents decoded in the VAE's dtype (`unscale_latents` first)."""
+    return vae.decode(unscale_latents(vae, latents.to(vae.dtype))).sample  # (B, 3, H, W)
 
 
 def upcast_half_vae(vae, enabled: bool = True):
