@@ -76,7 +76,7 @@ def measure(train_args: list[str], steps: int, warmup: int) -> tuple[float, floa
     optimizer, lr_scheduler = T.make_optimizer(args, accelerator, models.unet, 10**6)
     unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
     trainee = T.Trainee(unet, optimizer, lr_scheduler, None)
-    loss_fn = DenoisingLoss(models.schedule.prediction_type)
+    loss_fn = DenoisingLoss(models.schedule, noise_offset=args.noise_offset)
     state, done, samples, timed = TrainingState(), 0, 0, 0.0
     while done < warmup + steps:
         loader = T.epoch_loader(args, accelerator, data, state)

@@ -1,7 +1,8 @@
 """The VAE's latent space: latent scaling, encode, decode, and the size multiple images must have.
 
 z_unet = (z_vae − shift) · scale with both read from the VAE's config (no magic 0.18215); one
-place decides when a half-precision VAE runs in float32 (`upcast_half_vae`, `decode_latents`).
+rule decides when a half-precision VAE runs in float32 (`half_vae_runs_in_float32`), and one
+context casts it there and back (`float32_vae`): `upcast_half_vae` and `decode_latents` use both.
 """
 from __future__ import annotations
 
@@ -22,54 +23,84 @@ def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def scale_latents(vae, z_vae: torch.Tensor) -> torch.Tensor:
+    """z = (z_VAE − shift) · scale: the VAE's latents in the UNet's (unit-variance) space (LDM §4.3, SD3's shift)."""
+    scale, shift = latent_scale(vae)
+    return (z_vae - shift) * scale
+
+
+def unscale_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """z_VAE = z / scale + shift, the inverse of `scale_latents`."""
+    scale, shift = latent_scale(vae)
+    return z / scale + shift
+
+
 def encode_images(vae, pixels: torch.Tensor, generator: Optional[torch.Generator] = None, sample: bool = True) -> torch.Tensor:
     """(B, 3, H, W) pixels in [-1, 1] -> (B, C, H/f, W/f) scaled latents, sampled from the posterior or its mean."""
-    scale, shift = latent_scale(vae)
     dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    z = dist.sample(generator) if sample else dist.mean
-    return (z - shift) * scale
+    return scale_latents(vae, dist.sample(generator) if sample else dist.mean)
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def is_half(module) -> bool:
+    """Whether a module's weights are float16 or bfloat16."""
+    return module.dtype in HALF_DTYPES
+
+
+def half_vae_runs_in_float32(vae, force_upcast: bool = True, overflowed: bool = False) -> bool:
+    """The one rule for when a half-precision VAE runs in float32 instead of its own dtype.
+
+    A float16 VAE whose config sets `force_upcast` (SDXL's, which overflows in fp16; diffusers'
+    rule) when `force_upcast` applies to this call, and any half VAE whose decode `overflowed`
+    (inf/NaN: the black images of fp16 SD VAEs). A float32 VAE always stays as it is.
+    """
+    if not is_half(vae):
+        return False
+    configured = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    return overflowed or (force_upcast and configured)
+
+
+@contextlib.contextmanager
+def float32_vae(vae, enabled: bool = True):
+    """Run the block with the VAE cast to float32 when `enabled`, then cast it back to its own dtype."""
+    dtype = vae.dtype
+    if enabled:
+        vae.to(torch.float32)
+    try:
+        yield
+    finally:
+        if enabled:
+            vae.to(dtype)
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) scaled latents -> (B, 3, h·f, w·f) pixels in [-1, 1] (not clamped).
 
-    A half-precision VAE whose decode overflows (inf/NaN: the black images of fp16 SD VAEs) decodes
-    again in float32; the pixels then come back in float32.
+    A half-precision VAE whose decode overflows decodes again in float32 (`half_vae_runs_in_float32`);
+    the pixels then come back in float32. Latents are cast to the VAE's dtype, so they follow an upcast.
     """
-    scale, shift = latent_scale(vae)
-    pixels = vae.decode(latents.to(vae.dtype) / scale + shift).sample  # (B, 3, H, W)
-    if vae.dtype in (torch.float16, torch.bfloat16) and not bool(torch.isfinite(pixels).all()):
-        return decode_latents_fp32(vae, latents)
+    pixels = _decode(vae, latents)
+    overflowed = is_half(vae) and not bool(torch.isfinite(pixels).all())
+    if half_vae_runs_in_float32(vae, force_upcast=False, overflowed=overflowed):
+        warnings.warn(f"the {vae.dtype} VAE decode overflowed (inf/NaN); decoding again in float32", stacklevel=2)
+        with float32_vae(vae):
+            return _decode(vae, latents)
     return pixels
 
 
-def decode_latents_fp32(vae, latents: torch.Tensor) -> torch.Tensor:
-    """decode_latents with the VAE cast to float32 for this one call (its dtype is restored after)."""
-    scale, shift = latent_scale(vae)
-    dtype = vae.dtype
-    warnings.warn(f"the {dtype} VAE decode overflowed (inf/NaN); decoding again in float32", stacklevel=3)
-    try:
-        vae.to(torch.float32)
-        return vae.decode(latents.to(torch.float32) / scale + shift).sample  # (B, 3, H, W)
-    finally:
-        vae.to(dtype)
+def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents decoded in the VAE's dtype (`unscale_latents` first)."""
+    return vae.decode(unscale_latents(vae, latents.to(vae.dtype))).sample  # (B, 3, H, W)
 
 
-@contextlib.contextmanager
 def upcast_half_vae(vae, enabled: bool = True):
-    """Run the block with a float16 VAE whose config sets `force_upcast` in float32, then cast it back.
-
-    SDXL's VAE overflows in float16 (diffusers' StableDiffusionXLPipeline upcasts it the same way);
-    `decode_latents` casts the latents to the VAE's dtype, so they follow.
+    """Run the block with a float16 VAE whose config sets `force_upcast` in float32 (`half_vae_runs_in_float32`
+    with force_upcast=`enabled`), then cast it back; SDXL's VAE overflows in float16, and diffusers'
+    StableDiffusionXLPipeline upcasts it the same way.
     """
-    upcast = enabled and vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
-    if upcast:
-        vae.to(torch.float32)
-    try:
-        yield
-    finally:
-        if upcast:
-            vae.to(torch.float16)
+    return float32_vae(vae, half_vae_runs_in_float32(vae, force_upcast=enabled))
 
 
 def latent_size_multiple(vae, unet) -> int:

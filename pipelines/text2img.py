@@ -22,7 +22,7 @@ from diffusers.utils import BaseOutput
 
 from latent_diffusion.formats.assets import default_model_path
 from latent_diffusion.checks import check_all_finite, check_choice, check_finite, check_image_side, check_int
-from latent_diffusion.vae import decode_latents, latent_size_multiple, upcast_half_vae, vae_scale_factor
+from latent_diffusion.vae import decode_latents, is_half, latent_size_multiple, upcast_half_vae, vae_scale_factor
 from latent_diffusion.diffusion.guidance import guide
 from latent_diffusion.formats.model_files import check_model_path
 from latent_diffusion.text.conditioners import Conditioning, conditioner_for
@@ -124,7 +124,7 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         half-precision folder would otherwise run with a float16 text encoder on the CPU.
         """
         for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
-            if module is not None and module.dtype in (torch.float16, torch.bfloat16):
+            if module is not None and is_half(module):
                 module.to(torch.float32)
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs):

@@ -207,14 +207,47 @@ def test_conversions_round_trip():
 def test_denoising_loss():
     ab = alpha_bars(seed=6)
     x0, eps, out = rand(4, 3, 4, 4, seed=15), rand(4, 3, 4, 4, seed=16), rand(4, 3, 4, 4, seed=17)
-    assert torch.allclose(DenoisingLoss("epsilon")(out, x0, eps, ab), F.mse_loss(out.float(), eps.float()))
+    eps_loss, v_loss = DenoisingLoss(linear_schedule("epsilon")), DenoisingLoss(linear_schedule("v_prediction"))
+    assert torch.allclose(eps_loss.weighted_mse(out, x0, eps, ab), F.mse_loss(out.float(), eps.float()))
     v = v_from_x0_eps(x0, eps, ab)
-    assert torch.allclose(DenoisingLoss("v_prediction")(out, x0, eps, ab), F.mse_loss(out.float(), v.float()))
-    weighted = DenoisingLoss("epsilon", snr_gamma=5.0)(out, x0, eps, ab)
+    assert torch.allclose(v_loss.weighted_mse(out, x0, eps, ab), F.mse_loss(out.float(), v.float()))
+    weighted = DenoisingLoss(linear_schedule("epsilon"), snr_gamma=5.0).weighted_mse(out, x0, eps, ab)
     per_sample = (out - eps).pow(2).mean(dim=(1, 2, 3))
     expected = (min_snr_weight(ab.reshape(-1), 5.0, "epsilon") * per_sample).mean()
     assert torch.allclose(weighted.double(), expected, rtol=1e-5)
     with pytest.raises(ValueError, match="prediction_type"):
-        DenoisingLoss("flow")
+        DenoisingLoss(linear_schedule("flow"))
     with pytest.raises(ValueError, match="snr_gamma"):
-        DenoisingLoss("epsilon", snr_gamma=0.0)
+        DenoisingLoss(linear_schedule("epsilon"), snr_gamma=0.0)
+
+
+def linear_schedule(prediction_type):
+    return NoiseSchedule.from_config({**CONFIGS["linear"], "prediction_type": prediction_type})
+
+
+@pytest.mark.parametrize("noise_offset", [0.0, 0.1])
+def test_denoising_loss_is_algorithm_1(noise_offset):
+    """DenoisingLoss draws t, then ε, then the offset, from the generator, noises z_0 and scores net(z_t, t, c)."""
+    schedule = linear_schedule("v_prediction")
+    loss_fn = DenoisingLoss(schedule, snr_gamma=5.0, noise_offset=noise_offset)
+    z0, cond = rand(3, 4, 2, 2, seed=18, dtype=torch.float32), object()
+    seen = []
+
+    def net(z_t, t, c):
+        seen.append((z_t, t, c))
+        return z_t * 0.5
+
+    per_sample = loss_fn(net, z0, cond, torch.Generator().manual_seed(3), reduce=False)
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 1000, (3,), generator=g)
+    eps = torch.randn(z0.shape, generator=g)
+    if noise_offset:
+        eps = eps + noise_offset * torch.randn((3, 4, 1, 1), generator=g)
+    ab = gather(schedule.alphas_cumprod, t, z0)
+    z_t = q_sample(z0, eps, ab)
+    (got_z_t, got_t, got_cond), = seen
+    assert got_cond is cond and torch.equal(got_t, t) and torch.equal(got_z_t, z_t)
+    weights = min_snr_weight(ab.reshape(-1), 5.0, "v_prediction")
+    expected = weights * (z_t * 0.5 - v_from_x0_eps(z0, eps, ab)).pow(2).mean(dim=(1, 2, 3))
+    assert per_sample.shape == (3,) and torch.allclose(per_sample, expected)
+    assert torch.equal(loss_fn(net, z0, cond, torch.Generator().manual_seed(3)), per_sample.mean())

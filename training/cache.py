@@ -43,7 +43,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from latent_diffusion.text.encoding import encode_prompts
-from latent_diffusion.vae import latent_scale, vae_scale_factor
+from latent_diffusion.vae import latent_scale, scale_latents, vae_scale_factor
 from latent_diffusion.training.data import (ImageTransform, caption_variants, crop_box, decode_image, draw_flip, pick_caption_index,
                    sample_generator)
 from latent_diffusion.text.conditioners import SDXLConditioner
@@ -103,9 +103,8 @@ def cache_key(vae, text_encoder, tokenizer, *, resolution: int, center_crop: boo
 @torch.no_grad()
 def encode_latent_moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 3, H, W) pixels -> scaled posterior (mean, std), each (B, C, H/f, W/f): z = mean + std · ε."""
-    scale, shift = latent_scale(vae)
     dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    return (dist.mean - shift) * scale, dist.std * scale
+    return scale_latents(vae, dist.mean), dist.std * latent_scale(vae)[0]  # std scales, it does not shift
 
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

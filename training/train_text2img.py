@@ -44,7 +44,7 @@ from latent_diffusion.training.data import CaptionImageDataset, ImageTransform, 
 from latent_diffusion.diffusion.losses import DenoisingLoss
 from latent_diffusion.text.conditioners import Conditioning
 from latent_diffusion.diffusion.schedules import NoiseSchedule
-from latent_diffusion.tensors import gather, randn
+from latent_diffusion.tensors import randn
 from latent_diffusion.training.args import parse_args
 from latent_diffusion.training.settings import OutputSettings, TrainingSettings, training_settings
 from latent_diffusion.training.batches import epoch_batches, step_groups, steps_per_epoch
@@ -337,7 +337,7 @@ def train(settings: TrainingSettings, accelerator: Accelerator, models: Models, 
     """Run optimizer steps until `max_steps`, checkpointing and validating on the way."""
     opt, out, val = settings.optim, settings.output, settings.validation
     unet, ema = trainee.unet, trainee.ema
-    loss_fn = DenoisingLoss(models.schedule.prediction_type, opt.snr_gamma)
+    loss_fn = DenoisingLoss(models.schedule, opt.snr_gamma, opt.noise_offset)
     bar = tqdm(total=max_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process)
     losses = LossMeter(settings.speed.loss_log_steps)  # the loss is read back from the device every N steps
     while state.global_step < max_steps:
@@ -416,12 +416,11 @@ def train_step(settings: TrainingSettings, accelerator: Accelerator, models: Mod
                micro_batches: list, generator: torch.Generator) -> torch.Tensor:
     """One optimizer step over the accumulated micro-batches; the mean loss over processes (0-d, on the device)."""
     unet, optimizer, lr_scheduler = trainee.unet, trainee.optimizer, trainee.lr_scheduler
-    schedule = models.schedule
     losses = []
     for batch in micro_batches:
         with accelerator.accumulate(unet):
             latents, cond = batch_inputs(batch, models, accelerator.device, generator, settings.data.resolution)
-            loss = denoising_loss(unet, latents, cond, schedule, loss_fn, generator, settings.optim.noise_offset)
+            loss = denoising_loss(unet, latents, cond, loss_fn, generator)
             accelerator.backward(loss)
             if accelerator.sync_gradients and settings.optim.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(unet.parameters(), settings.optim.max_grad_norm)
@@ -452,24 +451,15 @@ def batch_inputs(batch: dict, models: Models, device, generator: torch.Generator
     return z0, batch_conditioning(batch, context, resolution, device)
 
 
-def denoising_loss(unet, z0: torch.Tensor, cond: Conditioning, schedule: NoiseSchedule, loss_fn: DenoisingLoss,
-                   generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
-    """Algorithm 1 of DDPM in latent space.
+def denoising_loss(unet, z0: torch.Tensor, cond: Conditioning, loss_fn: DenoisingLoss,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Algorithm 1 of DDPM in latent space (`DenoisingLoss`), with the UNet called on z_t, t and the conditioning."""
+    return loss_fn(partial(unet_prediction, unet), z0, cond, generator)
 
-    t ~ U{0..T−1}, ε ~ N(0, I), z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε, loss = w(t) ‖target − UNet(z_t, t, c)‖².
-    """
-    from latent_diffusion.diffusion.gaussian import q_sample
 
-    batch = z0.shape[0]
-    t_host = torch.randint(0, schedule.num_train_timesteps, (batch,), generator=generator)  # (B,)
-    t = t_host.to(z0.device)
-    noise = randn(tuple(z0.shape), generator, z0.dtype, z0.device)  # (B, C, h, w)
-    if noise_offset:  # offset noise: a per-channel constant shift (Guttenberg 2023)
-        noise = noise + noise_offset * randn((batch, z0.shape[1], 1, 1), generator, z0.dtype, z0.device)
-    alpha_bar = gather(schedule.alphas_cumprod, t_host, z0)  # (B, 1, 1, 1); indexed on the host: no sync
-    z_t = q_sample(z0, noise, alpha_bar)
-    model_output = unet(z_t, t, encoder_hidden_states=cond.context, added_cond_kwargs=cond.added_cond_kwargs()).sample
-    return loss_fn(model_output, z0, noise, alpha_bar)
+def unet_prediction(unet, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """The UNet's ε, v or x_0 prediction at (z_t, t) given the text (and SDXL's added) conditioning, (B, C, h, w)."""
+    return unet(z_t, t, encoder_hidden_states=cond.context, added_cond_kwargs=cond.added_cond_kwargs()).sample
 
 
 def log_step(out: OutputSettings, accelerator: Accelerator, state: TrainingState, loss: Optional[float], lr_scheduler,

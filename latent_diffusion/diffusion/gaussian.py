@@ -16,12 +16,32 @@ def q_sample(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> 
     return alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * noise
 
 
+def step_beta(alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor) -> torch.Tensor:
+    """β_t = 1 − α_t with α_t = ᾱ_t / ᾱ_{t−1} (DDPM §2; for a strided step t -> s, β_t|s = 1 − ᾱ_t / ᾱ_s)."""
+    return 1.0 - alpha_bar / alpha_bar_prev
+
+
 def posterior_variance(alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor) -> torch.Tensor:
-    """β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t (DDPM eq. 7), with β_t = 1 − ᾱ_t / ᾱ_{t−1} (so strided steps work too).
+    """β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t (DDPM eq. 7), β_t from `step_beta` (so strided steps work too).
 
     The one definition of β̃: q_posterior's variance, DDPM's "fixed_small" σ_t², and DDIM's σ_t(η)² / η² (DDIM eq. 16).
     """
-    return (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * (1.0 - alpha_bar / alpha_bar_prev)
+    return (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * step_beta(alpha_bar, alpha_bar_prev)
+
+
+def posterior_mean_coefficients(
+    alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients of μ̃_t = c_0 x_0 + c_t x_t (DDPM eq. 7), with α_t = ᾱ_t/ᾱ_{t−1} for strided steps.
+
+    c_0 = √ᾱ_{t−1} β_t / (1 − ᾱ_t),   c_t = √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t).
+    The one definition of μ̃: `q_posterior` and DDPM sampling (Algorithm 2) both use it.
+    """
+    alpha = alpha_bar / alpha_bar_prev
+    beta = step_beta(alpha_bar, alpha_bar_prev)  # = 1 − α_t, the same float
+    coef_x0 = alpha_bar_prev.sqrt() * beta / (1.0 - alpha_bar)
+    coef_xt = alpha.sqrt() * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
+    return coef_x0, coef_xt
 
 
 def q_posterior(
@@ -29,13 +49,10 @@ def q_posterior(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean μ̃_t and variance β̃_t of q(x_{t−1} | x_t, x_0) (DDPM eq. 6–7).
 
-    μ̃_t = √ᾱ_{t−1} β_t / (1 − ᾱ_t) · x_0 + √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · x_t, with α_t = ᾱ_t / ᾱ_{t−1};
-    β̃_t: `posterior_variance`.
+    μ̃_t = c_0 x_0 + c_t x_t (`posterior_mean_coefficients`); β̃_t: `posterior_variance`.
     """
-    alpha = alpha_bar / alpha_bar_prev
-    beta = 1.0 - alpha
-    mean = (alpha_bar_prev.sqrt() * beta * x0 + alpha.sqrt() * (1.0 - alpha_bar_prev) * x_t) / (1.0 - alpha_bar)
-    return mean, posterior_variance(alpha_bar, alpha_bar_prev)
+    coef_x0, coef_xt = posterior_mean_coefficients(alpha_bar, alpha_bar_prev)
+    return coef_x0 * x0 + coef_xt * x_t, posterior_variance(alpha_bar, alpha_bar_prev)
 
 
 def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:

@@ -120,3 +120,12 @@ class NoiseSchedule:
 def snr(alpha_bar: torch.Tensor) -> torch.Tensor:
     """SNR = ᾱ / (1 − ᾱ) (Kingma et al. 2021)."""
     return alpha_bar / (1.0 - alpha_bar)
+
+
+def half_log_snr(alpha: float, sigma: float) -> float:
+    """λ = log(α/σ) = ½ log SNR, with α = √ᾱ and σ = √(1 − ᾱ) (Lu et al. 2022, DPM-Solver eq. 3.1; +∞ at σ = 0).
+
+    The one definition of λ: DPM-Solver++'s and UniPC's step sizes h = λ_t − λ_s and DPM-Solver++'s
+    `lambda_min_clipped` all read it. Computed as log α − log σ on floats, as diffusers does.
+    """
+    return math.inf if sigma == 0.0 else math.log(alpha) - math.log(sigma)

@@ -204,12 +204,6 @@ class Sampler:
             x = after_step(callback, i, ts[i], x)
         return x.to(x_T.dtype)
 
-    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x at timesteps[0] for a run that starts there (img2img, SDEdit): q(x_t | x_0), Ho et al. 2020 eq. 4."""
-        t = self._check_timesteps(timesteps)[:1]
-        alpha_bar = gather(self.schedule.alphas_cumprod, t, z0)
-        return q_sample(z0, noise, alpha_bar)
-
     def _check_steps(self, num_inference_steps: int) -> None:
         check_num_inference_steps(num_inference_steps, self.schedule.num_train_timesteps)
 

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 
 from latent_diffusion.checks import check_choice
-from latent_diffusion.diffusion.gaussian import posterior_variance
+from latent_diffusion.diffusion.gaussian import posterior_mean_coefficients, posterior_variance, step_beta
 from latent_diffusion.tensors import randn
 from latent_diffusion.diffusion.samplers.base import Run, Sampler
 
@@ -27,24 +27,10 @@ def previous_alpha_bars(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -
     return torch.cat([prev, prev.new_ones(1)])
 
 
-def posterior_mean_coefficients(
-    alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Coefficients of μ̃_t = c_0 x_0 + c_t x_t (DDPM eq. 7), with α_t = ᾱ_t/ᾱ_{t−1} for strided steps.
-
-    c_0 = √ᾱ_{t−1} β_t / (1 − ᾱ_t),   c_t = √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t).
-    """
-    alpha = alpha_bar / alpha_bar_prev
-    beta = 1.0 - alpha
-    coef_x0 = alpha_bar_prev.sqrt() * beta / (1.0 - alpha_bar)
-    coef_xt = alpha.sqrt() * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
-    return coef_x0, coef_xt
-
-
 def ancestral_std(alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor, variance_type: str) -> torch.Tensor:
     """σ_t of Algorithm 2: √β̃_t ("fixed_small", the posterior's, `gaussian.posterior_variance`) or √β_t ("fixed_large", DDPM §3.2)."""
     if variance_type == "fixed_large":
-        return (1.0 - alpha_bar / alpha_bar_prev).sqrt()
+        return step_beta(alpha_bar, alpha_bar_prev).sqrt()
     return posterior_variance(alpha_bar, alpha_bar_prev).clamp(min=MIN_VARIANCE).sqrt()
 
 
@@ -78,7 +64,7 @@ class DDPMSampler(Sampler):
         x0 = run.predict(i, x).x0  # (B, C, H, W)
         if self.clip_sample:
             x0 = x0.clamp(-r, r)
-        # 2. μ̃_t(x_t, x̂_0) = c_0 x̂_0 + c_t x_t (DDPM eq. 7)
+        # 2. μ̃_t(x_t, x̂_0) = c_0 x̂_0 + c_t x_t (DDPM eq. 7; c_0, c_t from gaussian.posterior_mean_coefficients)
         x = c.coef_x0[i] * x0 + c.coef_xt[i] * x
         # 3. x_{t−1} = μ̃_t + σ_t z, z ~ N(0, I), except when t = 0 (Algorithm 2, lines 3–4)
         if c.noisy[i]:

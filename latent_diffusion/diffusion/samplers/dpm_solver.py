@@ -25,11 +25,7 @@ from latent_diffusion.checks import check_choice
 from latent_diffusion.diffusion.samplers.base import Run
 from latent_diffusion.diffusion.samplers.sigmas import MultistepSigmaSampler
 from latent_diffusion.diffusion.samplers.timesteps import solver_timesteps
-
-
-def half_log_snr(alpha: float, sigma: float) -> float:
-    """λ = log α − log σ, half the log-SNR (Lu et al. 2022, DPM-Solver §3.1); +∞ at σ = 0."""
-    return math.inf if sigma == 0.0 else math.log(alpha) - math.log(sigma)
+from latent_diffusion.diffusion.schedules import half_log_snr
 
 
 def first_order_coefficients(h: float, alpha_t: float, sigma_t: float, sigma_s: float) -> tuple[float, float]:
@@ -130,7 +126,8 @@ class DPMSolverSampler(MultistepSigmaSampler):
 
     def default_plan(self, num_inference_steps: int) -> torch.Tensor:
         alphas_cumprod = self.alphas_cumprod()
-        lambdas = 0.5 * (alphas_cumprod.log() - (1.0 - alphas_cumprod).log())  # (T,) λ_t
+        lambdas = torch.tensor([half_log_snr(math.sqrt(a), math.sqrt(1.0 - a)) for a in alphas_cumprod.tolist()],
+                               dtype=alphas_cumprod.dtype)  # (T,) λ_t
         clipped = int(torch.searchsorted(lambdas.flip(0), torch.tensor([self.lambda_min_clipped], dtype=lambdas.dtype)))
         num_train = self.schedule.num_train_timesteps
         last = num_train - clipped

@@ -25,6 +25,7 @@ import torch
 
 from latent_diffusion.checks import check_choice
 from latent_diffusion.diffusion.gaussian import q_sample
+from latent_diffusion.diffusion.schedules import half_log_snr
 from latent_diffusion.tensors import append_dims
 from latent_diffusion.diffusion.samplers.base import Sampler, check_timestep_range
 from latent_diffusion.diffusion.samplers.timesteps import euler_timesteps
@@ -197,7 +198,7 @@ class MultistepSigmaSampler(SigmaScheduleSampler):
         final = 1.0 if getattr(self, "final_sigmas_type", "zero") == "zero" else self.schedule.alphas_cumprod[0].item()
         alphas = [math.sqrt(a) for a in alpha_bar + [final]]  # α at the n timesteps and the end
         sigmas = [math.sqrt(1.0 - a) for a in alpha_bar + [final]]
-        lambdas = [math.inf if s == 0.0 else math.log(a) - math.log(s) for a, s in zip(alphas, sigmas)]  # λ = log(α/σ)
+        lambdas = [half_log_snr(a, s) for a, s in zip(alphas, sigmas)]  # λ = log(α/σ)
         return alpha_bar, alphas, sigmas, lambdas
 
 
