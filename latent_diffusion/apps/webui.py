@@ -35,13 +35,12 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-import torch
 from PIL import Image
 
 from latent_diffusion.checks import check_finite, check_int
 from latent_diffusion.diffusion.sdedit import IMG2IMG_STRENGTH
 from latent_diffusion.formats.pngmeta import read_png_metadata, save_png
-from latent_diffusion.settings import GenerationSettings
+from latent_diffusion.settings import EMBEDDED_MODEL, GenerationSettings
 
 RANDOM_SEED = -1  # the seed field's "random" choice
 MAX_SEED = 2**31 - 1  # random seeds are drawn from [0, MAX_SEED]
@@ -216,7 +215,7 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
 
     first = read_png_metadata(example[0]) if example else {}
     with gr.Blocks(title="latent-diffusion") as demo:
-        gr.Markdown(f"## latent-diffusion\nModel: `{studio.model or 'embedded default'}`")
+        gr.Markdown(f"## latent-diffusion\nModel: `{studio.model or EMBEDDED_MODEL}`")
         with gr.Row():
             with gr.Column(scale=2):
                 fields = _settings_form(gr, studio.defaults(), first.get("prompt", ""))
@@ -232,48 +231,59 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
                 files = gr.File(label="PNG files (with their generation settings)", file_count="multiple",
                                 value=[str(path) for path in example or []], interactive=False)
         form = [fields[name] for name in FORM_FIELDS]
-
-        def generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height, num_images=1,
-                     progress=gr.Progress(), image=None, strength=None, mask_image=None, lora_scale=None,
-                     clip_skip=None):
-            """Generate images; returns the PNG file(s), each with its settings in its metadata.
-
-            The image inputs, clip skip and the LoRA strength are explicit keywords defaulting to None, so the
-            API marks them optional.
-            """
-            given = {"image": image, "strength": strength, "mask_image": mask_image}
-            image_inputs = {name: given[name] for name in offered}  # only those the pipeline takes
-            if image is None:  # text-to-image: the strength slider and an empty mask mean nothing
-                image_inputs = {}
-            if "mask_image" in image_inputs:
-                image_inputs["mask_image"] = mask_from_editor(image_inputs["mask_image"])
-            try:
-                paths = studio.generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height,
-                                        1 if num_images is None else int(num_images),
-                                        on_step=lambda done, total: progress((done, total), desc="denoising"),
-                                        lora_scale=lora_scale, clip_skip=clip_skip, **image_inputs)
-                return [str(path) for path in paths]
-            except ValueError as error:
-                raise gr.Error(page_message(error)) from None
-
-        def show(paths):
-            items = gallery_items(paths or [])
-            return items, "  \n".join(caption for _, caption in items)
-
-        def reuse_settings(png):
-            """Read a generated PNG's settings into the form (prompt, ..., height)."""
-            try:
-                return form_values(read_png_metadata(png))
-            except (ValueError, OSError) as error:
-                raise gr.Error(page_message(error)) from None
-
-        offered = tuple(image_inputs)
+        generate = _page_generate(gr, studio, tuple(image_inputs))
         gr.on([run.click, fields["prompt"].submit], generate, inputs=form + [fields["num_images"]],
               inputs_kwargs={**extra_inputs, **image_inputs}, outputs=files, api_name="generate", concurrency_limit=1
-              ).success(show, inputs=files, outputs=[gallery, used], api_visibility="private")
+              ).success(_show, inputs=files, outputs=[gallery, used], api_visibility="private")
         fields["random_seed"].click(lambda: RANDOM_SEED, outputs=fields["seed"], api_visibility="private")
-        reuse.upload(reuse_settings, inputs=reuse, outputs=form, api_name="reuse_settings")
+        reuse.upload(_reuse_settings(gr), inputs=reuse, outputs=form, api_name="reuse_settings")
     return demo.queue(max_size=max_queue, default_concurrency_limit=1)
+
+
+def _page_generate(gr, studio: Studio, offered: tuple[str, ...]) -> Callable:
+    """The page's and the API's `generate`, offering the image inputs named in `offered`."""
+
+    def generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height, num_images=1,
+                 progress=gr.Progress(), image=None, strength=None, mask_image=None, lora_scale=None,
+                 clip_skip=None):
+        """Generate images; returns the PNG file(s), each with its settings in its metadata.
+
+        The image inputs, clip skip and the LoRA strength are explicit keywords defaulting to None, so the
+        API marks them optional.
+        """
+        given = {"image": image, "strength": strength, "mask_image": mask_image}
+        image_inputs = {name: given[name] for name in offered}  # only those the pipeline takes
+        if image is None:  # text-to-image: the strength slider and an empty mask mean nothing
+            image_inputs = {}
+        if "mask_image" in image_inputs:
+            image_inputs["mask_image"] = mask_from_editor(image_inputs["mask_image"])
+        try:
+            paths = studio.generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height,
+                                    1 if num_images is None else int(num_images),
+                                    on_step=lambda done, total: progress((done, total), desc="denoising"),
+                                    lora_scale=lora_scale, clip_skip=clip_skip, **image_inputs)
+            return [str(path) for path in paths]
+        except ValueError as error:
+            raise gr.Error(page_message(error)) from None
+
+    return generate
+
+
+def _show(paths):
+    """The gallery's items and the settings line of the PNGs just made."""
+    items = gallery_items(paths or [])
+    return items, "  \n".join(caption for _, caption in items)
+
+
+def _reuse_settings(gr) -> Callable:
+    def reuse_settings(png):
+        """Read a generated PNG's settings into the form (prompt, ..., height)."""
+        try:
+            return form_values(read_png_metadata(png))
+        except (ValueError, OSError) as error:
+            raise gr.Error(page_message(error)) from None
+
+    return reuse_settings
 
 
 FORM_FIELDS = ("prompt", "negative_prompt", "sampler", "steps", "guidance", "seed", "width", "height")  # form_values' order
