@@ -147,12 +147,14 @@ def batch_pipeline_kwargs(requests: Sequence[GenerationSettings]) -> dict[str, A
     """One pipeline call for several requests that differ only in prompt, negative prompt and seed.
 
     The prompts (each request's n times) and one seeded generator per image, in order; the rest from the
-    first request. ValueError when the requests differ in anything else.
+    first request. ValueError when the requests differ in anything else (pictures: by identity).
     """
     import torch
 
     first = requests[0]
-    shared = lambda r: r.replace(prompt="", negative_prompt=None, seed=0, n=1)  # noqa: E731
+    def shared(r: GenerationSettings) -> GenerationSettings:  # pictures by identity: tensors have no truth value
+        return r.replace(prompt="", negative_prompt=None, seed=0, n=1, image=id(r.image), mask=id(r.mask))
+
     if any(shared(r) != shared(first) for r in requests[1:]):
         raise ValueError("requests: one pipeline call takes requests that differ only in prompt, negative prompt "
                          "and seed")

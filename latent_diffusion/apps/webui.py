@@ -182,7 +182,8 @@ def form_values(metadata: dict[str, str]) -> list[Any]:
     try:
         settings = GenerationSettings.from_png_metadata(metadata)
     except ValueError as error:
-        raise ValueError(f"{error}; reuse settings reads PNGs made by this page or `latent-diffusion generate`") from None
+        raise ValueError(f"{error}; reuse settings reads PNGs made by this page or `latent-diffusion generate`"
+                         ) from None
     return [settings.prompt, settings.negative_prompt or "", settings.sampler, settings.steps, settings.guidance,
             settings.seed, settings.width, settings.height]
 
