@@ -152,6 +152,7 @@ def batch_pipeline_kwargs(requests: Sequence[GenerationSettings]) -> dict[str, A
     import torch
 
     first = requests[0]
+
     def shared(r: GenerationSettings) -> GenerationSettings:  # pictures by identity: tensors have no truth value
         return r.replace(prompt="", negative_prompt=None, seed=0, n=1, image=id(r.image), mask=id(r.mask))
 
