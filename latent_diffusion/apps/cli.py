@@ -69,8 +69,8 @@ def _add_generate(commands) -> None:
     p.add_argument("--n", type=int, default=1, help="number of images")
     p.add_argument("--image", default=None, help="input image (PNG, JPEG…) for image-to-image; its size is the default")
     p.add_argument("--strength", type=float, default=None,
-                   help=f"with --image: how much to change it, in (0, 1] (default {IMG2IMG_STRENGTH:g}; "
-                        f"with --mask {INPAINT_STRENGTH:g})")
+                   help=f"with --image: how much to change it, in (0, 1] (default {IMG2IMG_STRENGTH}; "
+                        f"with --mask {INPAINT_STRENGTH})")
     p.add_argument("--mask", default=None, help="with --image: inpainting mask, white = repaint, black = keep")
     p.add_argument("--device", default=None, help="cpu, cuda, mps… (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=DTYPES,
