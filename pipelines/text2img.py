@@ -29,6 +29,7 @@ from latent_diffusion.text.conditioners import Conditioning, conditioner_for
 from latent_diffusion.diffusion.samplers import SAMPLER_NAMES, Denoiser, check_sigma_schedule, get_sampler
 from latent_diffusion.diffusion.schedules import NoiseSchedule
 from latent_diffusion.pipelines.tracing import TracedUNet
+from latent_diffusion.settings import FALLBACK_DEFAULTS
 from latent_diffusion.tensors import randn
 
 from latent_diffusion.pipelines.image_inputs import check_image_arguments, default_size, prepare_image_edit
@@ -41,7 +42,6 @@ TRACE_MAX_PARAMETERS = 50_000_000  # the embedded model is ~4M; SD 1.5's UNet is
 # (benchmarks/RESULTS.md, "Inference"). One image of 20-50 steps never pays for it; a session of many does.
 TRACE_AFTER_CALLS = 150
 GENERATION_CONFIG = "generation_config.json"
-FALLBACK_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 7.5, "sampler": "dpm++"}
 SDXL_GUIDANCE_SCALE = 5.0  # StableDiffusionXLPipeline's default, for SDXL folders without generation_config.json
 
 NON_FINITE_HINT = ("the model or the settings diverged; try float32 instead of float16, another sampler, "
@@ -140,37 +140,20 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
 
     @torch.inference_mode()
     def __call__(
-        self,
-        prompt: Prompt,
-        negative_prompt: Optional[Prompt] = None,
-        num_inference_steps: Optional[int] = None,
-        guidance_scale: Optional[float] = None,
-        guidance_rescale: float = 0.0,
-        num_images_per_prompt: int = 1,
-        height: Optional[int] = None,
-        width: Optional[int] = None,
-        generator: Generator = None,
-        latents: Optional[torch.Tensor] = None,
-        image: Optional[Any] = None,
-        mask_image: Optional[Any] = None,
-        strength: Optional[float] = None,
-        sampler: Optional[str] = None,
-        sigma_schedule: Optional[str] = None,
-        eta: float = 0.0,
-        output_type: str = "pil",
-        callback_on_step_end: Optional[Callable[..., dict]] = None,
-        return_dict: bool = True,
-        prompt_2: Optional[Prompt] = None,
-        negative_prompt_2: Optional[Prompt] = None,
-        original_size: Optional[tuple[int, int]] = None,
-        crops_coords_top_left: Optional[tuple[int, int]] = None,
-        target_size: Optional[tuple[int, int]] = None,
-        clip_skip: Optional[int] = None,
+        self, prompt: Prompt, negative_prompt: Optional[Prompt] = None, num_inference_steps: Optional[int] = None,
+        guidance_scale: Optional[float] = None, guidance_rescale: float = 0.0, num_images_per_prompt: int = 1,
+        height: Optional[int] = None, width: Optional[int] = None, generator: Generator = None,
+        latents: Optional[torch.Tensor] = None, image: Optional[Any] = None, mask_image: Optional[Any] = None,
+        strength: Optional[float] = None, sampler: Optional[str] = None, sigma_schedule: Optional[str] = None,
+        eta: float = 0.0, output_type: str = "pil", callback_on_step_end: Optional[Callable[..., dict]] = None,
+        return_dict: bool = True, prompt_2: Optional[Prompt] = None, negative_prompt_2: Optional[Prompt] = None,
+        original_size: Optional[tuple[int, int]] = None, crops_coords_top_left: Optional[tuple[int, int]] = None,
+        target_size: Optional[tuple[int, int]] = None, clip_skip: Optional[int] = None,
     ):
         """Generate images for `prompt` (a string or a list).
 
         Unset `num_inference_steps`, `guidance_scale` and `sampler` take the model's defaults
-        (its generation_config.json; otherwise 25 steps, 7.5, "dpm++"). `sigma_schedule` ("default", "karras",
+        (its generation_config.json; otherwise FALLBACK_DEFAULTS). `sigma_schedule` ("default", "karras",
         "exponential"; unset: the scheduler config's use_karras_sigmas / use_exponential_sigmas) applies to
         euler, heun, dpm++, dpm++_sde and unipc, as in diffusers. `guidance_scale` = 1 runs the
         conditional model alone; any other value runs both branches in one batched UNet call.
@@ -197,7 +180,6 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
             height, width = default_size(self, image, height, width)
         height, width = self._check_call(steps, scale, sampler, output_type, num_images_per_prompt, height, width,
                                          sigma_schedule=sigma_schedule, guidance_rescale=guidance_rescale, eta=eta)
-        batch = len(prompts) * num_images_per_prompt
         second = _check_second_prompts(len(prompts), prompt_2, negative_prompt, negative_prompt_2)
         cond = self.encode_prompt(prompts, negatives if scale != 1.0 else None, num_images_per_prompt, **second,
                                   size=(height, width), original_size=original_size,
@@ -209,16 +191,22 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         edit = None if image is None else prepare_image_edit(
             self, solver, timesteps, image, mask_image, strength, len(prompts), num_images_per_prompt, height, width,
             generator, torch.float32, guided=scale != 1.0)  # sampler math in fp32
-        if edit is None:
-            x = self.prepare_latents(batch, height, width, torch.float32, generator, latents)  # sampler math in fp32
-            x = solver.start_from_noise(x, timesteps)  # diffusers' init_noise_sigma, in VP form
-        else:
-            timesteps, x = edit.timesteps, edit.x
+        timesteps, x = self._start(solver, timesteps, edit, (len(prompts) * num_images_per_prompt, height, width),
+                                   generator, latents)
         denoiser = Denoiser(self._guided_unet(cond, scale, guidance_rescale, edit.unet_extra if edit else None), schedule)
         x = self._sample(solver, denoiser, x, timesteps, generator, callback_on_step_end, edit)
         images = self.decode(x, output_type)
         self.maybe_free_model_hooks()
         return LatentDiffusionPipelineOutput(images=images) if return_dict else (images,)
+
+    def _start(self, solver, timesteps: torch.Tensor, edit, size: tuple[int, int, int], generator: Generator,
+               latents: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The timesteps to run and the latents they start from: an image edit's, or noise (`latents` if given)
+        for a (batch, height, width) text-to-image call."""
+        if edit is not None:
+            return edit.timesteps, edit.x
+        x = self.prepare_latents(*size, torch.float32, generator, latents)  # sampler math in fp32
+        return timesteps, solver.start_from_noise(x, timesteps)  # diffusers' init_noise_sigma, in VP form
 
     def _sample(self, solver, denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, generator: Generator,
                 callback_on_step_end: Optional[Callable[..., dict]], edit) -> torch.Tensor:

@@ -19,8 +19,9 @@ import pytest
 from PIL import Image
 
 from latent_diffusion.apps.cli import main
-from latent_diffusion.formats.pngmeta import generation_metadata, read_png_metadata, save_png
+from latent_diffusion.formats.pngmeta import read_png_metadata, save_png
 from latent_diffusion.apps.webui import RANDOM_SEED, Studio, form_values, page_message
+from latent_diffusion.settings import GenerationSettings
 
 CLI_ARGS = ["--steps", "3", "--seed", "7", "--sampler", "ddim", "--guidance", "4", "--quiet"]
 PROMPT = "a red circle above a blue square"
@@ -91,14 +92,14 @@ def test_bad_settings_are_errors_naming_the_field(studio, settings, named):
 
 
 def test_generation_metadata_fills_the_model_defaults(tiny_pipe):
-    meta = generation_metadata(tiny_pipe, prompt="p", seed=3)
+    meta = GenerationSettings(prompt="p", seed=3).resolved(tiny_pipe).png_metadata()
     d = tiny_pipe.generation_defaults
     assert (meta["sampler"], meta["steps"], meta["guidance"]) == (d["sampler"], str(d["num_inference_steps"]),
                                                                   str(d["guidance_scale"]))
     assert (meta["height"], meta["width"]) == tuple(map(str, tiny_pipe.resolve_size(None, None)))
     assert (meta["negative_prompt"], meta["eta"], meta["model"]) == ("", "0.0", "embedded default")
     with pytest.raises(ValueError, match="height"):
-        generation_metadata(tiny_pipe, prompt="p", seed=3, height=30)
+        GenerationSettings(prompt="p", seed=3, height=30).resolved(tiny_pipe)
 
 
 def test_save_png_leaves_only_the_png(tmp_path):

@@ -45,6 +45,7 @@ def run_shapes_export(args: argparse.Namespace) -> list[Path]:
 
 def _add_generate(commands) -> None:
     from latent_diffusion.diffusion.samplers import SAMPLER_NAMES, SIGMA_SCHEDULES
+    from latent_diffusion.diffusion.sdedit import IMG2IMG_STRENGTH, INPAINT_STRENGTH
 
     p = commands.add_parser("generate", help="generate images for a prompt")
     p.add_argument("prompt")
@@ -68,7 +69,8 @@ def _add_generate(commands) -> None:
     p.add_argument("--n", type=int, default=1, help="number of images")
     p.add_argument("--image", default=None, help="input image (PNG, JPEG…) for image-to-image; its size is the default")
     p.add_argument("--strength", type=float, default=None,
-                   help="with --image: how much to change it, in (0, 1] (default 0.8; with --mask 1.0)")
+                   help=f"with --image: how much to change it, in (0, 1] (default {IMG2IMG_STRENGTH}; "
+                        f"with --mask {INPAINT_STRENGTH})")
     p.add_argument("--mask", default=None, help="with --image: inpainting mask, white = repaint, black = keep")
     p.add_argument("--device", default=None, help="cpu, cuda, mps… (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=DTYPES,
@@ -84,60 +86,43 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     import torch
 
     from latent_diffusion.pipelines import LatentDiffusionPipeline
-    from latent_diffusion.formats.pngmeta import generation_metadata, image_input_metadata, save_png
+    from latent_diffusion.formats.pngmeta import save_png
 
     check_generate_args(args)  # before the model loads: a typo fails in milliseconds
-    image, mask = _read_image_inputs(args)
+    settings = generation_settings(args)
+    call = settings.pipeline_kwargs()  # opens --image / --mask before the model loads, too
     dtype = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, **dtype)
     if args.lora:
         _apply_loras(pipe, args.lora)
     pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.set_progress_bar_config(disable=args.quiet)
-    seeds = [args.seed + k for k in range(args.n)]
-    result = pipe(
-        [args.prompt] * args.n,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        guidance_rescale=args.guidance_rescale,
-        sampler=args.sampler,
-        sigma_schedule=args.sigma_schedule,
-        eta=args.eta,
-        height=args.height,
-        width=args.width,
-        generator=[torch.Generator().manual_seed(s) for s in seeds],
-        image=image,
-        mask_image=mask,
-        strength=args.strength,
-        clip_skip=args.clip_skip,
-    )
-    settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, sampler=args.sampler, steps=args.steps,
-                    guidance=args.guidance, guidance_rescale=args.guidance_rescale, eta=args.eta,
-                    height=args.height, width=args.width, model=args.model, lora=args.lora, clip_skip=args.clip_skip)
-    return [save_png(out, path, {**generation_metadata(pipe, seed=seed, **settings), **image_input_metadata(args, out)})
-            for out, path, seed in zip(result.images, output_paths(args.output, args.n), seeds)]
+    images = pipe(**call).images
+    records = settings.resolved(pipe).for_images(images)
+    return [save_png(image, path, record.png_metadata())
+            for image, path, record in zip(images, output_paths(args.output, args.n), records)]
 
 
-def _read_image_inputs(args: argparse.Namespace):
-    """The --image and --mask files as PIL images (None when not given); errors name the flag."""
-    from PIL import Image
+def generation_settings(args: argparse.Namespace):
+    """The `generate` flags as the library's GenerationSettings."""
+    from latent_diffusion.settings import GenerationSettings
 
+    return GenerationSettings(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+        guidance_rescale=args.guidance_rescale, sampler=args.sampler, sigma_schedule=args.sigma_schedule,
+        eta=args.eta, seed=args.seed, height=args.height, width=args.width, n=args.n, clip_skip=args.clip_skip,
+        image=args.image, mask=args.mask, strength=args.strength, loras=tuple(args.lora), model=args.model)
+
+
+def _check_image_flags(args: argparse.Namespace) -> None:
+    """--mask and --strength need --image; the files must exist. Errors name the flag."""
     if args.image is None:
         for flag, value in (("--mask", args.mask), ("--strength", args.strength)):
             if value is not None:
                 raise ValueError(f"{flag} needs --image (the picture to edit)")
-        return None, None
-    images = []
     for flag, path in (("--image", args.image), ("--mask", args.mask)):
-        if path is None:
-            images.append(None)
-            continue
-        if not Path(path).is_file():
+        if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{flag}: no such file {path!r}")
-        with Image.open(path) as opened:
-            images.append(opened.copy())
-    return tuple(images)
 
 
 def check_generate_args(args: argparse.Namespace) -> None:
@@ -156,6 +141,7 @@ def check_generate_args(args: argparse.Namespace) -> None:
         check_choice("--sampler", args.sampler, SAMPLER_NAMES)
     if args.strength is not None:
         check_finite("--strength", args.strength, 0, 1)
+    _check_image_flags(args)
     for flag, side in (("--height", args.height), ("--width", args.width)):
         if side is not None:
             check_int(flag, side, 1, MAX_IMAGE_SIDE)

@@ -35,11 +35,12 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-import torch
 from PIL import Image
 
 from latent_diffusion.checks import check_finite, check_int
-from latent_diffusion.formats.pngmeta import generation_metadata, read_png_metadata, save_png
+from latent_diffusion.diffusion.sdedit import IMG2IMG_STRENGTH
+from latent_diffusion.formats.pngmeta import read_png_metadata, save_png
+from latent_diffusion.settings import EMBEDDED_MODEL, GenerationSettings
 
 RANDOM_SEED = -1  # the seed field's "random" choice
 MAX_SEED = 2**31 - 1  # random seeds are drawn from [0, MAX_SEED]
@@ -104,37 +105,27 @@ class Studio:
         steps. `lora_scale` (None: 1) multiplies the loaded adapters' scales; `clip_skip` (None or 0: off) is
         the pipeline's. `image_inputs` (image,
         strength, mask_image) go to the pipeline as they are; None ones are left out. ValueError, naming
-        the argument, for bad settings.
+        the argument, for bad settings. The request is a `GenerationSettings`, as the CLI's.
         """
-        seeds = [resolve_seed(seed) + k for k in range(check_int("num_images", num_images, 1, MAX_IMAGES))]
+        unknown = sorted(set(image_inputs) - set(IMAGE_INPUTS))
+        if unknown:
+            raise ValueError(f"{unknown[0]}: not a setting; the image inputs are {', '.join(IMAGE_INPUTS)}")
+        n = check_int("num_images", num_images, 1, MAX_IMAGES)
         factor = 1.0 if lora_scale is None else check_finite("lora_scale", lora_scale, 0.0, MAX_LORA_SCALE)
         if lora_scale is not None and not self.loras:
             raise ValueError("lora_scale: no LoRA adapter is loaded (serve the pipeline with `loras`)")
-        extra = {name: value for name, value in image_inputs.items() if value is not None}
-        clip_skip = clip_skip or None  # the page's 0 means off
-        settings = dict(prompt=prompt, negative_prompt=negative_prompt or None, sampler=sampler or None, steps=steps,
-                        guidance=guidance, guidance_rescale=0.0, eta=0.0, height=height, width=width,
-                        lora=self._lora_specs(factor), clip_skip=clip_skip)
+        settings = GenerationSettings(
+            prompt=prompt, negative_prompt=negative_prompt or None, steps=steps, guidance=guidance,
+            sampler=sampler or None, seed=resolve_seed(seed), height=height, width=width, n=n,
+            clip_skip=clip_skip or None,  # the page's 0 means off
+            image=image_inputs.get("image"), mask=image_inputs.get("mask_image"), strength=image_inputs.get("strength"),
+            loras=tuple(self._lora_specs(factor)), model=self.model)
         with self._lock:
             self._set_lora_factor(factor)
-            result = self.pipe(
-                [prompt] * len(seeds),
-                negative_prompt=settings["negative_prompt"],
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                guidance_rescale=settings["guidance_rescale"],
-                sampler=settings["sampler"],
-                eta=settings["eta"],
-                height=height,
-                width=width,
-                generator=[torch.Generator().manual_seed(s) for s in seeds],
-                callback_on_step_end=self._step_callback(steps, on_step),
-                clip_skip=clip_skip,
-                **extra,
-            )
-            return [save_png(image, self._next_path(s), generation_metadata(self.pipe, seed=s, model=self.model,
-                                                                             **settings))
-                    for image, s in zip(result.images, seeds)]
+            images = self.pipe(**settings.pipeline_kwargs(), **self._step_callback(steps, on_step)).images
+            records = settings.resolved(self.pipe).for_images(images)
+            return [save_png(image, self._next_path(record.seed), record.png_metadata())
+                    for image, record in zip(images, records)]
 
     def _lora_specs(self, factor: float) -> list[str]:
         """PATH[:SCALE] of each adapter as the PNG records it: the --lora spec's form when the factor is 1."""
@@ -151,17 +142,18 @@ class Studio:
     def _next_path(self, seed: int) -> Path:
         return self.out_dir / f"{next(self._numbers):05d}-seed{seed}.png"
 
-    def _step_callback(self, steps: Optional[int], on_step: Optional[Callable[[int, int], None]]):
-        """callback_on_step_end for the pipeline: reports (done, total) and leaves the latents alone."""
+    def _step_callback(self, steps: Optional[int], on_step: Optional[Callable[[int, int], None]]) -> dict:
+        """callback_on_step_end for the pipeline, reporting (done, total) and leaving the latents alone, as a
+        keyword argument ({} without `on_step`)."""
         if on_step is None:
-            return None
+            return {}
         total = steps if steps is not None else self.pipe.generation_defaults["num_inference_steps"]
 
         def callback(pipe, i: int, t, tensors: dict) -> dict:
             on_step(min(i + 1, total), total)
             return {}
 
-        return callback
+        return {"callback_on_step_end": callback}
 
 
 def resolve_seed(seed: Optional[int]) -> int:
@@ -187,18 +179,19 @@ def form_values(metadata: dict[str, str]) -> list[Any]:
 
     The form's fields in the order of the `generate` endpoint's parameters; ValueError when the PNG has none.
     """
-    missing = [key for key in ("prompt", "seed", "sampler", "steps", "guidance", "height", "width") if key not in metadata]
-    if missing:
-        raise ValueError(f"png: no generation settings in this image (missing {', '.join(missing)}); "
-                         "reuse settings reads PNGs made by this page or `latent-diffusion generate`")
-    return [metadata["prompt"], metadata.get("negative_prompt", ""), metadata["sampler"], int(metadata["steps"]),
-            float(metadata["guidance"]), int(metadata["seed"]), int(metadata["width"]), int(metadata["height"])]
+    try:
+        settings = GenerationSettings.from_png_metadata(metadata)
+    except ValueError as error:
+        raise ValueError(f"{error}; reuse settings reads PNGs made by this page or `latent-diffusion generate`"
+                         ) from None
+    return [settings.prompt, settings.negative_prompt or "", settings.sampler, settings.steps, settings.guidance,
+            settings.seed, settings.width, settings.height]
 
 
 def describe(metadata: dict[str, str]) -> str:
     """One line of the settings an image was made with, for its caption and the page."""
-    return (f"seed {metadata['seed']} · {metadata['sampler']}, {metadata['steps']} steps, guidance "
-            f"{metadata['guidance']}, {metadata['width']}×{metadata['height']}")
+    s = GenerationSettings.from_png_metadata(metadata)
+    return f"seed {s.seed} · {s.sampler}, {s.steps} steps, guidance {s.guidance}, {s.width}×{s.height}"
 
 
 def gallery_items(paths: list) -> list[tuple[str, str]]:
@@ -223,7 +216,7 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
 
     first = read_png_metadata(example[0]) if example else {}
     with gr.Blocks(title="latent-diffusion") as demo:
-        gr.Markdown(f"## latent-diffusion\nModel: `{studio.model or 'embedded default'}`")
+        gr.Markdown(f"## latent-diffusion\nModel: `{studio.model or EMBEDDED_MODEL}`")
         with gr.Row():
             with gr.Column(scale=2):
                 fields = _settings_form(gr, studio.defaults(), first.get("prompt", ""))
@@ -239,48 +232,59 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
                 files = gr.File(label="PNG files (with their generation settings)", file_count="multiple",
                                 value=[str(path) for path in example or []], interactive=False)
         form = [fields[name] for name in FORM_FIELDS]
-
-        def generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height, num_images=1,
-                     progress=gr.Progress(), image=None, strength=None, mask_image=None, lora_scale=None,
-                     clip_skip=None):
-            """Generate images; returns the PNG file(s), each with its settings in its metadata.
-
-            The image inputs, clip skip and the LoRA strength are explicit keywords defaulting to None, so the
-            API marks them optional.
-            """
-            given = {"image": image, "strength": strength, "mask_image": mask_image}
-            image_inputs = {name: given[name] for name in offered}  # only those the pipeline takes
-            if image is None:  # text-to-image: the strength slider and an empty mask mean nothing
-                image_inputs = {}
-            if "mask_image" in image_inputs:
-                image_inputs["mask_image"] = mask_from_editor(image_inputs["mask_image"])
-            try:
-                paths = studio.generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height,
-                                        1 if num_images is None else int(num_images),
-                                        on_step=lambda done, total: progress((done, total), desc="denoising"),
-                                        lora_scale=lora_scale, clip_skip=clip_skip, **image_inputs)
-                return [str(path) for path in paths]
-            except ValueError as error:
-                raise gr.Error(page_message(error)) from None
-
-        def show(paths):
-            items = gallery_items(paths or [])
-            return items, "  \n".join(caption for _, caption in items)
-
-        def reuse_settings(png):
-            """Read a generated PNG's settings into the form (prompt, ..., height)."""
-            try:
-                return form_values(read_png_metadata(png))
-            except (ValueError, OSError) as error:
-                raise gr.Error(page_message(error)) from None
-
-        offered = tuple(image_inputs)
+        generate = _page_generate(gr, studio, tuple(image_inputs))
         gr.on([run.click, fields["prompt"].submit], generate, inputs=form + [fields["num_images"]],
               inputs_kwargs={**extra_inputs, **image_inputs}, outputs=files, api_name="generate", concurrency_limit=1
-              ).success(show, inputs=files, outputs=[gallery, used], api_visibility="private")
+              ).success(_show, inputs=files, outputs=[gallery, used], api_visibility="private")
         fields["random_seed"].click(lambda: RANDOM_SEED, outputs=fields["seed"], api_visibility="private")
-        reuse.upload(reuse_settings, inputs=reuse, outputs=form, api_name="reuse_settings")
+        reuse.upload(_reuse_settings(gr), inputs=reuse, outputs=form, api_name="reuse_settings")
     return demo.queue(max_size=max_queue, default_concurrency_limit=1)
+
+
+def _page_generate(gr, studio: Studio, offered: tuple[str, ...]) -> Callable:
+    """The page's and the API's `generate`, offering the image inputs named in `offered`."""
+
+    def generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height, num_images=1,
+                 progress=gr.Progress(), image=None, strength=None, mask_image=None, lora_scale=None,
+                 clip_skip=None):
+        """Generate images; returns the PNG file(s), each with its settings in its metadata.
+
+        The image inputs, clip skip and the LoRA strength are explicit keywords defaulting to None, so the
+        API marks them optional.
+        """
+        given = {"image": image, "strength": strength, "mask_image": mask_image}
+        image_inputs = {name: given[name] for name in offered}  # only those the pipeline takes
+        if image is None:  # text-to-image: the strength slider and an empty mask mean nothing
+            image_inputs = {}
+        if "mask_image" in image_inputs:
+            image_inputs["mask_image"] = mask_from_editor(image_inputs["mask_image"])
+        try:
+            paths = studio.generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height,
+                                    1 if num_images is None else int(num_images),
+                                    on_step=lambda done, total: progress((done, total), desc="denoising"),
+                                    lora_scale=lora_scale, clip_skip=clip_skip, **image_inputs)
+            return [str(path) for path in paths]
+        except ValueError as error:
+            raise gr.Error(page_message(error)) from None
+
+    return generate
+
+
+def _show(paths):
+    """The gallery's items and the settings line of the PNGs just made."""
+    items = gallery_items(paths or [])
+    return items, "  \n".join(caption for _, caption in items)
+
+
+def _reuse_settings(gr) -> Callable:
+    def reuse_settings(png):
+        """Read a generated PNG's settings into the form (prompt, ..., height)."""
+        try:
+            return form_values(read_png_metadata(png))
+        except (ValueError, OSError) as error:
+            raise gr.Error(page_message(error)) from None
+
+    return reuse_settings
 
 
 FORM_FIELDS = ("prompt", "negative_prompt", "sampler", "steps", "guidance", "seed", "width", "height")  # form_values' order
@@ -325,7 +329,8 @@ def _image_inputs(gr, accepted: tuple[str, ...]) -> dict[str, Any]:
     if "image" in accepted:
         components["image"] = gr.Image(label="Init image (img2img)", type="pil", sources=["upload", "clipboard"])
     if "strength" in accepted:
-        components["strength"] = gr.Slider(label="Strength (img2img)", minimum=0.0, maximum=1.0, value=0.8, step=0.05)
+        components["strength"] = gr.Slider(label="Strength (img2img)", minimum=0.0, maximum=1.0, value=IMG2IMG_STRENGTH,
+                                           step=0.05)
     if "mask_image" in accepted:
         components["mask_image"] = gr.ImageMask(label="Inpainting mask: paint where to repaint", type="pil")
     return components

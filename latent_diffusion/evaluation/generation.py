@@ -19,21 +19,27 @@ from latent_diffusion.evaluation.resources import PeakMemory
 from latent_diffusion.evaluation.run_folder import EvalRun, image_seed
 from latent_diffusion.evaluation.settings import Setting
 from latent_diffusion.evaluation.timings import append_timing
+from latent_diffusion.settings import GenerationSettings, batch_pipeline_kwargs
+
+
+def image_settings(run: EvalRun, setting: Setting, prompt: EvalPrompt, seed: int) -> GenerationSettings:
+    """The settings of one evaluation image, as `latent-diffusion generate` would take them to make it again."""
+    return GenerationSettings(prompt=prompt.text, steps=setting.steps, guidance=setting.guidance,
+                              sampler=setting.sampler, seed=image_seed(prompt.index, seed), height=run.height,
+                              width=run.width, model=run.model)
 
 
 def _call_pipeline(pipe, run: EvalRun, setting: Setting, items: Sequence[tuple[EvalPrompt, int]], steps=None):
-    generators = [torch.Generator().manual_seed(image_seed(p.index, s)) for p, s in items]
-    return pipe([p.text for p, _ in items], num_inference_steps=steps or setting.steps,
-                guidance_scale=setting.guidance, sampler=setting.sampler, generator=generators,
-                height=run.height, width=run.width, output_type="pil").images
+    requests = [image_settings(run, setting, p, s).replace(steps=steps or setting.steps) for p, s in items]
+    kwargs = batch_pipeline_kwargs(requests)
+    return pipe(kwargs.pop("prompt"), **kwargs).images  # the prompts by position, as stand-in pipelines take them
 
 
 def png_metadata(run: EvalRun, setting: Setting, prompt: EvalPrompt, seed: int) -> dict[str, str]:
-    """What an evaluation PNG records: enough for `latent-diffusion generate` to make it again."""
-    return dict(prompt=prompt.text, negative_prompt="", seed=str(image_seed(prompt.index, seed)),
-                sampler=setting.sampler, steps=str(setting.steps), guidance=str(setting.guidance),
-                height=str(run.height), width=str(run.width), model=run.model,
-                eval_prompt_index=str(prompt.index), eval_seed=str(seed))
+    """What an evaluation PNG records: the generation's settings (as `generate` writes them) and its place in
+    the evaluation."""
+    return {**image_settings(run, setting, prompt, seed).png_metadata(), "eval_prompt_index": str(prompt.index),
+            "eval_seed": str(seed)}
 
 
 def generate_batch(pipe, run: EvalRun, setting: Setting, items: Sequence[tuple[EvalPrompt, int]]) -> None:

@@ -190,6 +190,9 @@ def _components_section(folder: Path) -> str:
 
 
 def _usage_section(model_id: str, prompt: str) -> str:
+    from latent_diffusion.settings import FALLBACK_DEFAULTS
+
+    steps, scale, sampler = (FALLBACK_DEFAULTS[k] for k in ("num_inference_steps", "guidance_scale", "sampler"))
     return f"""## How to use
 
 With `latent_diffusion`:
@@ -199,7 +202,7 @@ import torch
 from latent_diffusion import LatentDiffusionPipeline
 
 pipe = LatentDiffusionPipeline.from_pretrained("{model_id}")
-image = pipe({json.dumps(prompt)}, num_inference_steps=25, guidance_scale=7.5, sampler="dpm++",
+image = pipe({json.dumps(prompt)}, num_inference_steps={steps}, guidance_scale={scale}, sampler="{sampler}",
              generator=torch.Generator().manual_seed(0)).images[0]
 image.save("image.png")
 ```
@@ -210,7 +213,7 @@ With diffusers:
 from diffusers import StableDiffusionPipeline
 
 pipe = StableDiffusionPipeline.from_pretrained("{model_id}", safety_checker=None)
-image = pipe({json.dumps(prompt)}, num_inference_steps=25, guidance_scale=7.5).images[0]
+image = pipe({json.dumps(prompt)}, num_inference_steps={steps}, guidance_scale={scale}).images[0]
 ```"""
 
 
