@@ -26,7 +26,7 @@ from latent_diffusion.vae import decode_latents, is_half, latent_size_multiple, 
 from latent_diffusion.diffusion.guidance import guide
 from latent_diffusion.formats.model_files import check_model_path
 from latent_diffusion.text.conditioners import Conditioning, conditioner_for
-from latent_diffusion.diffusion.samplers import SAMPLER_NAMES, Denoiser, check_sigma_schedule, get_sampler
+from latent_diffusion.diffusion.samplers import SAMPLER_NAMES, Denoiser, check_sigma_schedule, get_sampler, robust_settings
 from latent_diffusion.diffusion.schedules import NoiseSchedule
 from latent_diffusion.pipelines.tracing import TracedUNet
 from latent_diffusion.settings import FALLBACK_DEFAULTS
@@ -186,7 +186,8 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
                                   crops_coords_top_left=crops_coords_top_left, target_size=target_size,
                                   clip_skip=clip_skip)
         schedule = NoiseSchedule.from_config(self.scheduler.config)
-        solver = get_sampler(sampler, schedule, sigma_schedule=sigma_schedule, **({"eta": eta} if sampler == "ddim" else {}))
+        solver = get_sampler(sampler, schedule, sigma_schedule=sigma_schedule, **robust_settings(sampler),
+                             **({"eta": eta} if sampler == "ddim" else {}))
         timesteps = solver.timesteps(steps)
         edit = None if image is None else prepare_image_edit(
             self, solver, timesteps, image, mask_image, strength, len(prompts), num_images_per_prompt, height, width,
