@@ -17,6 +17,8 @@ end words its own way (the CLI: its `--lora` flag).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -55,6 +57,27 @@ def check_safetensors_source(source, weight_name: Optional[str] = None) -> tuple
     return source, weight_name  # a Hub id
 
 
+class _NoMissingTextEncoderKeys(logging.Filter):
+    """Drops diffusers' "No LoRA keys associated to CLIPTextModel" warning: a UNet-only LoRA is the usual case."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated to")
+
+
+@contextlib.contextmanager
+def _quiet_text_encoder_warning():
+    """While a LoRA loads, diffusers' loaders do not warn that it has no text-encoder keys."""
+    loggers = [logging.getLogger(name) for name in ("diffusers.loaders.lora_base", "diffusers.loaders.peft")]
+    quiet = _NoMissingTextEncoderKeys()
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
 class LatentDiffusionLoraMixin(StableDiffusionLoraLoaderMixin):
     """diffusers' LoRA loader for our pipeline: safetensors only, and the UNet traces follow adapter changes."""
 
@@ -62,7 +85,8 @@ class LatentDiffusionLoraMixin(StableDiffusionLoraLoaderMixin):
         """Load a LoRA (diffusers, kohya or peft layout) into the UNet and text encoder as `adapter_name`."""
         source, weight_name = check_safetensors_source(pretrained_model_name_or_path_or_dict, kwargs.pop("weight_name", None))
         kwargs["use_safetensors"] = True
-        super().load_lora_weights(source, adapter_name=adapter_name, weight_name=weight_name, **kwargs)
+        with _quiet_text_encoder_warning():
+            super().load_lora_weights(source, adapter_name=adapter_name, weight_name=weight_name, **kwargs)
         self._adapters_changed()
 
     def set_adapters(self, adapter_names: Union[str, Sequence[str]], adapter_weights=None):

@@ -26,10 +26,11 @@ from latent_diffusion.vae import decode_latents, is_half, latent_size_multiple, 
 from latent_diffusion.diffusion.guidance import guide
 from latent_diffusion.formats.model_files import check_model_path
 from latent_diffusion.text.conditioners import Conditioning, conditioner_for
-from latent_diffusion.diffusion.samplers import SAMPLER_NAMES, Denoiser, check_sigma_schedule, get_sampler
+from latent_diffusion.diffusion.samplers import SAMPLER_NAMES, Denoiser, check_sigma_schedule, get_sampler, robust_settings
 from latent_diffusion.diffusion.schedules import NoiseSchedule
 from latent_diffusion.pipelines.tracing import TracedUNet
 from latent_diffusion.settings import FALLBACK_DEFAULTS
+from latent_diffusion.text.vocabulary import warn_about_request
 from latent_diffusion.tensors import randn
 
 from latent_diffusion.pipelines.image_inputs import check_image_arguments, default_size, prepare_image_edit
@@ -180,13 +181,14 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
             height, width = default_size(self, image, height, width)
         height, width = self._check_call(steps, scale, sampler, output_type, num_images_per_prompt, height, width,
                                          sigma_schedule=sigma_schedule, guidance_rescale=guidance_rescale, eta=eta)
+        warn_about_request(self, prompts, height, width)
         second = _check_second_prompts(len(prompts), prompt_2, negative_prompt, negative_prompt_2)
         cond = self.encode_prompt(prompts, negatives if scale != 1.0 else None, num_images_per_prompt, **second,
                                   size=(height, width), original_size=original_size,
                                   crops_coords_top_left=crops_coords_top_left, target_size=target_size,
                                   clip_skip=clip_skip)
         schedule = NoiseSchedule.from_config(self.scheduler.config)
-        solver = get_sampler(sampler, schedule, sigma_schedule=sigma_schedule, **({"eta": eta} if sampler == "ddim" else {}))
+        solver = self._solver(sampler, schedule, sigma_schedule, eta)
         timesteps = solver.timesteps(steps)
         edit = None if image is None else prepare_image_edit(
             self, solver, timesteps, image, mask_image, strength, len(prompts), num_images_per_prompt, height, width,
@@ -198,6 +200,12 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         images = self.decode(x, output_type)
         self.maybe_free_model_hooks()
         return LatentDiffusionPipelineOutput(images=images) if return_dict else (images,)
+
+    @staticmethod
+    def _solver(sampler: str, schedule: NoiseSchedule, sigma_schedule: Optional[str], eta: float):
+        """The named sampler with diffusers' settings, plus `robust_settings` (the σ limit of the Euler family)."""
+        return get_sampler(sampler, schedule, sigma_schedule=sigma_schedule, **robust_settings(sampler),
+                           **({"eta": eta} if sampler == "ddim" else {}))
 
     def _start(self, solver, timesteps: torch.Tensor, edit, size: tuple[int, int, int], generator: Generator,
                latents: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+PEERS = ROOT.parent / "shared" / "peers"  # outside the repository: present only beside the project's own checkout
+PEER_FILES = [PEERS / "run_peer.py", PEERS / "diffusers" / "train_text_to_image.py"]
+needs_peers = pytest.mark.skipif(not all(p.is_file() for p in PEER_FILES),
+                                 reason=f"needs the diffusers peer outside the repository ({PEERS}/run_peer.py)")
 
 
 def dry_run(out: Path, *flags: str) -> dict:
@@ -50,6 +54,7 @@ def test_gpu_suite_dry_run_inference(tmp_path):
 
 
 @pytest.mark.slow
+@needs_peers
 def test_gpu_suite_dry_run_with_training_against_the_peer(tmp_path):
     results = dry_run(tmp_path)
     check_parts(results, INFERENCE + ["training"])

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 from latent_diffusion.checks import MAX_IMAGE_SIDE, check_finite_flags
 
+from latent_diffusion.training.generation_defaults import parse_generation_overrides, resolve_model_name
 from latent_diffusion.training.settings import target_modules
 from latent_diffusion.training.speed import add_speed_args, check_speed_args
 
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_args(g) -> None:
     g.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="diffusers folder or Hub id with unet, vae, text_encoder, tokenizer and scheduler")
+                   help="diffusers folder or Hub id with unet, vae, text_encoder, tokenizer and scheduler; "
+                        "'default': the embedded Shapes model")
     g.add_argument("--unet_config", default=None,
                    help="JSON file of a UNet2DConditionModel config: train this UNet from scratch instead")
     g.add_argument("--revision", default=None, help="Hub revision of the pretrained model")
@@ -109,6 +111,9 @@ def add_output_args(g) -> None:
     g.add_argument("--validation_guidance_scale", type=float, default=7.5)
     g.add_argument("--sample_index_log", default=None,
                    help="append each step's dataset indices per rank to this file (rank number appended)")
+    g.add_argument("--generation_defaults", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="the output's generation_config.json: sampler=, num_inference_steps=, guidance_scale= "
+                        "(default: the base model's)")
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--push_checkpoints_to_hub", action="store_true", help="also upload each checkpoint's weights")
     g.add_argument("--hub_model_id", default=None)
@@ -132,6 +137,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check the flags; a bad value ends with argparse's error naming the flag."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.pretrained_model_name_or_path = resolve_model_name(args.pretrained_model_name_or_path)
     problems = check_args(args)
     if problems:
         parser.error("; ".join(problems))
@@ -167,6 +173,10 @@ def check_args(args: argparse.Namespace) -> list[str]:
     if (args.push_to_hub or args.push_checkpoints_to_hub) and not args.hub_model_id:
         problems.append("--push_to_hub and --push_checkpoints_to_hub need --hub_model_id")
     problems += check_speed_args(args)
+    try:
+        parse_generation_overrides(args.generation_defaults)
+    except ValueError as error:
+        problems.append(str(error))
     from latent_diffusion.training.bucketing import check_bucket_args
     from latent_diffusion.training.validation import VALIDATION_METRICS
 

@@ -85,6 +85,7 @@ class OutputSettings:
     report_to: str
     tracker_project_name: str
     sample_index_log: Optional[str]
+    generation_defaults: Optional[list[str]]  # KEY=VALUE overrides of the base's generation_config.json
     push_to_hub: bool
     push_checkpoints_to_hub: bool
     hub_model_id: Optional[str]

@@ -46,6 +46,7 @@ from latent_diffusion.text.conditioners import Conditioning
 from latent_diffusion.diffusion.schedules import NoiseSchedule
 from latent_diffusion.tensors import randn
 from latent_diffusion.training.args import parse_args
+from latent_diffusion.training.generation_defaults import output_generation_defaults
 from latent_diffusion.training.settings import OutputSettings, TrainingSettings, training_settings
 from latent_diffusion.training.batches import epoch_batches, step_groups, steps_per_epoch
 from latent_diffusion.training.components import load_components
@@ -547,6 +548,7 @@ def save_pipeline(settings: TrainingSettings, accelerator: Accelerator, models: 
     pipe = make_pipeline(Models(final_unet, vae, text_encoder, models.tokenizer, models.scheduler,
                                 torch.float32, text_encoder_2, models.tokenizer_2,
                                 models.force_zeros_for_empty_prompt), final_unet)
+    pipe.generation_defaults = output_generation_defaults(model_cfg.pretrained_model_name_or_path, out.generation_defaults)
     pipe.save_pretrained(out.output_dir)
     grid = write_card(settings, pipe, step)
     logger.info(f"saved the pipeline to {out.output_dir}" + (f" (validation grid {grid})" if grid else ""))

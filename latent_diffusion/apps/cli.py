@@ -162,6 +162,8 @@ def output_paths(output: str, n: int) -> list[Path]:
 
 
 def _add_eval(commands) -> None:
+    from latent_diffusion.diffusion.samplers import SAMPLER_NAMES
+
     p = commands.add_parser(
         "eval", help="quality report over sampler settings: Shapes adherence, FID/FD-CLIP, CLIP score, speed, memory",
         description="Generate one image per (prompt, seed) for every setting (sampler, steps, guidance), score them "
@@ -171,7 +173,7 @@ def _add_eval(commands) -> None:
                    help="prompt file: one per line, or JSONL {\"prompt\", \"categories\"} (default: Shapes prompts)")
     p.add_argument("--num-prompts", type=int, default=100, help="Shapes evaluation prompts when --prompts is not given")
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of the Shapes evaluation prompt list")
-    p.add_argument("--samplers", nargs="+", default=None, help="ddpm ddim dpm++ (default: the model's)")
+    p.add_argument("--samplers", nargs="+", default=None, help=f"any of {' '.join(SAMPLER_NAMES)} (default: the model's)")
     p.add_argument("--steps", nargs="+", type=int, default=None, help="step counts (default: the model's)")
     p.add_argument("--guidance", nargs="+", type=float, default=None, help="guidance scales (default: the model's)")
     p.add_argument("--settings", nargs="+", default=None, metavar="SAMPLER:STEPS[,STEPS...]",
@@ -325,9 +327,21 @@ def _apply_loras(pipe, specs: Sequence[str]) -> list[str]:
         raise ValueError(f"--lora {error.spec!r}: {error.problem}") from None
 
 
+def silence_loading_bars() -> None:
+    """--quiet: no diffusers "Loading pipeline components" nor transformers "Loading weights" bars either."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from latent_diffusion.checks import NonFiniteError
+
+    if getattr(args, "quiet", False):
+        silence_loading_bars()
 
     try:
         written = args.run(args)

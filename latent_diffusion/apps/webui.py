@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import logging
 import os
 import random
 import tempfile
@@ -42,6 +43,7 @@ from latent_diffusion.diffusion.sdedit import IMG2IMG_STRENGTH
 from latent_diffusion.formats.pngmeta import read_png_metadata, save_png
 from latent_diffusion.settings import EMBEDDED_MODEL, GenerationSettings
 
+logger = logging.getLogger(__name__)
 RANDOM_SEED = -1  # the seed field's "random" choice
 MAX_SEED = 2**31 - 1  # random seeds are drawn from [0, MAX_SEED]
 MAX_IMAGES = 8  # per request
@@ -165,6 +167,13 @@ def resolve_seed(seed: Optional[int]) -> int:
     return seed
 
 
+def refusal(gr, error: Exception):
+    """The page's error for a bad request, logged as one line in the server log instead of a traceback."""
+    message = page_message(error)
+    logger.warning(f"refused a request: {message}")
+    return gr.Error(message, print_exception=False)
+
+
 def page_message(error: Exception) -> str:
     """The pipeline's message, led by the page's name for the argument when it differs (steps, guidance)."""
     message = str(error)
@@ -221,8 +230,9 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
             with gr.Column(scale=2):
                 fields = _settings_form(gr, studio.defaults(), first.get("prompt", ""))
                 extra_inputs = {"clip_skip": fields["clip_skip"], **_lora_input(gr, studio.loras)}
-                image_inputs = _image_inputs(gr, studio.optional_inputs())
-                run = gr.Button("Generate", variant="primary")
+                run = fields["run"]
+                with gr.Accordion("Image to image / inpainting", open=False):
+                    image_inputs = _image_inputs(gr, studio.optional_inputs())
                 reuse = gr.File(label="Reuse settings: drop a PNG made here or by `latent-diffusion generate`",
                                 file_types=[".png"], type="filepath")
             with gr.Column(scale=3):
@@ -265,7 +275,7 @@ def _page_generate(gr, studio: Studio, offered: tuple[str, ...]) -> Callable:
                                     lora_scale=lora_scale, clip_skip=clip_skip, **image_inputs)
             return [str(path) for path in paths]
         except ValueError as error:
-            raise gr.Error(page_message(error)) from None
+            raise refusal(gr, error) from None
 
     return generate
 
@@ -282,7 +292,7 @@ def _reuse_settings(gr) -> Callable:
         try:
             return form_values(read_png_metadata(png))
         except (ValueError, OSError) as error:
-            raise gr.Error(page_message(error)) from None
+            raise refusal(gr, error) from None
 
     return reuse_settings
 
@@ -291,11 +301,13 @@ FORM_FIELDS = ("prompt", "negative_prompt", "sampler", "steps", "guidance", "see
 
 
 def _settings_form(gr, defaults: dict[str, Any], prompt: str) -> dict[str, Any]:
-    """The form's generation settings (FORM_FIELDS, num_images, clip_skip) and the random-seed button, by name."""
+    """The form's generation settings (FORM_FIELDS, num_images, clip_skip), the Generate ("run") and random-seed buttons."""
     from latent_diffusion.diffusion.samplers import SAMPLER_NAMES  # read now: samplers added later appear in the page
 
-    fields = {"prompt": gr.Textbox(label="Prompt", value=prompt, lines=2, placeholder=EXAMPLE_PROMPT),
-              "negative_prompt": gr.Textbox(label="Negative prompt", value="")}
+    with gr.Row(equal_height=True):  # Generate beside the prompt, above everything else
+        fields = {"prompt": gr.Textbox(label="Prompt", value=prompt, lines=2, placeholder=EXAMPLE_PROMPT, scale=4),
+                  "run": gr.Button("Generate", variant="primary", scale=1)}
+    fields["negative_prompt"] = gr.Textbox(label="Negative prompt", value="")
     with gr.Row():
         fields["sampler"] = gr.Dropdown(label="Sampler", choices=list(SAMPLER_NAMES), value=defaults["sampler"],
                                         allow_custom_value=True)  # the pipeline names the allowed ones
@@ -371,5 +383,9 @@ def serve(
     shown = studio.generate(EXAMPLE_PROMPT, seed=0) if example else None
     demo = build_app(studio, max_queue, shown)
     demo.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(out_dir)],
-                prevent_thread_lock=not block, show_error=True)
+                prevent_thread_lock=True, show_error=True, quiet=True)  # quiet: gradio's hint names share=True
+    print(f"* Running on {demo.local_url}" + (f" and {demo.share_url}" if demo.share_url else
+                                             "; for a public link, run `latent-diffusion serve --share`"), flush=True)
+    if block:
+        demo.block_thread()
     return demo

@@ -25,7 +25,7 @@ from latent_diffusion.diffusion.samplers.dpm_solver_sde import DPMSolverSDESampl
 from latent_diffusion.diffusion.samplers.euler import EulerSampler
 from latent_diffusion.diffusion.samplers.euler_ancestral import EulerAncestralSampler
 from latent_diffusion.diffusion.samplers.heun import HeunSampler
-from latent_diffusion.diffusion.samplers.sigmas import SIGMA_SCHEDULES
+from latent_diffusion.diffusion.samplers.sigmas import EDM_SIGMA_MAX, SIGMA_SCHEDULES, VESigmaSampler
 from latent_diffusion.diffusion.samplers.unipc import UniPCSampler
 
 SAMPLERS: dict[str, type[Sampler]] = {
@@ -41,7 +41,7 @@ SIGMA_SCHEDULE_SAMPLERS = tuple(
 __all__ = [
     "SAMPLER_NAMES", "SAMPLERS", "SIGMA_SCHEDULES", "SIGMA_SCHEDULE_SAMPLERS", "DDIMSampler", "DDPMSampler",
     "DPMSolverSDESampler", "DPMSolverSampler", "EulerAncestralSampler", "EulerSampler", "HeunSampler",
-    "UniPCSampler", "Denoiser", "Prediction", "Sampler", "check_sigma_schedule", "get_sampler",
+    "UniPCSampler", "Denoiser", "Prediction", "Sampler", "check_sigma_schedule", "get_sampler", "robust_settings",
 ]
 
 
@@ -71,3 +71,12 @@ def get_sampler(name: str, schedule: NoiseSchedule, **overrides: Any) -> Sampler
         if overrides["sigma_schedule"] is None or name not in SIGMA_SCHEDULE_SAMPLERS:
             overrides = {k: v for k, v in overrides.items() if k != "sigma_schedule"}
     return SAMPLERS[name].from_schedule(schedule, **overrides)
+
+
+def robust_settings(name: str) -> dict[str, Any]:
+    """The settings the pipeline adds to diffusers' for `name`: the Euler family starts no higher than σ = 80.
+
+    A no-op for schedules whose σ_max is below 80 (SD's ≈ 14.6: diffusers' numbers exactly); for the cosine
+    betas of the embedded default (σ_max ≈ 2·10⁴) it is what keeps Heun from drawing noise.
+    """
+    return {"sigma_max_limit": EDM_SIGMA_MAX} if issubclass(SAMPLERS[name], VESigmaSampler) else {}

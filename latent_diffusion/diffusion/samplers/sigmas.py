@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Mapping, NamedTuple
+from typing import Any, ClassVar, Mapping, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from latent_diffusion.diffusion.samplers.timesteps import euler_timesteps
 SIGMA_SCHEDULES = ("default", "karras", "exponential")
 ZERO_SNR_ALPHA_BAR = 2.0**-24  # ᾱ_T = 0 has σ_T = ∞; diffusers' σ schedulers use 2⁻²⁴ instead
 KARRAS_RHO = 7.0  # EDM's ρ, as diffusers
+EDM_SIGMA_MAX = 80.0  # the top noise level of EDM's own plans (Karras et al. 2022, Table 1)
 
 
 def clamp_zero_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -72,6 +73,24 @@ def sigma_schedule_levels(sigma_schedule: str, sigma_min: float, sigma_max: floa
     if sigma_schedule == "exponential":
         return exponential_sigmas(sigma_min, sigma_max, n)
     raise ValueError(f"sigma_schedule must be one of {SIGMA_SCHEDULES[1:]} here, got {sigma_schedule!r}")
+
+
+def limit_plan_sigma(timesteps: torch.Tensor, table: np.ndarray, sigma_max: float) -> torch.Tensor:
+    """A plan that starts no higher than σ = sigma_max: its timesteps above t* dropped and t* put first.
+
+    t* is the highest training timestep with σ_t <= sigma_max. A plan that already starts at or below t*
+    is returned unchanged, so a schedule whose σ_max is under the limit (SD's ≈ 14.6) keeps diffusers'
+    plan exactly. The cosine betas reach σ_{T−1} ≈ 2·10⁴: Heun's averaged slope multiplies the network's
+    error by ≈ σ_0/σ_1 on its first step, and the VE form works on x·σ_max in float32.
+    """
+    below = np.nonzero(table <= sigma_max)[0]
+    if len(below) == 0:
+        raise ValueError(f"sigma_max_limit must be at least σ_0 = {table[0]:.4g} of this schedule, got {sigma_max}")
+    top = float(below[-1])
+    if timesteps[0] <= top:
+        return timesteps
+    kept = timesteps[timesteps < top]
+    return torch.cat([torch.tensor([top], dtype=timesteps.dtype), kept])
 
 
 def sigma_to_t(sigmas: np.ndarray, table: np.ndarray) -> np.ndarray:
@@ -216,14 +235,18 @@ class VESigmaSampler(SigmaScheduleSampler):
 
     Plans as EulerDiscreteScheduler's (float timesteps, default spacing linspace); σ schedules take
     σ_min, σ_max from the plan's own first and last σ; the network gets t as float32, as diffusers
-    gives it. The plan ends at σ = 0.
+    gives it. The plan ends at σ = 0. `sigma_max_limit` (None: as diffusers) starts the plan no higher
+    than that σ (`limit_plan_sigma`), before any σ schedule is applied.
     """
 
     timestep_spacing: str = "linspace"
+    sigma_max_limit: Optional[float] = None
 
     def plan(self, num_inference_steps: int) -> torch.Tensor:
         num_train = self.schedule.num_train_timesteps
         timesteps = euler_timesteps(self.timestep_spacing, num_train, num_inference_steps, self.steps_offset)
+        if self.sigma_max_limit is not None:
+            timesteps = limit_plan_sigma(timesteps, self.sigma_table(), self.sigma_max_limit)
         if self.sigma_schedule == "default":
             return timesteps
         table = self.sigma_table()
