@@ -164,13 +164,14 @@ def batch_pipeline_kwargs(requests: Sequence[GenerationSettings]) -> dict[str, A
                          "and seed")
     negatives = [r.negative_prompt or "" for r in requests for _ in range(r.n)]
     image, mask = first.pictures()
-    optional = {"image": image, "mask_image": mask, "strength": first.strength}
+    optional = {"image": image, "mask_image": mask, "strength": first.strength,
+                "prompt_syntax": None if first.prompt_syntax == "a1111" else first.prompt_syntax}  # a1111: the default
     return dict(
         prompt=[r.prompt for r in requests for _ in range(r.n)],
         negative_prompt=negatives if any(r.negative_prompt is not None for r in requests) else None,
         num_inference_steps=first.steps, guidance_scale=first.guidance, guidance_rescale=first.guidance_rescale,
         sampler=first.sampler, sigma_schedule=first.sigma_schedule, eta=first.eta,
-        height=first.height, width=first.width, clip_skip=first.clip_skip, prompt_syntax=first.prompt_syntax,
+        height=first.height, width=first.width, clip_skip=first.clip_skip,
         generator=[torch.Generator().manual_seed(seed) for r in requests for seed in r.seeds],
         **{name: value for name, value in optional.items() if value is not None})
 
