@@ -193,3 +193,23 @@ def test_sampler_docs_table_is_the_code_table():
     table = {cells[0].strip().strip('`"'): (cells[2].strip(), cells[3].strip().strip("`")) for cells in rows}
     comfy = {ours: name for name, ours in COMFY_SAMPLERS.items()}
     assert table == {name: (A1111_SAMPLERS[name], comfy[name]) for name in SAMPLER_NAMES}
+
+
+def test_web_ui_prompt_syntax_field_and_infotext(sd_folder, tmp_path):
+    """The page has the prompt-syntax choice (not an API parameter: the API keeps its own and reads "a1111");
+    its PNGs carry the infotext and record a plain syntax."""
+    pytest.importorskip("gradio")
+    from latent_diffusion.apps.webui import Studio, build_app
+    from latent_diffusion.pipelines import LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline.from_pretrained(str(sd_folder))
+    pipe.set_progress_bar_config(disable=True)
+    studio = Studio(pipe, str(sd_folder), tmp_path / "served")
+    demo = build_app(studio)
+    radio = next(c for c in demo.config["components"] if str(c["props"].get("label", "")).startswith("Prompt syntax"))
+    assert [value for _, value in radio["props"]["choices"]] == ["a1111", "plain"]
+    params = demo.get_api_info()["named_endpoints"]["/generate"]["parameters"]
+    assert "prompt_syntax" not in [p["parameter_name"] for p in params]
+    [png] = studio.generate("a (red) circle", steps=2, seed=3, prompt_syntax="plain")
+    text = Image.open(png).text
+    assert text["prompt_syntax"] == "plain" and a1111_fields(text["parameters"])[2]["Seed"] == "3"

@@ -225,7 +225,10 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
         with gr.Row():
             with gr.Column(scale=2):
                 fields = _settings_form(gr, studio.defaults(), first.get("prompt", ""))
-                extra_inputs = {"clip_skip": fields["clip_skip"], "prompt_syntax": fields["prompt_syntax"],
+                syntax = gr.State("a1111")  # the page's choice; a State, so the API keeps its parameters
+                fields["prompt_syntax"].change(lambda value: value, inputs=fields["prompt_syntax"], outputs=syntax,
+                                               api_visibility="private")
+                extra_inputs = {"clip_skip": fields["clip_skip"], "prompt_syntax": syntax,
                                 **_lora_input(gr, studio.loras)}
                 image_inputs = _image_inputs(gr, studio.optional_inputs())
                 run = gr.Button("Generate", variant="primary")
