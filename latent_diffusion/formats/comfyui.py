@@ -48,7 +48,8 @@ def settings_from_comfy_graph(text: str) -> GenerationSettings:
         if k[name] not in table:
             raise ValueError(f"png: ComfyUI {name} {k[name]!r} refused (known: {', '.join(table)})")
     latent = _linked(graph, k["latent_image"], "latent_image")["inputs"]
-    layer = [node["inputs"]["stop_at_clip_layer"] for node in graph.values() if node["class_type"] == "CLIPSetLastLayer"]
+    layer = [node["inputs"]["stop_at_clip_layer"] for node in graph.values()
+             if node["class_type"] == "CLIPSetLastLayer"]
     return GenerationSettings(
         prompt=_text(graph, k["positive"], "positive"), negative_prompt=_text(graph, k["negative"], "negative") or None,
         steps=int(k["steps"]), guidance=float(k["cfg"]), sampler=COMFY_SAMPLERS[k["sampler_name"]],

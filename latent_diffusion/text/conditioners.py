@@ -161,7 +161,8 @@ class SDXLConditioner:
         Both encoders use the same number of chunks (the larger need of the two) so their states concatenate.
         """
         per_encoder = [texts, texts if texts_2 is None else texts_2][-len(self.encoders):]
-        chunks = num_chunks or max(count_chunks(tok, t, prompt_syntax) for (tok, _), t in zip(self.encoders, per_encoder))
+        chunks = num_chunks or max(count_chunks(tok, t, prompt_syntax)
+                                   for (tok, _), t in zip(self.encoders, per_encoder))
         hiddens, pooled = [], None
         for (tokenizer, encoder), encoder_texts in zip(self.encoders, per_encoder):
             skip = check_clip_skip(encoder, clip_skip, base_skip=1)  # below the penultimate layer

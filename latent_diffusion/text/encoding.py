@@ -32,7 +32,8 @@ def _chunk_bodies(tokenizer, prompts: Sequence[str], prompt_syntax: str) -> list
     per_chunk = _window(tokenizer) - 2
     if check_prompt_syntax(prompt_syntax) == "a1111":
         return [weighted_chunks(tokenizer, prompt, per_chunk) for prompt in prompts]
-    return [[(ids[k : k + per_chunk], [1.0] * len(ids[k : k + per_chunk])) for k in range(0, max(len(ids), 1), per_chunk)]
+    starts = lambda ids: range(0, max(len(ids), 1), per_chunk)  # noqa: E731  (an empty prompt: one empty chunk)
+    return [[(ids[k : k + per_chunk], [1.0] * len(ids[k : k + per_chunk])) for k in starts(ids)]
             for ids in _body_ids(tokenizer, prompts)]
 
 
