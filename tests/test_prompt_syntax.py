@@ -249,3 +249,17 @@ def test_pipeline_default_is_a1111_and_rejects_unknown_syntax(sd_pipe):
     assert torch.equal(weighted, default) and not torch.equal(weighted, plain)
     with pytest.raises(ValueError, match="prompt_syntax must be one of 'a1111', 'plain', got 'comfy'"):
         sd_pipe("a circle", prompt_syntax="comfy", **call)
+
+
+def test_emphasis_on_zero_mean_states_keeps_the_weighted_states():
+    """States averaging to 0 (a LayerNorm without bias): no division of rounding errors, no NaN."""
+    from latent_diffusion.text.prompt_syntax import apply_emphasis
+
+    torch.manual_seed(0)
+    hidden = torch.nn.functional.layer_norm(torch.randn(1, 77, 32), (32,))
+    weights = torch.ones(1, 1, 77)
+    weights[0, 0, 3] = 1.5
+    torch.testing.assert_close(apply_emphasis(hidden, weights), hidden * weights[0, 0, :, None])
+    shifted = hidden + 0.5  # a real encoder's states: the mean is restored
+    out = apply_emphasis(shifted, weights)
+    torch.testing.assert_close(out.mean(), shifted.mean())

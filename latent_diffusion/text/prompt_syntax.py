@@ -10,7 +10,8 @@ with weight 1.1, a lone backslash is dropped; a weight A1111 fails on (`(x:1.2.3
 Semantics (A1111's `EmphasisOriginal`): each fragment is tokenized on its own and the token lists are
 concatenated; chunks hold 75 tokens, each gets its own start/end tokens; the encoder's hidden states of
 a chunk are multiplied token by token by their weights, then scaled so that the chunk's mean (over
-tokens and channels, start/end/padding included) is what it was. Two documented differences: A1111
+tokens and channels, start/end/padding included) is what it was (unless that mean is within rounding of
+0, where A1111 would divide noise by noise). Two documented differences: A1111
 takes that mean over the whole batch of a chunk (the same number when the batch repeats one prompt, as
 A1111 batches do) and ours per prompt; and `BREAK` always breaks (A1111 multiplies its marker inside
 brackets, turning it into a negatively weighted word). A1111's optional comma back-tracking is off, so
@@ -129,7 +130,9 @@ def weighted_chunks(tokenizer, prompt: str, per_chunk: int) -> list[Chunk]:
 def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(B, K·L, D) hidden states × (B, K, L) token weights, each chunk's mean restored (A1111's rule).
 
-    With every weight 1 the states come back untouched (the same tensor).
+    With every weight 1 the states come back untouched (the same tensor). A chunk whose weighted mean is
+    within rounding of 0 (states that average to zero, e.g. a final LayerNorm without bias) keeps its
+    weighted states: the ratio of two rounding errors would be noise (A1111 divides regardless).
     """
     if bool((weights == 1).all()):
         return hidden
@@ -137,5 +140,7 @@ def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     z = hidden.reshape(batch, chunks, length, hidden.shape[-1])
     before = z.mean(dim=(2, 3), keepdim=True)
     z = z * weights.to(z.device, z.dtype)[..., None]
-    z = z * (before / z.mean(dim=(2, 3), keepdim=True))
+    after = z.mean(dim=(2, 3), keepdim=True)
+    rounding = 1e-4 * z.abs().mean(dim=(2, 3), keepdim=True)  # far above float32 error of a mean, far below real means
+    z = torch.where(after.abs() > rounding, z * (before / after), z)
     return z.reshape(hidden.shape)
