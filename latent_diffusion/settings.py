@@ -12,7 +12,7 @@ takes for them: the model's `generation_defaults` (its generation_config.json, e
 PNG keys (as `latent-diffusion generate` has always written them): prompt, negative_prompt, seed,
 sampler, [sigma_schedule], steps, guidance, guidance_rescale, eta, height, width, model ("embedded
 default" for the embedded model), [lora: PATH[:SCALE] of each adapter, space-separated], [clip_skip],
-versions; with an input image also [image: its path], strength, [mask: its path].
+[prompt_syntax: "plain"; absent means "a1111"], versions; with an input image also [image: its path], strength, [mask: its path].
 """
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ class GenerationSettings:
     strength: Optional[float] = None
     loras: tuple[str, ...] = ()
     model: Optional[str] = None
+    prompt_syntax: str = "a1111"
 
     def replace(self, **changes: Any) -> "GenerationSettings":
         return dataclasses.replace(self, **changes)
@@ -112,6 +113,8 @@ class GenerationSettings:
             meta["lora"] = " ".join(self.loras)
         if self.clip_skip:
             meta["clip_skip"] = str(self.clip_skip)
+        if self.prompt_syntax != "a1111":
+            meta["prompt_syntax"] = self.prompt_syntax
         meta["versions"] = json.dumps(library_versions())
         return {**meta, **self._image_input_metadata()}
 
@@ -139,7 +142,7 @@ class GenerationSettings:
                    sigma_schedule=get("sigma_schedule"), eta=number("eta", float, 0.0), seed=number("seed", int),
                    height=number("height", int), width=number("width", int), clip_skip=number("clip_skip", int),
                    image=get("image"), mask=get("mask"), strength=number("strength", float),
-                   loras=tuple(get("lora", "").split()), model=None if get("model", EMBEDDED_MODEL) == EMBEDDED_MODEL
+                   prompt_syntax=get("prompt_syntax", "a1111"), loras=tuple(get("lora", "").split()), model=None if get("model", EMBEDDED_MODEL) == EMBEDDED_MODEL
                    else metadata["model"])
 
 
@@ -161,7 +164,8 @@ def batch_pipeline_kwargs(requests: Sequence[GenerationSettings]) -> dict[str, A
                          "and seed")
     negatives = [r.negative_prompt or "" for r in requests for _ in range(r.n)]
     image, mask = first.pictures()
-    optional = {"image": image, "mask_image": mask, "strength": first.strength}
+    optional = {"image": image, "mask_image": mask, "strength": first.strength,
+                "prompt_syntax": None if first.prompt_syntax == "a1111" else first.prompt_syntax}  # a1111: the default
     return dict(
         prompt=[r.prompt for r in requests for _ in range(r.n)],
         negative_prompt=negatives if any(r.negative_prompt is not None for r in requests) else None,

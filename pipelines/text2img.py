@@ -149,7 +149,7 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         eta: float = 0.0, output_type: str = "pil", callback_on_step_end: Optional[Callable[..., dict]] = None,
         return_dict: bool = True, prompt_2: Optional[Prompt] = None, negative_prompt_2: Optional[Prompt] = None,
         original_size: Optional[tuple[int, int]] = None, crops_coords_top_left: Optional[tuple[int, int]] = None,
-        target_size: Optional[tuple[int, int]] = None, clip_skip: Optional[int] = None,
+        target_size: Optional[tuple[int, int]] = None, clip_skip: Optional[int] = None, prompt_syntax: str = "a1111",
     ):
         """Generate images for `prompt` (a string or a list).
 
@@ -172,7 +172,8 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         model whose config sets `force_zeros_for_empty_prompt` guides against zero embeddings, as diffusers does.
 
         `clip_skip` k conditions on the text encoder's states k layers before the usual ones (A1111's "Clip
-        skip: k + 1"), for prompt and negative prompt alike (diffusers: the prompt only).
+        skip: k + 1"), for prompt and negative prompt alike (diffusers: the prompt only). `prompt_syntax`
+        "a1111" reads A1111's emphasis and BREAK (latent_diffusion.text.prompt_syntax), "plain" the text as is.
         """
         steps, scale, sampler = self._resolve_defaults(num_inference_steps, guidance_scale, sampler)
         prompts, negatives = _check_prompts(prompt, negative_prompt)
@@ -186,7 +187,7 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         cond = self.encode_prompt(prompts, negatives if scale != 1.0 else None, num_images_per_prompt, **second,
                                   size=(height, width), original_size=original_size,
                                   crops_coords_top_left=crops_coords_top_left, target_size=target_size,
-                                  clip_skip=clip_skip)
+                                  clip_skip=clip_skip, prompt_syntax=prompt_syntax)
         schedule = NoiseSchedule.from_config(self.scheduler.config)
         solver = self._solver(sampler, schedule, sigma_schedule, eta)
         timesteps = solver.timesteps(steps)
@@ -233,7 +234,7 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
 
         `sdxl`: prompts_2, negatives_2, negative_prompt_given, size, original_size, crops_coords_top_left,
         target_size (see `SDXLConditioner.encode`); a single-encoder model takes only `size` of them. Both
-        take `clip_skip`.
+        take `clip_skip` and `prompt_syntax`.
         """
         cond = self.conditioner().encode(prompts, negatives, num_images_per_prompt, **sdxl)
         return cond.to(dtype=self.unet.dtype)

@@ -100,6 +100,7 @@ GENERATE_CASES = [
     (["--height", "100000"], "--height must be an integer >= 1 and <= 8192, got 100000"),
     (["--width", "0"], "--width must be an integer >= 1 and <= 8192, got 0"),
     (["--height", "30"], "height must be a positive multiple of 4 and at most 8192 for this model, got 30"),
+    (["--from-png", "missing.png"], "--from-png: no such file 'missing.png'"),
 ]
 
 
@@ -184,6 +185,7 @@ PIPELINE_CASES = [
     ({"num_images_per_prompt": 0}, "num_images_per_prompt must be an integer >= 1, got 0"),
     ({"height": 30}, "height must be a positive multiple of 4 and at most 8192 for this model, got 30"),
     ({"width": 16384}, "width must be a positive multiple of 4 and at most 8192 for this model, got 16384"),
+    ({"prompt_syntax": "comfy"}, "prompt_syntax must be one of 'a1111', 'plain', got 'comfy'"),
 ]
 
 

@@ -48,7 +48,10 @@ def _add_generate(commands) -> None:
     from latent_diffusion.diffusion.sdedit import IMG2IMG_STRENGTH, INPAINT_STRENGTH
 
     p = commands.add_parser("generate", help="generate images for a prompt")
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (optional with --from-png)")
+    p.add_argument("--from-png", default=None, metavar="PNG",
+                   help="take every setting from a PNG made here, by AUTOMATIC1111 (infotext) or by a plain ComfyUI "
+                        "text-to-image graph; the flags given override them")
     p.add_argument("-o", "--output", default="out.png", help="PNG path; with --n K > 1, files NAME-0.png … NAME-(K-1).png")
     p.add_argument("--model", default=None, help="diffusers folder or Hub id (default: the embedded Shapes model)")
     p.add_argument("--negative-prompt", default=None)
@@ -63,6 +66,8 @@ def _add_generate(commands) -> None:
     p.add_argument("--clip-skip", type=int, default=None, metavar="K",
                    help="condition on the text encoder's hidden states K layers before the usual one "
                         "(A1111's 'Clip skip: K+1'; prompt and negative prompt alike)")
+    p.add_argument("--prompt-syntax", default="a1111", choices=("a1111", "plain"),
+                   help="a1111: (emphasis), [less], (text:1.3), BREAK as AUTOMATIC1111 reads them; plain: text as is")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -86,8 +91,11 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     import torch
 
     from latent_diffusion.pipelines import LatentDiffusionPipeline
+    from latent_diffusion.formats.infotext import png_text
     from latent_diffusion.formats.pngmeta import save_png
 
+    if args.from_png is not None:
+        _settings_from_png(args)
     check_generate_args(args)  # before the model loads: a typo fails in milliseconds
     settings = generation_settings(args)
     call = settings.pipeline_kwargs()  # opens --image / --mask before the model loads, too
@@ -99,8 +107,31 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     pipe.set_progress_bar_config(disable=args.quiet)
     images = pipe(**call).images
     records = settings.resolved(pipe).for_images(images)
-    return [save_png(image, path, record.png_metadata())
+    return [save_png(image, path, png_text(record))
             for image, path, record in zip(images, output_paths(args.output, args.n), records)]
+
+
+# generate's flags (argparse dests) that are settings, and the GenerationSettings field of those named otherwise
+GENERATE_SETTING_FLAGS = ("prompt", "negative_prompt", "steps", "guidance", "guidance_rescale", "sampler",
+                          "sigma_schedule", "eta", "seed", "height", "width", "n", "clip_skip", "image", "mask",
+                          "strength", "lora", "model", "prompt_syntax")
+SETTING_OF_FLAG = {"lora": "loras"}
+
+
+def _settings_from_png(args: argparse.Namespace) -> None:
+    """Fill the flags not given on the command line (`args.given`) from the settings --from-png records."""
+    from latent_diffusion.formats.png_settings import settings_from_png
+
+    if not Path(args.from_png).is_file():
+        raise FileNotFoundError(f"--from-png: no such file {args.from_png!r}")
+    try:
+        recorded = settings_from_png(args.from_png)
+    except ValueError as error:
+        raise ValueError(f"--from-png {args.from_png}: {str(error).removeprefix('png: ')}") from None
+    for dest in GENERATE_SETTING_FLAGS:
+        if dest not in getattr(args, "given", ()):
+            value = getattr(recorded, SETTING_OF_FLAG.get(dest, dest))
+            setattr(args, dest, list(value) if dest == "lora" else value)
 
 
 def generation_settings(args: argparse.Namespace):
@@ -111,7 +142,8 @@ def generation_settings(args: argparse.Namespace):
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         guidance_rescale=args.guidance_rescale, sampler=args.sampler, sigma_schedule=args.sigma_schedule,
         eta=args.eta, seed=args.seed, height=args.height, width=args.width, n=args.n, clip_skip=args.clip_skip,
-        image=args.image, mask=args.mask, strength=args.strength, loras=tuple(args.lora), model=args.model)
+        image=args.image, mask=args.mask, strength=args.strength, loras=tuple(args.lora), model=args.model,
+        prompt_syntax=args.prompt_syntax)
 
 
 def _check_image_flags(args: argparse.Namespace) -> None:
@@ -130,6 +162,8 @@ def check_generate_args(args: argparse.Namespace) -> None:
     from latent_diffusion.checks import MAX_IMAGE_SIDE, check_choice, check_finite, check_int
     from latent_diffusion.diffusion.samplers import SAMPLER_NAMES
 
+    if args.prompt is None:
+        raise ValueError("prompt: give a prompt, or --from-png PNG to take it from an image")
     check_int("--n", args.n, 1)
     check_finite("--guidance-rescale", args.guidance_rescale, 0, 1)
     check_finite("--eta", args.eta, 0)
@@ -336,8 +370,18 @@ def silence_loading_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def given_flags(argv: Optional[Sequence[str]]) -> set[str]:
+    """The dests of the options and arguments given on the command line (not left at their defaults)."""
+    parser = build_parser()
+    for action in parser._actions + [a for sub in parser._subparsers._group_actions
+                                     for p in sub.choices.values() for a in p._actions]:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.given = given_flags(argv)
     from latent_diffusion.checks import NonFiniteError
 
     if getattr(args, "quiet", False):

@@ -40,6 +40,7 @@ from PIL import Image
 
 from latent_diffusion.checks import check_finite, check_int
 from latent_diffusion.diffusion.sdedit import IMG2IMG_STRENGTH
+from latent_diffusion.formats.infotext import png_text
 from latent_diffusion.formats.pngmeta import read_png_metadata, save_png
 from latent_diffusion.settings import EMBEDDED_MODEL, GenerationSettings
 
@@ -99,13 +100,14 @@ class Studio:
         on_step: Optional[Callable[[int, int], None]] = None,
         lora_scale: Optional[float] = None,
         clip_skip: Optional[int] = None,
+        prompt_syntax: Optional[str] = None,
         **image_inputs: Any,
     ) -> list[Path]:
         """PNGs of `num_images` images with seeds seed, seed + 1, ... (as `generate --n`); seed -1 or None draws one.
 
         None takes the model's default, as in the pipeline. `on_step(done, total)` follows the denoising
         steps. `lora_scale` (None: 1) multiplies the loaded adapters' scales; `clip_skip` (None or 0: off) is
-        the pipeline's. `image_inputs` (image,
+        the pipeline's, and so is `prompt_syntax` (None: "a1111"). `image_inputs` (image,
         strength, mask_image) go to the pipeline as they are; None ones are left out. ValueError, naming
         the argument, for bad settings. The request is a `GenerationSettings`, as the CLI's.
         """
@@ -121,12 +123,12 @@ class Studio:
             sampler=sampler or None, seed=resolve_seed(seed), height=height, width=width, n=n,
             clip_skip=clip_skip or None,  # the page's 0 means off
             image=image_inputs.get("image"), mask=image_inputs.get("mask_image"), strength=image_inputs.get("strength"),
-            loras=tuple(self._lora_specs(factor)), model=self.model)
+            loras=tuple(self._lora_specs(factor)), model=self.model, prompt_syntax=prompt_syntax or "a1111")
         with self._lock:
             self._set_lora_factor(factor)
             images = self.pipe(**settings.pipeline_kwargs(), **self._step_callback(steps, on_step)).images
             records = settings.resolved(self.pipe).for_images(images)
-            return [save_png(image, self._next_path(record.seed), record.png_metadata())
+            return [save_png(image, self._next_path(record.seed), png_text(record))
                     for image, record in zip(images, records)]
 
     def _lora_specs(self, factor: float) -> list[str]:
@@ -187,12 +189,15 @@ def form_values(metadata: dict[str, str]) -> list[Any]:
     """prompt, negative_prompt, sampler, steps, guidance, seed, width, height from a generated PNG's metadata.
 
     The form's fields in the order of the `generate` endpoint's parameters; ValueError when the PNG has none.
+    Reads our PNGs, A1111's infotext and plain ComfyUI graphs (`formats.png_settings`).
     """
+    from latent_diffusion.formats.png_settings import settings_from_text_chunks
+
     try:
-        settings = GenerationSettings.from_png_metadata(metadata)
+        settings = settings_from_text_chunks(metadata)
     except ValueError as error:
-        raise ValueError(f"{error}; reuse settings reads PNGs made by this page or `latent-diffusion generate`"
-                         ) from None
+        raise ValueError(f"{error}; reuse settings reads PNGs made by this page, `latent-diffusion generate`, "
+                         "AUTOMATIC1111 or a plain ComfyUI text-to-image graph") from None
     return [settings.prompt, settings.negative_prompt or "", settings.sampler, settings.steps, settings.guidance,
             settings.seed, settings.width, settings.height]
 
@@ -229,7 +234,11 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
         with gr.Row():
             with gr.Column(scale=2):
                 fields = _settings_form(gr, studio.defaults(), first.get("prompt", ""))
-                extra_inputs = {"clip_skip": fields["clip_skip"], **_lora_input(gr, studio.loras)}
+                syntax = gr.State("a1111")  # the page's choice; a State, so the API keeps its parameters
+                fields["prompt_syntax"].change(lambda value: value, inputs=fields["prompt_syntax"], outputs=syntax,
+                                               api_visibility="private")
+                extra_inputs = {"clip_skip": fields["clip_skip"], "prompt_syntax": syntax,
+                                **_lora_input(gr, studio.loras)}
                 run = fields["run"]
                 with gr.Accordion("Image to image / inpainting", open=False):
                     image_inputs = _image_inputs(gr, studio.optional_inputs())
@@ -256,7 +265,7 @@ def _page_generate(gr, studio: Studio, offered: tuple[str, ...]) -> Callable:
 
     def generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height, num_images=1,
                  progress=gr.Progress(), image=None, strength=None, mask_image=None, lora_scale=None,
-                 clip_skip=None):
+                 clip_skip=None, prompt_syntax=None):
         """Generate images; returns the PNG file(s), each with its settings in its metadata.
 
         The image inputs, clip skip and the LoRA strength are explicit keywords defaulting to None, so the
@@ -272,7 +281,8 @@ def _page_generate(gr, studio: Studio, offered: tuple[str, ...]) -> Callable:
             paths = studio.generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height,
                                     1 if num_images is None else int(num_images),
                                     on_step=lambda done, total: progress((done, total), desc="denoising"),
-                                    lora_scale=lora_scale, clip_skip=clip_skip, **image_inputs)
+                                    lora_scale=lora_scale, clip_skip=clip_skip, prompt_syntax=prompt_syntax,
+                                    **image_inputs)
             return [str(path) for path in paths]
         except ValueError as error:
             raise refusal(gr, error) from None
@@ -323,6 +333,8 @@ def _settings_form(gr, defaults: dict[str, Any], prompt: str) -> dict[str, Any]:
     with gr.Row():
         fields["clip_skip"] = gr.Number(label="Clip skip (0: off; k: the text encoder's states k layers back)",
                                         value=0, precision=0, minimum=0)
+        fields["prompt_syntax"] = gr.Radio(label="Prompt syntax ((word:1.2), [word], BREAK as A1111; plain: as typed)",
+                                           choices=["a1111", "plain"], value="a1111")
     return fields
 
 

@@ -28,7 +28,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from latent_diffusion.text.encoding import check_clip_skip, count_chunks, encode_prompts, tokenize_prompts
+from latent_diffusion.text.encoding import check_clip_skip, count_chunks, encode_prompts, tokenize_weighted
+from latent_diffusion.text.prompt_syntax import apply_emphasis
 
 Size = tuple[int, int]
 TIME_IDS = 6  # original (h, w), crop top-left (top, left), target (h, w)
@@ -82,11 +83,11 @@ class SDConditioner:
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
 
     def encode(self, prompts: list[str], negatives: Optional[list[str]] = None, num_images_per_prompt: int = 1,
-               clip_skip: Optional[int] = None, **sdxl_arguments) -> Conditioning:
+               clip_skip: Optional[int] = None, prompt_syntax: str = "plain", **sdxl_arguments) -> Conditioning:
         """(B·n, L, D) context, or (2·B·n, L, D) as [unconditional; conditional] when `negatives` are given.
 
         Both halves use the same number of chunks so they batch together, and the same `clip_skip` (A1111's
-        convention; diffusers applies it to the prompt only).
+        convention; diffusers applies it to the prompt only) and `prompt_syntax` ("a1111" or "plain").
         """
         given = [name for name in SDXL_ONLY if sdxl_arguments.get(name) is not None]
         if given:
@@ -94,29 +95,31 @@ class SDConditioner:
             raise ValueError(f"{name} needs an SDXL model (a folder with text_encoder_2 and tokenizer_2); "
                              "this model has one text encoder")
         texts = prompts if negatives is None else negatives + prompts
-        chunks = count_chunks(self.tokenizer, texts)
+        chunks = count_chunks(self.tokenizer, texts, prompt_syntax)
         embeds = encode_prompts(self.tokenizer, self.text_encoder, texts, chunks,
-                                check_clip_skip(self.text_encoder, clip_skip))  # (B or 2B, L, D)
+                                check_clip_skip(self.text_encoder, clip_skip), prompt_syntax)  # (B or 2B, L, D)
         return Conditioning(embeds).repeat_interleave(num_images_per_prompt)
 
 
 # ----------------------------------------------------------------------------- SDXL: two text encoders + size ids
 
 
-def encode_penultimate(text_encoder, token_ids: torch.Tensor,
-                       clip_skip: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def encode_penultimate(text_encoder, token_ids: torch.Tensor, clip_skip: Optional[int] = None,
+                       weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(B, K, L) ids -> ((B, K·L, D) penultimate hidden states, (B, P) pooled projection of chunk 0 or None).
 
     SDXL conditions on the layer before the last (diffusers' `hidden_states[-2]`), and `clip_skip` k layers
     further back (`hidden_states[-(k + 2)]`, as diffusers); only an encoder with a projection head
-    (`CLIPTextModelWithProjection`, whose first output is 2-D) gives a pooled embedding.
+    (`CLIPTextModelWithProjection`, whose first output is 2-D) gives a pooled embedding. `weights` (B, K, L):
+    A1111's emphasis on the hidden states (the pooled embedding stays unweighted, as in A1111).
     """
     batch, chunks, length = token_ids.shape
     flat = token_ids.reshape(batch * chunks, length).to(text_encoder.device)
     out = text_encoder(flat, output_hidden_states=True)
     hidden = out.hidden_states[-(2 + (clip_skip or 0))]  # (B·K, L, D)
     pooled = out[0].reshape(batch, chunks, -1)[:, 0] if out[0].ndim == 2 else None  # (B, P)
-    return hidden.reshape(batch, chunks * length, hidden.shape[-1]), pooled
+    hidden = hidden.reshape(batch, chunks * length, hidden.shape[-1])
+    return hidden if weights is None else apply_emphasis(hidden, weights), pooled
 
 
 def make_time_ids(original_size: Size, crops_coords_top_left: Size, target_size: Size) -> torch.Tensor:
@@ -151,17 +154,20 @@ class SDXLConditioner:
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
 
     def encode_texts(self, texts: list[str], texts_2: Optional[list[str]] = None,
-                     num_chunks: Optional[int] = None, clip_skip: Optional[int] = None) -> Conditioning:
+                     num_chunks: Optional[int] = None, clip_skip: Optional[int] = None,
+                     prompt_syntax: str = "plain") -> Conditioning:
         """Context (N, K·L, D₁+D₂) and pooled (N, P) of `texts` (encoder 1) and `texts_2` (encoder 2; default `texts`).
 
         Both encoders use the same number of chunks (the larger need of the two) so their states concatenate.
         """
         per_encoder = [texts, texts if texts_2 is None else texts_2][-len(self.encoders):]
-        chunks = num_chunks or max(count_chunks(tok, t) for (tok, _), t in zip(self.encoders, per_encoder))
+        chunks = num_chunks or max(count_chunks(tok, t, prompt_syntax)
+                                   for (tok, _), t in zip(self.encoders, per_encoder))
         hiddens, pooled = [], None
         for (tokenizer, encoder), encoder_texts in zip(self.encoders, per_encoder):
             skip = check_clip_skip(encoder, clip_skip, base_skip=1)  # below the penultimate layer
-            hidden, pooled_here = encode_penultimate(encoder, tokenize_prompts(tokenizer, encoder_texts, chunks), skip)
+            ids, weights = tokenize_weighted(tokenizer, encoder_texts, chunks, prompt_syntax)
+            hidden, pooled_here = encode_penultimate(encoder, ids, skip, weights)
             hiddens.append(hidden)
             pooled = pooled_here if pooled_here is not None else pooled  # the last encoder with a projection
         if pooled is None:
@@ -182,25 +188,27 @@ class SDXLConditioner:
         crops_coords_top_left: Optional[Size] = None,
         target_size: Optional[Size] = None,
         clip_skip: Optional[int] = None,
+        prompt_syntax: str = "plain",
     ) -> Conditioning:
         """(B·n, ...) conditioning, or (2·B·n, ...) as [unconditional; conditional] when `negatives` are given.
 
         `size` is the generated (height, width): `original_size` and `target_size` default to it and
         `crops_coords_top_left` to (0, 0), as in diffusers. Without a negative prompt
         (`negative_prompt_given` False) a force-zeros model gets a zero unconditional branch. `clip_skip`
-        applies to both halves.
+        and `prompt_syntax` apply to both halves and both encoders.
         """
+        text = dict(clip_skip=clip_skip, prompt_syntax=prompt_syntax)
         if negatives is None:
-            cond = self.encode_texts(prompts, prompts_2, clip_skip=clip_skip)
+            cond = self.encode_texts(prompts, prompts_2, **text)
         elif self.force_zeros_for_empty_prompt and not negative_prompt_given:
-            positive = self.encode_texts(prompts, prompts_2, clip_skip=clip_skip)
+            positive = self.encode_texts(prompts, prompts_2, **text)
             cond = Conditioning.cat([positive.map(torch.zeros_like), positive])
         else:
             both_2 = None  # the second encoder reads the first one's prompts
             if prompts_2 is not None or negatives_2 is not None:
                 both_2 = (negatives_2 or negatives) + (prompts_2 or prompts)
             # one batch: both halves get the same chunk count
-            cond = self.encode_texts(negatives + prompts, both_2, clip_skip=clip_skip)
+            cond = self.encode_texts(negatives + prompts, both_2, **text)
         if size is None and (original_size is None or target_size is None):
             raise ValueError("size: the generated (height, width) is needed for the SDXL size ids")
         ids = make_time_ids(original_size or size, crops_coords_top_left or (0, 0), target_size or size)

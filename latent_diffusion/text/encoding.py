@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from latent_diffusion.text.prompt_syntax import Chunk, apply_emphasis, check_prompt_syntax, plain_text, weighted_chunks
+
 
 def _window(tokenizer) -> int:
     """Tokens per chunk, start and end tokens included (77 for CLIP)."""
@@ -24,33 +26,52 @@ def _body_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(prompts), add_special_tokens=False, truncation=False, verbose=False).input_ids
 
 
-def count_chunks(tokenizer, prompts: Sequence[str]) -> int:
+def _chunk_bodies(tokenizer, prompts: Sequence[str], prompt_syntax: str) -> list[list[Chunk]]:
+    """Each prompt's chunk bodies (no start/end tokens) with token weights: every `window − 2` tokens
+    ("plain"), or A1111's weighted chunks ("a1111", latent_diffusion.text.prompt_syntax)."""
+    per_chunk = _window(tokenizer) - 2
+    if check_prompt_syntax(prompt_syntax) == "a1111":
+        return [weighted_chunks(tokenizer, prompt, per_chunk) for prompt in prompts]
+    starts = lambda ids: range(0, max(len(ids), 1), per_chunk)  # noqa: E731  (an empty prompt: one empty chunk)
+    return [[(ids[k : k + per_chunk], [1.0] * len(ids[k : k + per_chunk])) for k in starts(ids)]
+            for ids in _body_ids(tokenizer, prompts)]
+
+
+def count_chunks(tokenizer, prompts: Sequence[str], prompt_syntax: str = "plain") -> int:
     """How many windows the longest prompt needs (at least one)."""
     if tokenizer.bos_token_id is None:
         return 1
-    per_chunk = _window(tokenizer) - 2
-    return max(1, *(math.ceil(len(ids) / per_chunk) for ids in _body_ids(tokenizer, prompts)))
+    return max(len(chunks) for chunks in _chunk_bodies(tokenizer, prompts, prompt_syntax))
 
 
 def tokenize_prompts(tokenizer, prompts: Sequence[str], num_chunks: Optional[int] = None) -> torch.Tensor:
     """(B, num_chunks, window) token ids, each chunk `<start> … <end> <pad>…`; T5-style tokenizers give (B, 1, window)."""
+    return tokenize_weighted(tokenizer, prompts, num_chunks)[0]
+
+
+def tokenize_weighted(tokenizer, prompts: Sequence[str], num_chunks: Optional[int] = None,
+                      prompt_syntax: str = "plain") -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K, window) token ids as `tokenize_prompts` and (B, K, window) token weights (1 for start, end,
+    padding, and for every token of a "plain" prompt). T5-style tokenizers read A1111 prompts without
+    their syntax (`plain_text`), unweighted."""
     window = _window(tokenizer)
     if tokenizer.bos_token_id is None:
-        return _tokenize_truncating(tokenizer, prompts, window)
-    num_chunks = num_chunks or count_chunks(tokenizer, prompts)
-    per_chunk = window - 2
+        texts = [plain_text(p) for p in prompts] if check_prompt_syntax(prompt_syntax) == "a1111" else prompts
+        ids = _tokenize_truncating(tokenizer, texts, window)
+        return ids, torch.ones(ids.shape)
+    bodies = _chunk_bodies(tokenizer, prompts, prompt_syntax)
+    num_chunks = num_chunks or max(len(chunks) for chunks in bodies)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = []
-    for ids in _body_ids(tokenizer, prompts):
-        if len(ids) > per_chunk * num_chunks:
-            warnings.warn(f"prompt of {len(ids)} tokens truncated to {per_chunk * num_chunks}", stacklevel=3)
-        chunks = []
-        for k in range(num_chunks):
-            body = ids[k * per_chunk : (k + 1) * per_chunk]
-            chunk = [tokenizer.bos_token_id, *body, tokenizer.eos_token_id]
-            chunks.append(chunk + [pad] * (window - len(chunk)))
-        rows.append(chunks)
-    return torch.tensor(rows, dtype=torch.long)
+    ids, weights = [], []
+    for chunks in bodies:
+        if len(chunks) > num_chunks:
+            warnings.warn(f"prompt of {len(chunks)} chunks truncated to {num_chunks} "
+                          f"({num_chunks * (window - 2)} tokens)", stacklevel=3)
+        chunks = chunks[:num_chunks] + [([], [])] * (num_chunks - len(chunks))
+        ids.append([[tokenizer.bos_token_id, *body, tokenizer.eos_token_id] + [pad] * (window - 2 - len(body))
+                    for body, _ in chunks])
+        weights.append([[1.0, *w, 1.0] + [1.0] * (window - 2 - len(w)) for _, w in chunks])
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(weights, dtype=torch.float32)
 
 
 def _tokenize_truncating(tokenizer, prompts: Sequence[str], window: int) -> torch.Tensor:
@@ -61,11 +82,13 @@ def _tokenize_truncating(tokenizer, prompts: Sequence[str], window: int) -> torc
     return ids.input_ids[:, None, :]
 
 
-def encode_tokens(text_encoder, token_ids: torch.Tensor, clip_skip: Optional[int] = None) -> torch.Tensor:
+def encode_tokens(text_encoder, token_ids: torch.Tensor, clip_skip: Optional[int] = None,
+                  weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, K, L) ids -> (B, K·L, D) last hidden states; all chunks go through the encoder as one batch.
 
     `clip_skip` k ≥ 1 takes the hidden states k layers before the last, through the encoder's final layer
-    norm (A1111's "Clip skip: k + 1", diffusers' `clip_skip=k`).
+    norm (A1111's "Clip skip: k + 1", diffusers' `clip_skip=k`). `weights` (B, K, L): A1111's emphasis
+    (`prompt_syntax.apply_emphasis`) on the result.
     """
     batch, chunks, length = token_ids.shape
     flat = token_ids.reshape(batch * chunks, length).to(text_encoder.device)
@@ -74,13 +97,16 @@ def encode_tokens(text_encoder, token_ids: torch.Tensor, clip_skip: Optional[int
         hidden = final_layer_norm(text_encoder)(hidden)  # (B·K, L, D)
     else:
         hidden = text_encoder(flat)[0]  # (B·K, L, D)
-    return hidden.reshape(batch, chunks * length, hidden.shape[-1])
+    hidden = hidden.reshape(batch, chunks * length, hidden.shape[-1])
+    return hidden if weights is None else apply_emphasis(hidden, weights)
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], num_chunks: Optional[int] = None,
-                   clip_skip: Optional[int] = None) -> torch.Tensor:
-    """Prompts -> (B, K·L, D) conditioning for the UNet's cross-attention (`clip_skip`: see encode_tokens)."""
-    return encode_tokens(text_encoder, tokenize_prompts(tokenizer, prompts, num_chunks), clip_skip)
+                   clip_skip: Optional[int] = None, prompt_syntax: str = "plain") -> torch.Tensor:
+    """Prompts -> (B, K·L, D) conditioning for the UNet's cross-attention (`clip_skip`: see encode_tokens;
+    `prompt_syntax` "a1111": weights and BREAK as A1111 reads them, "plain": the text as it is)."""
+    ids, weights = tokenize_weighted(tokenizer, prompts, num_chunks, prompt_syntax)
+    return encode_tokens(text_encoder, ids, clip_skip, weights)
 
 
 def final_layer_norm(text_encoder) -> Optional[torch.nn.Module]:
