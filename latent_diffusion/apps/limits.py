@@ -99,7 +99,10 @@ def decode_image(field: str, data: bytes, max_pixels: int) -> Image.Image:
     `max_pixels` (checked on the header, before any pixel is decompressed)."""
     try:
         opened = Image.open(io.BytesIO(data))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # PIL's own refusal, past 2 × Image.MAX_IMAGE_PIXELS
+        raise RequestError(field, f"declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels, over this server's "
+                                  f"limit of {max_pixels}") from None
+    except (OSError, SyntaxError, ValueError):
         raise RequestError(field, "is not an image PIL can read (PNG, JPEG, WebP...)") from None
     width, height = opened.size
     if width * height > max_pixels:
@@ -263,9 +266,15 @@ async def run_watching(request, job: Job, work: Callable[[], T]) -> T:
             with anyio.move_on_after(0.25):
                 await finished.wait()
 
+    outcome: list = []
     async with anyio.create_task_group() as group:
         group.start_soon(watch)
         try:
-            return await anyio.to_thread.run_sync(work)
+            outcome.append(await anyio.to_thread.run_sync(work))
+        except Exception as error:  # raised below, outside the group (which would wrap it in an ExceptionGroup)
+            outcome.append(error)
         finally:
             finished.set()
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
