@@ -469,3 +469,104 @@ def test_serve_flags_are_checked_before_the_model_loads(flags, named, capsys):
 
     assert main(["serve", "--no-example", *flags]) == 2
     assert named in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- the real command on the embedded default model
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory):
+    """`latent-diffusion serve --no-example` on the embedded default model at a free 127.0.0.1 port: its URL."""
+    import os
+    import subprocess
+    import sys
+
+    from test_webui import wait_until_up
+
+    out = tmp_path_factory.mktemp("default-served")
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    with open(out / "server.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "latent_diffusion.apps.cli", "serve", "--no-example",
+                                    "--port", str(port), "--output-dir", str(out / "png"), "--max-queue", "8"],
+                                   stdout=log, stderr=subprocess.STDOUT, env=env)
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            wait_until_up(url, process)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+DDIM_EXACT = dict(sampler_name="DDIM", cfg_scale=4.0, eta=0.0, width=64, height=64)  # the model's own defaults
+
+
+def decoded(item) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(item.b64_json)))
+
+
+def shapes_scene(*objects) -> Image.Image:
+    from latent_diffusion.shapes.world import Scene, SceneObject, render
+
+    return render(Scene(objects=tuple(SceneObject(*o) for o in objects), background="white"), 64)
+
+
+@pytest.mark.slow
+def test_webuiapi_images_on_the_default_model_are_judged_correct(default_server):
+    from latent_diffusion.shapes.scorer import judge
+
+    api = webuiapi.WebUIApi(baseurl=default_server + "sdapi/v1")
+    made = api.txt2img(prompt="a red circle", seed=1, steps=20, **DDIM_EXACT)
+    assert judge(made.image, "a red circle").correct, judge(made.image, "a red circle").reasons
+    square = shapes_scene(("blue", "square", 0.5, 0.5, 0.4))
+    edited = api.img2img(images=[square], prompt="a blue square", seed=1, steps=12, denoising_strength=0.5, **DDIM_EXACT)
+    assert judge(edited.image, "a blue square").correct, judge(edited.image, "a blue square").reasons
+    left = shapes_scene(("red", "circle", 0.25, 0.5, 0.3))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (32, 0, 64, 64))  # repaint the right half
+    prompt = INPAINT_PROMPT
+    painted = api.img2img(images=[left], mask_image=mask, prompt=prompt, seed=INPAINT_SEED, steps=12,
+                          denoising_strength=1.0, **DDIM_EXACT)
+    assert judge(painted.image, prompt).correct, judge(painted.image, prompt).reasons
+
+
+@pytest.mark.slow
+def test_openai_images_on_the_default_model_are_judged_correct(default_server):
+    from latent_diffusion.shapes.scorer import judge
+
+    client = openai.OpenAI(base_url=default_server + "v1", api_key="unused", max_retries=0, timeout=600)
+    made = decoded(client.images.generate(prompt="a red circle", extra_body={"seed": 1, "steps": 20}).data[0])
+    assert made.size == (64, 64) and judge(made, "a red circle").correct, judge(made, "a red circle").reasons
+    left = shapes_scene(("red", "circle", 0.25, 0.5, 0.3)).convert("RGBA")
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (32, 0, 64, 64))  # transparent: edit the right half
+    edited = decoded(client.images.edit(image=("left.png", png_bytes(left), "image/png"),
+                                        mask=("mask.png", png_bytes(mask), "image/png"), prompt=INPAINT_PROMPT,
+                                        extra_body={"seed": INPAINT_SEED, "steps": 12}).data[0])
+    assert judge(edited, INPAINT_PROMPT).correct, judge(edited, INPAINT_PROMPT).reasons
+
+
+@pytest.mark.slow
+def test_concurrent_clients_of_both_kinds_and_the_page_get_their_own_seeds_and_images(default_server):
+    from gradio_client import Client
+
+    api = webuiapi.WebUIApi(baseurl=default_server + "sdapi/v1")
+    client = openai.OpenAI(base_url=default_server + "v1", api_key="unused", max_retries=0, timeout=600)
+    page = Client(default_server, verbose=False)
+    prompt, steps = "a red circle above a blue square", 3
+    calls = {
+        100: lambda: api.txt2img(prompt=prompt, seed=100, steps=steps, **DDIM_EXACT).image,
+        101: lambda: api.txt2img(prompt=prompt, seed=101, steps=steps, **DDIM_EXACT).image,
+        102: lambda: decoded(client.images.generate(prompt=prompt, extra_body={"seed": 102, "steps": steps}).data[0]),
+        103: lambda: decoded(client.images.generate(prompt=prompt, extra_body={"seed": 103, "steps": steps}).data[0]),
+        104: lambda: Image.open(page.predict(prompt=prompt, seed=104, steps=steps, api_name="/generate")[0]),
+    }
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        jobs = {seed: pool.submit(call) for seed, call in calls.items()}
+        together = {seed: job.result(timeout=900) for seed, job in jobs.items()}
+    for seed, image in together.items():
+        assert image.info["seed"] == str(seed)
+        alone = api.txt2img(prompt=prompt, seed=seed, steps=steps, **DDIM_EXACT).image  # the same settings, alone
+        assert np.array_equal(pixels(image), pixels(alone)), f"seed {seed}: a concurrent image differs from a lone one"
+    assert len({pixels(image).tobytes() for image in together.values()}) == len(calls)

@@ -170,7 +170,8 @@ def infotext(s: GenerationSettings) -> str:
     """A1111's infotext ("parameters") of one image's settings: prompt, negative prompt, then `Key: value, ...`."""
     from latent_diffusion import __version__
 
-    pairs = [("Steps", s.steps), ("Sampler", sampler_label(s.sampler)), ("Schedule type", schedule_label(s.sigma_schedule)),
+    pairs = [("Steps", s.steps), ("Sampler", sampler_label(s.sampler)),
+             ("Schedule type", schedule_label(s.sigma_schedule)),
              ("CFG scale", s.guidance), ("Seed", s.seed), ("Size", f"{s.width}x{s.height}"),
              ("Model", s.model or EMBEDDED_MODEL)]
     if s.strength is not None:

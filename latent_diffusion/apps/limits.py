@@ -75,7 +75,8 @@ class RequestLimits:
 
 def default_limits(pipe, max_steps: Optional[int] = None, max_pixels: Optional[int] = None,
                    max_images: Optional[int] = None) -> RequestLimits:
-    """The limits for `pipe`, each None taking its default: 150 steps, twice the native side (4× its pixels), 8 images."""
+    """The limits for `pipe`, each None taking its default: 150 steps, twice the native side (4× its pixels),
+    8 images."""
     height, width = pipe.resolve_size(None, None)
     return RequestLimits(max_steps=max_steps or MAX_STEPS, max_pixels=max_pixels or 4 * height * width,
                          max_images=max_images or 8)

@@ -26,7 +26,7 @@ RESPONSE_FORMATS = ("b64_json", "url")
 FIELDS = {"num_inference_steps": "steps", "guidance_scale": "guidance", "sampler": "model", "height": "size",
           "width": "size", "num_images": "n", "seed": "seed", "prompt": "prompt", "negative_prompt": "negative_prompt",
           "strength": "strength", "mask_image": "mask", "image": "image"}
-PNG_NAME = re.compile(r"[0-9]{5}-seed[0-9]+\.png")  # Studio's file names: nothing else is ever served
+PNG_NAME = re.compile(r"[0-9]{5,}-seed[0-9]+\.png")  # Studio's file names: nothing else is ever served
 
 
 def parse_size(text: Optional[str], defaults: dict) -> tuple[int, int]:
@@ -78,7 +78,8 @@ def answer(paths: list[Path], response_format: str, base_url: str) -> dict[str, 
         return {"b64_json": base64.b64encode(path.read_bytes()).decode("ascii")}
 
     records = records_of(paths)
-    return {"created": int(time.time()), "data": [{**item(p), "revised_prompt": r.prompt} for p, r in zip(paths, records)],
+    data = [{**item(path), "revised_prompt": record.prompt} for path, record in zip(paths, records)]
+    return {"created": int(time.time()), "data": data,
             "output_format": "png", "size": f"{records[0].width}x{records[0].height}" if records else None}
 
 
