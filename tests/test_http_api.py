@@ -459,6 +459,16 @@ def test_exposing_the_server_without_key_or_login_warns():
     assert exposure_warning("0.0.0.0", "k", ("u", "p")) is None
 
 
+def test_serve_prints_the_exposure_warning(served, capsys):
+    from latent_diffusion.apps.http_api import mount_kwargs
+
+    routes = mount_kwargs(served.studio, [], {}, 1, None, "0.0.0.0", None)["routes"]
+    assert "warning: serving 0.0.0.0" in capsys.readouterr().err
+    assert {"/sdapi/v1/txt2img", "/v1/images/generations"} <= {route.path for route in routes}
+    mount_kwargs(served.studio, [], {}, 1, "k", "0.0.0.0", ("u", "p"))
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("flags, named", [(["--auth", "nocolon"], "--auth must be USER:PASSWORD"),
                                           (["--auth", ":pw"], "--auth must be USER:PASSWORD"),
                                           (["--max-steps", "0"], "--max-steps must be an integer >= 1"),
@@ -499,6 +509,7 @@ def default_server(tmp_path_factory):
             process.wait(timeout=30)
 
 
+INPAINT_PROMPT, INPAINT_SEED = "a red circle to the left of a blue square", 1  # the right half repainted
 DDIM_EXACT = dict(sampler_name="DDIM", cfg_scale=4.0, eta=0.0, width=64, height=64)  # the model's own defaults
 
 
@@ -525,10 +536,9 @@ def test_webuiapi_images_on_the_default_model_are_judged_correct(default_server)
     left = shapes_scene(("red", "circle", 0.25, 0.5, 0.3))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (32, 0, 64, 64))  # repaint the right half
-    prompt = INPAINT_PROMPT
-    painted = api.img2img(images=[left], mask_image=mask, prompt=prompt, seed=INPAINT_SEED, steps=12,
+    painted = api.img2img(images=[left], mask_image=mask, prompt=INPAINT_PROMPT, seed=INPAINT_SEED, steps=12,
                           denoising_strength=1.0, **DDIM_EXACT)
-    assert judge(painted.image, prompt).correct, judge(painted.image, prompt).reasons
+    assert judge(painted.image, INPAINT_PROMPT).correct, judge(painted.image, INPAINT_PROMPT).reasons
 
 
 @pytest.mark.slow
