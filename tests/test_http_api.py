@@ -498,7 +498,8 @@ def default_server(tmp_path_factory):
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
     with open(out / "server.log", "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "latent_diffusion.apps.cli", "serve", "--no-example",
-                                    "--port", str(port), "--output-dir", str(out / "png"), "--max-queue", "8"],
+                                    "--port", str(port), "--output-dir", str(out / "png"), "--max-queue", "8",
+                                    "--max-steps", "40"],
                                    stdout=log, stderr=subprocess.STDOUT, env=env)
         url = f"http://127.0.0.1:{port}/"
         try:
@@ -555,6 +556,10 @@ def test_openai_images_on_the_default_model_are_judged_correct(default_server):
                                         mask=("mask.png", png_bytes(mask), "image/png"), prompt=INPAINT_PROMPT,
                                         extra_body={"seed": INPAINT_SEED, "steps": 12}).data[0])
     assert judge(edited, INPAINT_PROMPT).correct, judge(edited, INPAINT_PROMPT).reasons
+    with pytest.raises(openai.BadRequestError, match="steps: 41 steps is over this server's limit of 40"):
+        client.images.generate(prompt="a red circle", extra_body={"steps": 41})  # serve --max-steps 40
+    with pytest.raises(openai.BadRequestError, match="size: 256x256 is 65536 pixels, over this server's limit of 16384"):
+        client.images.generate(prompt="a red circle", size="256x256")  # the default: 4x the model's 64x64
 
 
 @pytest.mark.slow
