@@ -317,7 +317,34 @@ def _add_serve(commands) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA adapter loaded for every request (as in generate; repeatable); the page gets a "
                         "LoRA strength slider that multiplies the scales")
+    _add_api_flags(p)
     p.set_defaults(run=run_serve)
+
+
+def _add_api_flags(p) -> None:
+    """serve's flags for the HTTP APIs (A1111's /sdapi/v1, OpenAI's /v1/images): limits, keys, more models."""
+    p.add_argument("--max-steps", type=int, default=None, help="most denoising steps per API request (default 150)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="most width×height per image in API requests (default: 4× the model's native size)")
+    p.add_argument("--max-images", type=int, default=None, help="most images per API request (default 8)")
+    p.add_argument("--api-key", default=None, help="key the HTTP APIs require (Authorization: Bearer KEY)")
+    p.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="login for the page")
+    p.add_argument("--extra-model", action="append", default=[], metavar="PATH",
+                   help="another model the HTTP APIs can switch to (A1111 sd_model_checkpoint, OpenAI model)")
+
+
+def _api_settings(args: argparse.Namespace) -> dict:
+    """serve()'s limits and auth from the flags; ValueError naming a bad flag."""
+    from latent_diffusion.checks import check_int
+
+    limits = {name: getattr(args, name) for name in ("max_steps", "max_pixels", "max_images")}
+    for name, value in limits.items():
+        if value is not None:
+            check_int(f"--{name.replace('_', '-')}", value, 1)
+    user, colon, password = (args.auth or "").partition(":")
+    if args.auth is not None and not (user and colon and password):
+        raise ValueError("--auth must be USER:PASSWORD, both non-empty")
+    return {"limits": limits, "api_key": args.api_key, "auth": (user, password) if args.auth else None}
 
 
 def run_serve(args: argparse.Namespace) -> list[Path]:
@@ -329,15 +356,18 @@ def run_serve(args: argparse.Namespace) -> list[Path]:
 
     for name, limits in SERVE_LIMITS.items():  # before the model loads; errors name the flag
         check_int(f"--{name.replace('_', '-')}", getattr(args, name), *limits)
+    api_settings = _api_settings(args)
     try:
         import gradio  # noqa: F401  (the optional ui extra)
     except ImportError:
         raise SystemExit("latent-diffusion serve: the web UI needs gradio: pip install -e '.[ui]'") from None
     pipe = LatentDiffusionPipeline.from_pretrained(args.model) if args.model else LatentDiffusionPipeline.from_pretrained()
     loras = _load_loras(pipe, args.lora)
-    pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.to(device)
+    extra = [(path, LatentDiffusionPipeline.from_pretrained(path).to(device)) for path in args.extra_model]
     serve(pipe, args.model, host=args.host, port=args.port, share=args.share, max_queue=args.max_queue,
-          output_dir=args.output_dir, example=not args.no_example, loras=loras)
+          output_dir=args.output_dir, example=not args.no_example, loras=loras, extra_models=extra, **api_settings)
     return []
 
 

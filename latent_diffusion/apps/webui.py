@@ -101,13 +101,16 @@ class Studio:
         lora_scale: Optional[float] = None,
         clip_skip: Optional[int] = None,
         prompt_syntax: Optional[str] = None,
+        sigma_schedule: Optional[str] = None,
+        eta: float = 0.0,
         **image_inputs: Any,
     ) -> list[Path]:
         """PNGs of `num_images` images with seeds seed, seed + 1, ... (as `generate --n`); seed -1 or None draws one.
 
         None takes the model's default, as in the pipeline. `on_step(done, total)` follows the denoising
         steps. `lora_scale` (None: 1) multiplies the loaded adapters' scales; `clip_skip` (None or 0: off) is
-        the pipeline's, and so is `prompt_syntax` (None: "a1111"). `image_inputs` (image,
+        the pipeline's, as are `sigma_schedule` and `eta` (the HTTP APIs' schedulers), and so is `prompt_syntax`
+        (None: "a1111"). `image_inputs` (image,
         strength, mask_image) go to the pipeline as they are; None ones are left out. ValueError, naming
         the argument, for bad settings. The request is a `GenerationSettings`, as the CLI's.
         """
@@ -120,7 +123,8 @@ class Studio:
             raise ValueError("lora_scale: no LoRA adapter is loaded (serve the pipeline with `loras`)")
         settings = GenerationSettings(
             prompt=prompt, negative_prompt=negative_prompt or None, steps=steps, guidance=guidance,
-            sampler=sampler or None, seed=resolve_seed(seed), height=height, width=width, n=n,
+            sampler=sampler or None, sigma_schedule=sigma_schedule, eta=eta, seed=resolve_seed(seed), height=height,
+            width=width, n=n,
             clip_skip=clip_skip or None,  # the page's 0 means off
             image=image_inputs.get("image"), mask=image_inputs.get("mask_image"), strength=image_inputs.get("strength"),
             loras=tuple(self._lora_specs(factor)), model=self.model, prompt_syntax=prompt_syntax or "a1111")
@@ -380,12 +384,19 @@ def serve(
     example: bool = True,
     block: bool = True,
     loras: Sequence[tuple[str, str, float]] = (),
+    limits: Optional[dict[str, Optional[int]]] = None,
+    api_key: Optional[str] = None,
+    auth: Optional[tuple[str, str]] = None,
+    extra_models: Sequence[tuple[str, Any]] = (),
 ):
     """Serve `pipe` at http://host:port/; returns the launched app (at once when `block` is False).
 
     PNGs go to `output_dir` (default: a new temporary folder). `example` generates one image of
     EXAMPLE_PROMPT at seed 0 first, shown when the page opens. `loras`: (adapter name, path, scale) of
-    adapters loaded into `pipe`; the page then has a LoRA strength slider.
+    adapters loaded into `pipe`; the page then has a LoRA strength slider. The same server answers
+    A1111's and OpenAI's HTTP APIs (`http_api`): `limits` (max_steps, max_pixels, max_images; None or
+    missing: sized for the model) bound each request, `api_key` guards them, `auth` (user, password)
+    guards the page, and `extra_models` (name, pipeline) are models those APIs can switch to.
     """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no usage pings
     check_serve_settings(port, max_queue)
@@ -394,8 +405,12 @@ def serve(
     studio = Studio(pipe, model, out_dir, loras)
     shown = studio.generate(EXAMPLE_PROMPT, seed=0) if example else None
     demo = build_app(studio, max_queue, shown)
+    from latent_diffusion.apps.http_api import mount_kwargs
+
+    app_kwargs = mount_kwargs(studio, extra_models, limits or {}, max_queue, api_key, host, auth)
     demo.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(out_dir)],
-                prevent_thread_lock=True, show_error=True, quiet=True)  # quiet: gradio's hint names share=True
+                prevent_thread_lock=True, show_error=True, quiet=True, auth=auth,
+                app_kwargs=app_kwargs)  # quiet: gradio's hint names share=True
     print(f"* Running on {demo.local_url}" + (f" and {demo.share_url}" if demo.share_url else
                                              "; for a public link, run `latent-diffusion serve --share`"), flush=True)
     if block:
