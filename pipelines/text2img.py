@@ -25,6 +25,7 @@ from latent_diffusion.checks import check_all_finite, check_choice, check_finite
 from latent_diffusion.vae import decode_latents, latent_size_multiple, upcast_half_vae, vae_scale_factor
 from latent_diffusion.diffusion.guidance import guide
 from latent_diffusion.formats.model_files import check_model_path
+from latent_diffusion.formats.single_file import is_single_file, load_single_file, write_single_file
 from latent_diffusion.text.conditioners import Conditioning, conditioner_for
 from latent_diffusion.diffusion.samplers import SAMPLER_NAMES, Denoiser, check_sigma_schedule, get_sampler
 from latent_diffusion.diffusion.schedules import NoiseSchedule
@@ -94,6 +95,8 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         from safetensors only: a folder with only pickle (.bin) weights or a truncated file is refused.
         """
         path = default_model_path() if pretrained_model_name_or_path is None else pretrained_model_name_or_path
+        if is_single_file(path):  # a .safetensors checkpoint in the original layout works like a folder
+            return cls.from_single_file(path, **kwargs)
         local = Path(path)
         check_model_path(path)  # before diffusers could fall back to torch.load
         kwargs.setdefault("use_safetensors", True)
@@ -102,6 +105,23 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
             pipe.upcast_half_components()
         pipe.generation_defaults.update(_read_generation_config(local))
         return pipe
+
+    @classmethod
+    def from_single_file(cls, path: Union[str, os.PathLike], **kwargs):
+        """Load one .safetensors checkpoint in the original SD 1.x / 2.x / SDXL layout (see
+        `latent_diffusion.formats.single_file`): `config=` a diffusers folder, `tokenizer=`/`tokenizer_2=`,
+        `prediction_type=`, `image_size=`, any component to use as given, and `torch_dtype`/`dtype`."""
+        dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
+        parts = load_single_file(path, **kwargs)
+        parts.pop("family")
+        pipe = cls(**parts)
+        return pipe.to(dtype) if dtype is not None else pipe
+
+    def save_single_file(self, path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = torch.float16,
+                         metadata: Optional[dict[str, str]] = None) -> Path:
+        """Write the model as one .safetensors file in the original layout that AUTOMATIC1111/Forge, ComfyUI and
+        kohya load (UNet, VAE, text encoders; `dtype` None keeps the weights' own); it reads back alone here."""
+        return write_single_file(self.components, path, dtype=dtype, metadata=metadata)
 
     @classmethod
     def extract_init_dict(cls, config_dict: dict, **kwargs):
