@@ -100,6 +100,9 @@ GENERATE_CASES = [
     (["--height", "100000"], "--height must be an integer >= 1 and <= 8192, got 100000"),
     (["--width", "0"], "--width must be an integer >= 1 and <= 8192, got 0"),
     (["--height", "30"], "height must be a positive multiple of 4 and at most 8192 for this model, got 30"),
+    (["--vae", "/no/such/vae.safetensors"], "--vae '/no/such/vae.safetensors' does not exist"),
+    (["--vae", "vae.pt"], "--vae 'vae.pt' is a pickle (.pt); pickle checkpoints are never unpickled"),
+    (["--model-config", "/some/folder"], "--model-config is for a single-file --model"),
 ]
 
 

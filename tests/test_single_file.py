@@ -232,3 +232,60 @@ def test_truncated_and_unknown_files_are_refused(tmp_path):
     save_file({"some.weight": torch.zeros(2)}, str(other))
     with pytest.raises(ValueError, match="original layout"):
         LatentDiffusionPipeline.from_single_file(other)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def test_generate_takes_a_single_file_and_a_vae_file(variant, tmp_path):
+    from latent_diffusion.apps.cli import main
+
+    name, ours, _, file = variant
+    if name != "sd1":
+        pytest.skip("one family is enough for the command line")
+    vae_only = tmp_path / "vae.safetensors"
+    save_file({k: v for k, v in load_file(file).items() if k.startswith(ldm_layout.VAE_PREFIX)}, str(vae_only))
+    args = ["generate", PROMPT, "--model", str(file), "--steps", "2", "--quiet", "--sampler", "ddim"]
+    assert main([*args, "-o", str(tmp_path / "a.png")]) == 0
+    assert main([*args, "--vae", str(vae_only), "-o", str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "a.png").read_bytes() != b"" and (tmp_path / "b.png").exists()
+
+
+def bad_file(kind, tmp_path):
+    """A model file of one bad kind: a pickle, a truncated safetensors, a safetensors in no layout we know."""
+    if kind == "pickle":
+        path = tmp_path / "model.ckpt"
+        path.write_bytes(b"\x80\x04not really")
+        return path
+    path = tmp_path / f"{kind}.safetensors"
+    save_file({"some.weight": torch.zeros(64)}, str(path))
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[:-10])
+    return path
+
+
+BAD_FILES = [("pickle", "is a pickle (.ckpt); pickle checkpoints are never unpickled"),
+             ("truncated", "is truncated"),
+             ("unknown", "not a Stable Diffusion checkpoint in the original layout")]
+
+
+@pytest.mark.parametrize("kind, message", BAD_FILES, ids=[c[0] for c in BAD_FILES])
+def test_generate_refuses_bad_model_files(tmp_path, capsys, monkeypatch, kind, message):
+    from latent_diffusion.apps.cli import main
+
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
+    assert main(["generate", PROMPT, "--model", str(bad_file(kind, tmp_path)), "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind, message", BAD_FILES, ids=[c[0] for c in BAD_FILES])
+def test_vae_flag_refuses_bad_files(sd_folder, tmp_path, capsys, kind, message):
+    from latent_diffusion.apps.cli import main
+
+    if kind == "unknown":
+        message = "the VAE does not fit its configuration"
+    flags = ["--model", str(sd_folder), "--vae", str(bad_file(kind, tmp_path)), "--steps", "1", "--quiet"]
+    assert main(["generate", PROMPT, *flags, "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "--vae" in err and message in err and "Traceback" not in err

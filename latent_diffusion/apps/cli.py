@@ -49,7 +49,7 @@ def _add_generate(commands) -> None:
     p = commands.add_parser("generate", help="generate images for a prompt")
     p.add_argument("prompt")
     p.add_argument("-o", "--output", default="out.png", help="PNG path; with --n K > 1, files NAME-0.png … NAME-(K-1).png")
-    p.add_argument("--model", default=None, help="diffusers folder or Hub id (default: the embedded Shapes model)")
+    p.add_argument("--model", default=None, help="diffusers folder, single .safetensors checkpoint or Hub id (default: the embedded Shapes model)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
@@ -77,19 +77,47 @@ def _add_generate(commands) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA adapter (.safetensors file, folder or Hub id; diffusers or kohya layout) and its scale "
                         "(default 1); repeat to combine several")
+    _add_single_file_flags(p)
     p.set_defaults(run=run_generate)
+
+
+def _add_single_file_flags(p) -> None:
+    """--model-config and --vae: what a single-file --model (original SD layout) may need."""
+    p.add_argument("--model-config", default=None, metavar="FOLDER",
+                   help="with a .safetensors --model from another tool: a diffusers folder of the same family whose "
+                        "configs and tokenizer(s) it uses (released files hold no tokenizer)")
+    p.add_argument("--vae", default=None, metavar="FILE",
+                   help="replace the model's VAE by this .safetensors VAE (original or diffusers key layout)")
+
+
+def _load_pipeline(args: argparse.Namespace, **kwargs):
+    """The --model pipeline, with --model-config for a single file and --vae replacing its VAE."""
+    from latent_diffusion.formats.single_file import is_single_file, load_vae_file
+    from latent_diffusion.pipelines import LatentDiffusionPipeline
+
+    single = bool(args.model) and is_single_file(args.model)
+    if getattr(args, "model_config", None) is not None:
+        if not single:
+            raise ValueError("--model-config is for a single-file --model (a .safetensors checkpoint)")
+        kwargs["config"] = args.model_config
+    if single:
+        kwargs["argument"] = "--model"  # errors about the file name the flag
+    pipe = LatentDiffusionPipeline.from_pretrained(args.model, **kwargs)
+    if getattr(args, "vae", None) is not None:
+        vae = load_vae_file(args.vae, pipe.vae.config, "--vae")
+        pipe.register_modules(vae=vae.to(pipe.unet.dtype))
+    return pipe
 
 
 def run_generate(args: argparse.Namespace) -> list[Path]:
     import torch
 
-    from latent_diffusion.pipelines import LatentDiffusionPipeline
     from latent_diffusion.formats.pngmeta import generation_metadata, image_input_metadata, save_png
 
     check_generate_args(args)  # before the model loads: a typo fails in milliseconds
     image, mask = _read_image_inputs(args)
     dtype = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model, **dtype)
+    pipe = _load_pipeline(args, **dtype)
     if args.lora:
         _apply_loras(pipe, args.lora)
     pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -180,7 +208,7 @@ def _add_eval(commands) -> None:
         "eval", help="quality report over sampler settings: Shapes adherence, FID/FD-CLIP, CLIP score, speed, memory",
         description="Generate one image per (prompt, seed) for every setting (sampler, steps, guidance), score them "
                     "and write report.md, results.json, grids and plots into --out. Rerunning resumes.")
-    p.add_argument("--model", default=None, help="diffusers folder or Hub id (default: the embedded Shapes model)")
+    p.add_argument("--model", default=None, help="diffusers folder, single .safetensors checkpoint or Hub id (default: the embedded Shapes model)")
     p.add_argument("--prompts", default=None,
                    help="prompt file: one per line, or JSONL {\"prompt\", \"categories\"} (default: Shapes prompts)")
     p.add_argument("--num-prompts", type=int, default=100, help="Shapes evaluation prompts when --prompts is not given")
@@ -284,7 +312,7 @@ def _eval_size(pipe, size: Optional[int]) -> int:
 def _add_serve(commands) -> None:
     p = commands.add_parser("serve", help="a web page and HTTP API for generating images (needs the ui extra: pip install -e '.[ui]')",
                             description="Serve a Gradio page and its `generate` API over one loaded model.")
-    p.add_argument("--model", default=None, help="diffusers folder or Hub id (default: the embedded Shapes model)")
+    p.add_argument("--model", default=None, help="diffusers folder, single .safetensors checkpoint or Hub id (default: the embedded Shapes model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
@@ -295,13 +323,13 @@ def _add_serve(commands) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA adapter loaded for every request (as in generate; repeatable); the page gets a "
                         "LoRA strength slider that multiplies the scales")
+    _add_single_file_flags(p)
     p.set_defaults(run=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> list[Path]:
     import torch
 
-    from latent_diffusion.pipelines import LatentDiffusionPipeline
     from latent_diffusion.apps.webui import SERVE_LIMITS, serve
     from latent_diffusion.checks import check_int
 
@@ -311,7 +339,7 @@ def run_serve(args: argparse.Namespace) -> list[Path]:
         import gradio  # noqa: F401  (the optional ui extra)
     except ImportError:
         raise SystemExit("latent-diffusion serve: the web UI needs gradio: pip install -e '.[ui]'") from None
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model) if args.model else LatentDiffusionPipeline.from_pretrained()
+    pipe = _load_pipeline(args)
     loras = _load_loras(pipe, args.lora)
     pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     serve(pipe, args.model, host=args.host, port=args.port, share=args.share, max_queue=args.max_queue,

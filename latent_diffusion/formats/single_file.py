@@ -52,7 +52,8 @@ def check_single_file(path: PathLike, argument: str) -> Path:
     if not file.is_file():
         raise ValueError(f"{argument} {str(path)!r} does not exist")
     if file.suffix != ".safetensors":
-        raise ValueError(f"{argument} {str(path)!r} must be a .safetensors file")
+        raise ValueError(f"{argument} {str(path)!r} is a file but not a .safetensors checkpoint; give a diffusers "
+                         "folder (model_index.json, unet/, vae/, ...) or a single .safetensors file")
     check_safetensors_file(file, f"{argument} {str(path)!r}:")
     return file
 
