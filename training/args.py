@@ -113,6 +113,9 @@ def add_output_args(g) -> None:
     g.add_argument("--push_checkpoints_to_hub", action="store_true", help="also upload each checkpoint's weights")
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--hub_token", default=None)
+    g.add_argument("--save_single_file", action="store_true",
+                   help="also write OUT/model.safetensors (float16, the original SD key layout that AUTOMATIC1111, "
+                        "ComfyUI and kohya load)")
 
 
 def add_lora_args(g) -> None:

@@ -89,6 +89,7 @@ class OutputSettings:
     push_checkpoints_to_hub: bool
     hub_model_id: Optional[str]
     hub_token: Optional[str]
+    save_single_file: bool = False  # also OUT/model.safetensors in the original SD layout
 
 
 @dataclass(frozen=True)

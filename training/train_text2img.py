@@ -61,6 +61,7 @@ from latent_diffusion.training.speed import LossMeter, adamw_options, speed_up_u
 from latent_diffusion.training.validation import run_validation
 
 logger = get_logger(__name__)
+SINGLE_FILE = "model.safetensors"  # --save_single_file: OUT/model.safetensors
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -558,6 +559,8 @@ def save_pipeline(settings: TrainingSettings, accelerator: Accelerator, models: 
                                 torch.float32, text_encoder_2, models.tokenizer_2,
                                 models.force_zeros_for_empty_prompt), final_unet)
     pipe.save_pretrained(out.output_dir)
+    if out.save_single_file:  # one file for AUTOMATIC1111 / ComfyUI / kohya (formats/single_file.py)
+        pipe.save_single_file(os.path.join(out.output_dir, SINGLE_FILE))
     grid = write_card(settings, pipe, step)
     logger.info(f"saved the pipeline to {out.output_dir}" + (f" (validation grid {grid})" if grid else ""))
     if out.push_to_hub:
