@@ -34,6 +34,7 @@ from latent_diffusion.tensors import randn
 
 from latent_diffusion.pipelines.image_inputs import check_image_arguments, default_size, prepare_image_edit
 from latent_diffusion.pipelines.lora import LatentDiffusionLoraMixin
+from latent_diffusion.pipelines.textual_inversion import LatentDiffusionTextualInversionMixin
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 TRACE_MAX_PARAMETERS = 50_000_000  # the embedded model is ~4M; SD 1.5's UNet is 860M
@@ -59,10 +60,12 @@ class LatentDiffusionPipelineOutput(BaseOutput):
     images: Union[list[PIL.Image.Image], np.ndarray, torch.Tensor]
 
 
-class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
+class LatentDiffusionPipeline(LatentDiffusionLoraMixin, LatentDiffusionTextualInversionMixin, DiffusionPipeline):
     """Text-to-image generation with a latent diffusion model (Rombach et al. 2022).
 
     LoRA adapters: `load_lora_weights`, `set_adapters`, `fuse_lora`, ... (diffusers' loader, see `pipelines/lora.py`).
+    Embeddings: `load_textual_inversion` (`pipelines/textual_inversion.py`). Single files: `from_single_file`,
+    `save_single_file` (`latent_diffusion/formats/single_file.py`).
 
     >>> pipe = LatentDiffusionPipeline.from_pretrained()            # the embedded Shapes model
     >>> pipe("a red circle above a blue square").images[0]
@@ -259,6 +262,8 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         target_size (see `SDXLConditioner.encode`); a single-encoder model takes only `size` of them. Both
         take `clip_skip`.
         """
+        prompts, negatives = self.expand_embedding_tokens(prompts), self.expand_embedding_tokens(negatives)
+        sdxl.update({key: self.expand_embedding_tokens(sdxl[key]) for key in ("prompts_2", "negatives_2") if key in sdxl})
         cond = self.conditioner().encode(prompts, negatives, num_images_per_prompt, **sdxl)
         return cond.to(dtype=self.unet.dtype)
 

@@ -88,6 +88,9 @@ def _add_single_file_flags(p) -> None:
                         "configs and tokenizer(s) it uses (released files hold no tokenizer)")
     p.add_argument("--vae", default=None, metavar="FILE",
                    help="replace the model's VAE by this .safetensors VAE (original or diffusers key layout)")
+    p.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]",
+                   help="textual-inversion embedding (.safetensors, SD or SDXL) usable as TOKEN in the prompt and "
+                        "negative prompt (default token: the file's name); repeatable")
 
 
 def _load_pipeline(args: argparse.Namespace, **kwargs):
@@ -106,7 +109,21 @@ def _load_pipeline(args: argparse.Namespace, **kwargs):
     if getattr(args, "vae", None) is not None:
         vae = load_vae_file(args.vae, pipe.vae.config, "--vae")
         pipe.register_modules(vae=vae.to(pipe.unet.dtype))
+    for spec in getattr(args, "embedding", []):
+        _load_embedding(pipe, spec)
     return pipe
+
+
+def _load_embedding(pipe, spec: str) -> None:
+    """One --embedding PATH[:TOKEN]; the file is checked first so that errors name the flag."""
+    from latent_diffusion.pipelines.textual_inversion import parse_embedding_spec, read_embedding_file
+
+    path, token = parse_embedding_spec(spec)
+    read_embedding_file(path, "--embedding")
+    try:
+        pipe.load_textual_inversion(path, token=token)
+    except ValueError as error:
+        raise ValueError(f"--embedding {spec!r}: {error}") from None
 
 
 def run_generate(args: argparse.Namespace) -> list[Path]:
