@@ -125,6 +125,9 @@ def add_lora_args(g) -> None:
                    help="train peft LoRA adapters of this rank instead of the whole UNet (the UNet stays frozen)")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA scale numerator α (default: the rank)")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch's input")
+    g.add_argument("--lora_save_format", default="diffusers", choices=("diffusers", "kohya"),
+                   help="layout of OUT/pytorch_lora_weights.safetensors: diffusers', or kohya's (lora_unet_*/lora_te_* "
+                        "with alpha) that AUTOMATIC1111/Forge and ComfyUI load; both load here and in diffusers")
     g.add_argument("--lora_target_modules", default=",".join(DEFAULT_UNET_TARGETS),
                    help="comma-separated UNet module names to adapt (default: %(default)s)")
     g.add_argument("--train_text_encoder_lora", action="store_true",

@@ -119,6 +119,7 @@ class LoraSettings:
     dropout: float
     target_modules: tuple[str, ...]
     train_text_encoder: bool  # the text encoder trains too: captions are encoded with gradients every step
+    save_format: str = "diffusers"  # --lora_save_format: "diffusers" or "kohya" (AUTOMATIC1111, ComfyUI)
 
 
 def target_modules(spec: str) -> tuple[str, ...]:
@@ -131,7 +132,8 @@ def lora_settings(args: argparse.Namespace) -> Optional[LoraSettings]:
         return None
     return LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha or args.lora_rank, dropout=args.lora_dropout,
                         target_modules=target_modules(args.lora_target_modules),
-                        train_text_encoder=args.train_text_encoder_lora)
+                        train_text_encoder=args.train_text_encoder_lora,
+                        save_format=getattr(args, "lora_save_format", "diffusers"))
 
 
 @dataclass(frozen=True)
