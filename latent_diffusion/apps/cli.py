@@ -109,13 +109,12 @@ def _load_pipeline(args: argparse.Namespace, **kwargs):
     if getattr(args, "vae", None) is not None:
         vae = load_vae_file(args.vae, pipe.vae.config, "--vae")
         pipe.register_modules(vae=vae.to(pipe.unet.dtype))
-    for spec in getattr(args, "embedding", []):
-        _load_embedding(pipe, spec)
+    args.loaded_embeddings = [_load_embedding(pipe, spec) for spec in getattr(args, "embedding", [])]
     return pipe
 
 
-def _load_embedding(pipe, spec: str) -> None:
-    """One --embedding PATH[:TOKEN]; the file is checked first so that errors name the flag."""
+def _load_embedding(pipe, spec: str) -> tuple[str, str]:
+    """One --embedding PATH[:TOKEN], as (path, token); the file is checked first so that errors name the flag."""
     from latent_diffusion.pipelines.textual_inversion import parse_embedding_spec, read_embedding_file
 
     path, token = parse_embedding_spec(spec)
@@ -124,6 +123,7 @@ def _load_embedding(pipe, spec: str) -> None:
         pipe.load_textual_inversion(path, token=token)
     except ValueError as error:
         raise ValueError(f"--embedding {spec!r}: {error}") from None
+    return path, token or Path(path).stem
 
 
 def run_generate(args: argparse.Namespace) -> list[Path]:
@@ -360,7 +360,7 @@ def run_serve(args: argparse.Namespace) -> list[Path]:
     loras = _load_loras(pipe, args.lora)
     pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     serve(pipe, args.model, host=args.host, port=args.port, share=args.share, max_queue=args.max_queue,
-          output_dir=args.output_dir, example=not args.no_example, loras=loras)
+          output_dir=args.output_dir, example=not args.no_example, loras=loras, embeddings=args.loaded_embeddings)
     return []
 
 
