@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_args(g) -> None:
     g.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="diffusers folder or Hub id with unet, vae, text_encoder, tokenizer and scheduler")
+                   help="diffusers folder or Hub id with unet, vae, text_encoder, tokenizer and scheduler, or a "
+                        "single .safetensors checkpoint in the original SD layout")
+    g.add_argument("--single_file_config", default=None, metavar="FOLDER",
+                   help="with a single-file model from another tool: a diffusers folder of the same family whose "
+                        "configs and tokenizer(s) it uses (released files hold no tokenizer)")
     g.add_argument("--unet_config", default=None,
                    help="JSON file of a UNet2DConditionModel config: train this UNet from scratch instead")
     g.add_argument("--revision", default=None, help="Hub revision of the pretrained model")

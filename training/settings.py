@@ -25,6 +25,7 @@ class ModelSettings:
     revision: Optional[str]
     variant: Optional[str]
     prediction_type: Optional[str]
+    single_file_config: Optional[str] = None  # configs + tokenizer folder for a single-file base model
 
 
 @dataclass(frozen=True)
