@@ -61,8 +61,15 @@ class LatentDiffusionLoraMixin(StableDiffusionLoraLoaderMixin):
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: Optional[str] = None, **kwargs):
         """Load a LoRA (diffusers, kohya or peft layout) into the UNet and text encoder as `adapter_name`."""
         source, weight_name = check_safetensors_source(pretrained_model_name_or_path_or_dict, kwargs.pop("weight_name", None))
-        kwargs["use_safetensors"] = True
-        super().load_lora_weights(source, adapter_name=adapter_name, weight_name=weight_name, **kwargs)
+        lycoris = _lycoris_state(source, weight_name)
+        if lycoris is not None:  # LoHa / LoKr: peft's layers with the file's factors (pipelines/lycoris.py)
+            from latent_diffusion.pipelines.lycoris import load_lycoris
+
+            count = sum(len(names) for names in self.get_list_adapters().values())
+            load_lycoris(self, lycoris, adapter_name or f"default_{count}")
+        else:
+            kwargs["use_safetensors"] = True
+            super().load_lora_weights(source, adapter_name=adapter_name, weight_name=weight_name, **kwargs)
         self._adapters_changed()
 
     def set_adapters(self, adapter_names: Union[str, Sequence[str]], adapter_weights=None):
@@ -97,6 +104,23 @@ class LatentDiffusionLoraMixin(StableDiffusionLoraLoaderMixin):
         traced = getattr(self, "_traced_unet", None)
         if traced is not None:
             traced.clear()
+
+
+def _lycoris_state(source, weight_name: Optional[str]) -> Optional[dict]:
+    """The state dict of a LoHa/LoKr source (a dict or a local .safetensors file); None for anything else."""
+    from latent_diffusion.pipelines.lycoris import is_lycoris
+
+    if isinstance(source, dict):
+        return source if is_lycoris(source) else None
+    path = Path(os.fspath(source)) / weight_name if weight_name else Path(os.fspath(source))
+    if not path.is_file() or path.suffix != SAFE_SUFFIX:
+        return None
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        lycoris = is_lycoris(dict.fromkeys(f.keys()))
+    return load_file(str(path)) if lycoris else None
 
 
 class LoraSpecError(ValueError):
