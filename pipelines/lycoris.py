@@ -104,6 +104,29 @@ def inject(model: torch.nn.Module, kind: str, modules: Mapping[str, Mapping[str,
         layer.scaling[adapter_name] = alpha / rank
 
 
+def split_dora_scales(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(the state without `dora_scale` keys, those keys): diffusers' kohya loader drops DoRA scales with a warning."""
+    scales = {key: value for key, value in state.items() if key.endswith(".dora_scale")}
+    return {key: value for key, value in state.items() if key not in scales}, scales
+
+
+def apply_dora_scales(pipe, scales: Mapping[str, torch.Tensor], adapter_name: str) -> None:
+    """Turn the loaded LoRA layers that `scales` name into peft DoRA layers with the file's magnitudes:
+    W' = m ⊙ (W + (α/r) B A) / ‖W + (α/r) B A‖ row by row (kohya / LyCORIS store m as (out, 1))."""
+    for component, modules in group_modules(pipe, scales).items():
+        model = getattr(pipe, component)
+        for name, factors in modules.items():
+            layer = model.get_submodule(name)
+            variant_cls = getattr(layer, "lora_variants", {}).get(("use_dora",))
+            if adapter_name not in getattr(layer, "lora_A", {}) or variant_cls is None:
+                raise ValueError(f"dora_scale of {name!r} ({component}): no LoRA layer there takes DoRA")
+            variant_cls.init(layer, adapter_name=adapter_name)
+            layer.lora_variant[adapter_name] = variant_cls()
+            layer.use_dora[adapter_name] = True
+            magnitude = layer.lora_magnitude_vector[adapter_name].weight
+            magnitude.data.copy_(factors["dora_scale"].reshape(magnitude.shape))
+
+
 def load_lycoris(pipe, state: Mapping[str, torch.Tensor], adapter_name: str) -> None:
     """Add the LoHa/LoKr adapter `state` (kohya layout) to the pipeline's UNet and text encoders."""
     for component, modules in group_modules(pipe, state).items():

@@ -96,3 +96,21 @@ def test_key_naming_no_layer_is_an_error_naming_it(sd_folder, tmp_path):
     pipe = LatentDiffusionPipeline.from_pretrained(sd_folder)
     with pytest.raises(ValueError, match="lora_unet_no_such_block.hada_w1_a.*no module named like"):
         pipe.load_lora_weights(tmp_path / "bad.safetensors")
+
+
+def test_dora_file_equals_its_update_applied_by_hand(sd_folder, tmp_path):
+    """kohya DoRA: W' = m ⊙ (W + (α/r)·up·down) / ‖W + (α/r)·up·down‖ per output row, m = dora_scale."""
+    pipe = LatentDiffusionPipeline.from_pretrained(sd_folder)
+    torch.manual_seed(3)
+    down, up = torch.randn(2, 16) * 0.5, torch.randn(16, 2) * 0.5
+    weight = pipe.unet.get_submodule(ATTN).weight.detach()
+    updated = weight + 0.5 * up @ down
+    magnitude = updated.norm(dim=1, keepdim=True) * (1 + torch.rand(16, 1))  # LyCORIS' (out, 1) dora_scale
+    save_file({f"{kohya(ATTN)}.lora_down.weight": down, f"{kohya(ATTN)}.lora_up.weight": up,
+               f"{kohya(ATTN)}.alpha": torch.tensor(1.0), f"{kohya(ATTN)}.dora_scale": magnitude},
+              str(tmp_path / "dora.safetensors"))
+    reference = by_hand(pipe, {ATTN: magnitude * updated / updated.norm(dim=1, keepdim=True) - weight})
+    pipe.load_lora_weights(tmp_path / "dora.safetensors")
+    assert np.abs(generate(pipe) - generate(reference)).max() <= 1 / 255
+    latents = generate(pipe, "latent")
+    assert np.abs(latents - generate(reference, "latent")).max() <= 1e-4 * np.abs(latents).max()
