@@ -84,9 +84,23 @@ class LatentDiffusionLoraMixin(StableDiffusionLoraLoaderMixin):
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: Optional[str] = None, **kwargs):
         """Load a LoRA (diffusers, kohya or peft layout) into the UNet and text encoder as `adapter_name`."""
         source, weight_name = check_safetensors_source(pretrained_model_name_or_path_or_dict, kwargs.pop("weight_name", None))
-        kwargs["use_safetensors"] = True
-        with _quiet_text_encoder_warning():
-            super().load_lora_weights(source, adapter_name=adapter_name, weight_name=weight_name, **kwargs)
+        lycoris, dora = _lycoris_state(source, weight_name)
+        if lycoris is not None:  # LoHa / LoKr: peft's layers with the file's factors (pipelines/lycoris.py)
+            from latent_diffusion.pipelines.lycoris import load_lycoris
+
+            count = sum(len(names) for names in self.get_list_adapters().values())
+            load_lycoris(self, lycoris, adapter_name or f"default_{count}")
+        elif dora is not None:  # kohya DoRA: diffusers loads the LoRA, the magnitudes are set here
+            from latent_diffusion.pipelines.lycoris import apply_dora_scales, split_dora_scales
+
+            state, scales = split_dora_scales(dora)
+            name = adapter_name or f"default_{sum(len(names) for names in self.get_list_adapters().values())}"
+            super().load_lora_weights(state, adapter_name=name, **kwargs)
+            apply_dora_scales(self, scales, name)
+        else:
+            kwargs["use_safetensors"] = True
+            with _quiet_text_encoder_warning():
+                super().load_lora_weights(source, adapter_name=adapter_name, weight_name=weight_name, **kwargs)
         self._adapters_changed()
 
     def set_adapters(self, adapter_names: Union[str, Sequence[str]], adapter_weights=None):
@@ -121,6 +135,30 @@ class LatentDiffusionLoraMixin(StableDiffusionLoraLoaderMixin):
         traced = getattr(self, "_traced_unet", None)
         if traced is not None:
             traced.clear()
+
+
+def _lycoris_state(source, weight_name: Optional[str]) -> tuple[Optional[dict], Optional[dict]]:
+    """(state dict of a LoHa/LoKr source, of a kohya DoRA source): a dict or a local .safetensors file; Nones else."""
+    from latent_diffusion.pipelines.lycoris import is_lycoris
+
+    if isinstance(source, dict):
+        keys = source
+    else:
+        path = Path(os.fspath(source)) / weight_name if weight_name else Path(os.fspath(source))
+        if not path.is_file() or path.suffix != SAFE_SUFFIX:
+            return None, None
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = dict.fromkeys(f.keys())
+    lycoris, dora = is_lycoris(keys), any(key.endswith(".dora_scale") for key in keys)
+    if not (lycoris or dora):
+        return None, None
+    if not isinstance(source, dict):
+        from safetensors.torch import load_file
+
+        source = load_file(str(path))
+    return (source, None) if lycoris else (None, source)
 
 
 class LoraSpecError(ValueError):

@@ -25,6 +25,7 @@ from latent_diffusion.checks import check_all_finite, check_choice, check_finite
 from latent_diffusion.vae import decode_latents, is_half, latent_size_multiple, upcast_half_vae, vae_scale_factor
 from latent_diffusion.diffusion.guidance import guide
 from latent_diffusion.formats.model_files import check_model_path
+from latent_diffusion.formats.single_file import is_single_file, load_single_file, write_single_file
 from latent_diffusion.text.conditioners import Conditioning, conditioner_for
 from latent_diffusion.diffusion.samplers import SAMPLER_NAMES, Denoiser, check_sigma_schedule, get_sampler, robust_settings
 from latent_diffusion.diffusion.schedules import NoiseSchedule
@@ -35,6 +36,7 @@ from latent_diffusion.tensors import randn
 
 from latent_diffusion.pipelines.image_inputs import check_image_arguments, default_size, prepare_image_edit
 from latent_diffusion.pipelines.lora import LatentDiffusionLoraMixin
+from latent_diffusion.pipelines.textual_inversion import LatentDiffusionTextualInversionMixin
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 TRACE_MAX_PARAMETERS = 50_000_000  # the embedded model is ~4M; SD 1.5's UNet is 860M
@@ -59,10 +61,12 @@ class LatentDiffusionPipelineOutput(BaseOutput):
     images: Union[list[PIL.Image.Image], np.ndarray, torch.Tensor]
 
 
-class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
+class LatentDiffusionPipeline(LatentDiffusionLoraMixin, LatentDiffusionTextualInversionMixin, DiffusionPipeline):
     """Text-to-image generation with a latent diffusion model (Rombach et al. 2022).
 
     LoRA adapters: `load_lora_weights`, `set_adapters`, `fuse_lora`, ... (diffusers' loader, see `pipelines/lora.py`).
+    Embeddings: `load_textual_inversion` (`pipelines/textual_inversion.py`). Single files: `from_single_file`,
+    `save_single_file` (`latent_diffusion/formats/single_file.py`).
 
     >>> pipe = LatentDiffusionPipeline.from_pretrained()            # the embedded Shapes model
     >>> pipe("a red circle above a blue square").images[0]
@@ -95,6 +99,8 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         from safetensors only: a folder with only pickle (.bin) weights or a truncated file is refused.
         """
         path = default_model_path() if pretrained_model_name_or_path is None else pretrained_model_name_or_path
+        if is_single_file(path):  # a .safetensors checkpoint in the original layout works like a folder
+            return cls.from_single_file(path, **kwargs)
         local = Path(path)
         check_model_path(path)  # before diffusers could fall back to torch.load
         kwargs.setdefault("use_safetensors", True)
@@ -103,6 +109,23 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
             pipe.upcast_half_components()
         pipe.generation_defaults.update(_read_generation_config(local))
         return pipe
+
+    @classmethod
+    def from_single_file(cls, path: Union[str, os.PathLike], **kwargs):
+        """Load one .safetensors checkpoint in the original SD 1.x / 2.x / SDXL layout (see
+        `latent_diffusion.formats.single_file`): `config=` a diffusers folder, `tokenizer=`/`tokenizer_2=`,
+        `prediction_type=`, `image_size=`, any component to use as given, and `torch_dtype`/`dtype`."""
+        dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
+        parts = load_single_file(path, **kwargs)
+        parts.pop("family")
+        pipe = cls(**parts)
+        return pipe.to(dtype) if dtype is not None else pipe
+
+    def save_single_file(self, path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = torch.float16,
+                         metadata: Optional[dict[str, str]] = None) -> Path:
+        """Write the model as one .safetensors file in the original layout that AUTOMATIC1111/Forge, ComfyUI and
+        kohya load (UNet, VAE, text encoders; `dtype` None keeps the weights' own); it reads back alone here."""
+        return write_single_file(self.components, path, dtype=dtype, metadata=metadata)
 
     @classmethod
     def extract_init_dict(cls, config_dict: dict, **kwargs):
@@ -236,6 +259,8 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         target_size (see `SDXLConditioner.encode`); a single-encoder model takes only `size` of them. Both
         take `clip_skip` and `prompt_syntax`.
         """
+        prompts, negatives = self.expand_embedding_tokens(prompts), self.expand_embedding_tokens(negatives)
+        sdxl.update({key: self.expand_embedding_tokens(sdxl[key]) for key in ("prompts_2", "negatives_2") if key in sdxl})
         cond = self.conditioner().encode(prompts, negatives, num_images_per_prompt, **sdxl)
         return cond.to(dtype=self.unet.dtype)
 

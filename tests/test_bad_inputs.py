@@ -101,6 +101,9 @@ GENERATE_CASES = [
     (["--width", "0"], "--width must be an integer >= 1 and <= 8192, got 0"),
     (["--height", "30"], "height must be a positive multiple of 4 and at most 8192 for this model, got 30"),
     (["--from-png", "missing.png"], "--from-png: no such file 'missing.png'"),
+    (["--vae", "/no/such/vae.safetensors"], "--vae '/no/such/vae.safetensors' does not exist"),
+    (["--vae", "vae.pt"], "--vae 'vae.pt' is a pickle (.pt); pickle checkpoints are never unpickled"),
+    (["--model-config", "/some/folder"], "--model-config is for a single-file --model"),
 ]
 
 

@@ -38,8 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_args(g) -> None:
     g.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="diffusers folder or Hub id with unet, vae, text_encoder, tokenizer and scheduler; "
-                        "'default': the embedded Shapes model")
+                   help="diffusers folder or Hub id with unet, vae, text_encoder, tokenizer and scheduler, a "
+                        "single .safetensors checkpoint in the original SD layout, or 'default': the embedded Shapes model")
+    g.add_argument("--single_file_config", default=None, metavar="FOLDER",
+                   help="with a single-file model from another tool: a diffusers folder of the same family whose "
+                        "configs and tokenizer(s) it uses (released files hold no tokenizer)")
     g.add_argument("--unet_config", default=None,
                    help="JSON file of a UNet2DConditionModel config: train this UNet from scratch instead")
     g.add_argument("--revision", default=None, help="Hub revision of the pretrained model")
@@ -118,6 +121,9 @@ def add_output_args(g) -> None:
     g.add_argument("--push_checkpoints_to_hub", action="store_true", help="also upload each checkpoint's weights")
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--hub_token", default=None)
+    g.add_argument("--save_single_file", action="store_true",
+                   help="also write OUT/model.safetensors (float16, the original SD key layout that AUTOMATIC1111, "
+                        "ComfyUI and kohya load)")
 
 
 def add_lora_args(g) -> None:
@@ -127,6 +133,9 @@ def add_lora_args(g) -> None:
                    help="train peft LoRA adapters of this rank instead of the whole UNet (the UNet stays frozen)")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA scale numerator α (default: the rank)")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch's input")
+    g.add_argument("--lora_save_format", default="diffusers", choices=("diffusers", "kohya"),
+                   help="layout of OUT/pytorch_lora_weights.safetensors: diffusers', or kohya's (lora_unet_*/lora_te_* "
+                        "with alpha) that AUTOMATIC1111/Forge and ComfyUI load; both load here and in diffusers")
     g.add_argument("--lora_target_modules", default=",".join(DEFAULT_UNET_TARGETS),
                    help="comma-separated UNet module names to adapt (default: %(default)s)")
     g.add_argument("--train_text_encoder_lora", action="store_true",

@@ -1,4 +1,4 @@
-"""Load the parts of a diffusers text-to-image folder (or Hub id) one by one, as model_index.json names them.
+"""Load the parts of a diffusers text-to-image folder (or Hub id, or single .safetensors checkpoint) one by one.
 
 Loading part by part lets a run skip the pretrained UNet when `--unet_config`
 trains one from scratch, and gives errors that name the missing part.
@@ -15,11 +15,17 @@ SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # loaded where model_index.
 
 
 def load_components(path: str, *, revision: Optional[str] = None, variant: Optional[str] = None,
-                    cache_dir: Optional[str] = None, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+                    cache_dir: Optional[str] = None, skip: tuple[str, ...] = (),
+                    single_file_config: Optional[str] = None) -> dict[str, Any]:
     """{'unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler', 'text_encoder_2', 'tokenizer_2'} loaded from
     `path` (those in `skip`, and the SDXL ones of an SD folder, are None)."""
     from diffusers import DiffusionPipeline
 
+    from latent_diffusion.formats.single_file import is_single_file, load_single_file
+
+    if is_single_file(path):  # one .safetensors checkpoint in the original SD layout (formats/single_file.py)
+        parts = load_single_file(path, config=single_file_config, argument="--pretrained_model_name_or_path")
+        return {name: None if name in skip else parts.get(name) for name in COMPONENTS + SDXL_COMPONENTS}
     check_model_path(path, "--pretrained_model_name_or_path",  # safetensors only, whole: never torch.load
                      components=[name for name in WEIGHT_COMPONENTS if name not in skip])
     index = DiffusionPipeline.load_config(path, revision=revision, cache_dir=cache_dir)

@@ -24,7 +24,7 @@ CARD_BODY = """# LoRA adapter for {base}
 
 A LoRA adapter (rank {rank}, alpha {alpha}) for the UNet
 {text_encoder}of `{base}`, trained with
-latent_diffusion's `training/train_text2img.py`. The file `{weights}` is in diffusers' format;
+latent_diffusion's `training/train_text2img.py`. The file `{weights}` is in {layout} format;
 the base model is not included.
 
 ## How to use
@@ -63,6 +63,7 @@ def write_lora_card(output_dir: str, settings: TrainingSettings, *, hyperparamet
         shutil.copyfile(grid, os.path.join(output_dir, GRID))
     body = CARD_BODY.format(
         base=base, rank=lora.rank, alpha=lora.alpha, weights=LORA_WEIGHTS,
+        layout="kohya's (AUTOMATIC1111, ComfyUI)" if lora.save_format == "kohya" else "diffusers'",
         text_encoder="and the text encoder " if lora.train_text_encoder else "",
         prompt=(prompts or ["a red circle above a blue square"])[0],
         grid=f"\n## Validation grid\n\n![validation grid]({GRID})\n" if grid is not None else "",
@@ -84,7 +85,8 @@ def save_lora_run(settings: TrainingSettings, accelerator, models, unet, ema, st
     trained.eval()
     if ema is not None:  # training is over: the adapter keeps the averaged weights
         ema.copy_to(trained)
-    path = save_lora_weights(out.output_dir, trained, models.text_encoder if settings.text_encoder_trains else None)
+    path = save_lora_weights(out.output_dir, trained, models.text_encoder if settings.text_encoder_trains else None,
+                             save_format=settings.lora.save_format, alpha=settings.lora.alpha)
     grid, metrics = None, {}
     if val.validation_prompts:
         grid, metrics = run_validation(

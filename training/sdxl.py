@@ -77,5 +77,9 @@ def read_force_zeros(path: str, revision: Optional[str] = None, cache_dir: Optio
     """The folder's `force_zeros_for_empty_prompt` (model_index.json), kept in the trained pipeline."""
     from diffusers import DiffusionPipeline
 
+    from latent_diffusion.formats.single_file import is_single_file
+
+    if is_single_file(path):  # a single file has no model_index.json: the pipeline's default (True for SDXL)
+        return None
     index = DiffusionPipeline.load_config(path, revision=revision, cache_dir=cache_dir)
     return index.get("force_zeros_for_empty_prompt")

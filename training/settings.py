@@ -25,6 +25,7 @@ class ModelSettings:
     revision: Optional[str]
     variant: Optional[str]
     prediction_type: Optional[str]
+    single_file_config: Optional[str] = None  # configs + tokenizer folder for a single-file base model
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class OutputSettings:
     push_checkpoints_to_hub: bool
     hub_model_id: Optional[str]
     hub_token: Optional[str]
+    save_single_file: bool = False  # also OUT/model.safetensors in the original SD layout
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ class LoraSettings:
     dropout: float
     target_modules: tuple[str, ...]
     train_text_encoder: bool  # the text encoder trains too: captions are encoded with gradients every step
+    save_format: str = "diffusers"  # --lora_save_format: "diffusers" or "kohya" (AUTOMATIC1111, ComfyUI)
 
 
 def target_modules(spec: str) -> tuple[str, ...]:
@@ -131,7 +134,8 @@ def lora_settings(args: argparse.Namespace) -> Optional[LoraSettings]:
         return None
     return LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha or args.lora_rank, dropout=args.lora_dropout,
                         target_modules=target_modules(args.lora_target_modules),
-                        train_text_encoder=args.train_text_encoder_lora)
+                        train_text_encoder=args.train_text_encoder_lora,
+                        save_format=getattr(args, "lora_save_format", "diffusers"))
 
 
 @dataclass(frozen=True)

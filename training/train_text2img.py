@@ -62,6 +62,7 @@ from latent_diffusion.training.speed import LossMeter, adamw_options, speed_up_u
 from latent_diffusion.training.validation import run_validation
 
 logger = get_logger(__name__)
+SINGLE_FILE = "model.safetensors"  # --save_single_file: OUT/model.safetensors
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -147,7 +148,8 @@ def load_models(settings: TrainingSettings, accelerator: Accelerator) -> Models:
     model_cfg, data_cfg, speed = settings.model, settings.data, settings.speed
     parts = load_components(model_cfg.pretrained_model_name_or_path, revision=model_cfg.revision,
                             variant=model_cfg.variant, cache_dir=data_cfg.cache_dir,
-                            skip=("unet",) if model_cfg.unet_config else ())
+                            skip=("unet",) if model_cfg.unet_config else (),
+                            single_file_config=model_cfg.single_file_config)
     if model_cfg.unet_config is not None:
         parts["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_cfg.unet_config))
     unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
@@ -543,13 +545,16 @@ def save_pipeline(settings: TrainingSettings, accelerator: Accelerator, models: 
     if models.weight_dtype != torch.float32:  # the frozen parts were cast for speed: save the originals
         parts = load_components(model_cfg.pretrained_model_name_or_path, revision=model_cfg.revision,
                                 variant=model_cfg.variant, cache_dir=settings.data.cache_dir,
-                                skip=("unet", "tokenizer", "scheduler", "tokenizer_2"))
+                                skip=("unet", "tokenizer", "scheduler", "tokenizer_2"),
+                                single_file_config=model_cfg.single_file_config)
         vae, text_encoder, text_encoder_2 = parts["vae"], parts["text_encoder"], parts["text_encoder_2"]
     pipe = make_pipeline(Models(final_unet, vae, text_encoder, models.tokenizer, models.scheduler,
                                 torch.float32, text_encoder_2, models.tokenizer_2,
                                 models.force_zeros_for_empty_prompt), final_unet)
     pipe.generation_defaults = output_generation_defaults(model_cfg.pretrained_model_name_or_path, out.generation_defaults)
     pipe.save_pretrained(out.output_dir)
+    if out.save_single_file:  # one file for AUTOMATIC1111 / ComfyUI / kohya (formats/single_file.py)
+        pipe.save_single_file(os.path.join(out.output_dir, SINGLE_FILE))
     grid = write_card(settings, pipe, step)
     logger.info(f"saved the pipeline to {out.output_dir}" + (f" (validation grid {grid})" if grid else ""))
     if out.push_to_hub:

@@ -53,7 +53,7 @@ def _add_generate(commands) -> None:
                    help="take every setting from a PNG made here, by AUTOMATIC1111 (infotext) or by a plain ComfyUI "
                         "text-to-image graph; the flags given override them")
     p.add_argument("-o", "--output", default="out.png", help="PNG path; with --n K > 1, files NAME-0.png … NAME-(K-1).png")
-    p.add_argument("--model", default=None, help="diffusers folder or Hub id (default: the embedded Shapes model)")
+    p.add_argument("--model", default=None, help="diffusers folder, single .safetensors checkpoint or Hub id (default: the embedded Shapes model)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
@@ -84,13 +84,58 @@ def _add_generate(commands) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA adapter (.safetensors file, folder or Hub id; diffusers or kohya layout) and its scale "
                         "(default 1); repeat to combine several")
+    _add_single_file_flags(p)
     p.set_defaults(run=run_generate)
+
+
+def _add_single_file_flags(p) -> None:
+    """--model-config and --vae: what a single-file --model (original SD layout) may need."""
+    p.add_argument("--model-config", default=None, metavar="FOLDER",
+                   help="with a .safetensors --model from another tool: a diffusers folder of the same family whose "
+                        "configs and tokenizer(s) it uses (released files hold no tokenizer)")
+    p.add_argument("--vae", default=None, metavar="FILE",
+                   help="replace the model's VAE by this .safetensors VAE (original or diffusers key layout)")
+    p.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]",
+                   help="textual-inversion embedding (.safetensors, SD or SDXL) usable as TOKEN in the prompt and "
+                        "negative prompt (default token: the file's name); repeatable")
+
+
+def _load_pipeline(args: argparse.Namespace, **kwargs):
+    """The --model pipeline, with --model-config for a single file and --vae replacing its VAE."""
+    from latent_diffusion.formats.single_file import is_single_file, load_vae_file
+    from latent_diffusion.pipelines import LatentDiffusionPipeline
+
+    single = bool(args.model) and is_single_file(args.model)
+    if getattr(args, "model_config", None) is not None:
+        if not single:
+            raise ValueError("--model-config is for a single-file --model (a .safetensors checkpoint)")
+        kwargs["config"] = args.model_config
+    if single:
+        kwargs["argument"] = "--model"  # errors about the file name the flag
+    pipe = LatentDiffusionPipeline.from_pretrained(args.model, **kwargs)
+    if getattr(args, "vae", None) is not None:
+        vae = load_vae_file(args.vae, pipe.vae.config, "--vae")
+        pipe.register_modules(vae=vae.to(pipe.unet.dtype))
+    args.loaded_embeddings = [_load_embedding(pipe, spec) for spec in getattr(args, "embedding", [])]
+    return pipe
+
+
+def _load_embedding(pipe, spec: str) -> tuple[str, str]:
+    """One --embedding PATH[:TOKEN], as (path, token); the file is checked first so that errors name the flag."""
+    from latent_diffusion.pipelines.textual_inversion import parse_embedding_spec, read_embedding_file
+
+    path, token = parse_embedding_spec(spec)
+    read_embedding_file(path, "--embedding")
+    try:
+        pipe.load_textual_inversion(path, token=token)
+    except ValueError as error:
+        raise ValueError(f"--embedding {spec!r}: {error}") from None
+    return path, token or Path(path).stem
 
 
 def run_generate(args: argparse.Namespace) -> list[Path]:
     import torch
 
-    from latent_diffusion.pipelines import LatentDiffusionPipeline
     from latent_diffusion.formats.infotext import png_text
     from latent_diffusion.formats.pngmeta import save_png
 
@@ -100,7 +145,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     settings = generation_settings(args)
     call = settings.pipeline_kwargs()  # opens --image / --mask before the model loads, too
     dtype = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model, **dtype)
+    pipe = _load_pipeline(args, **dtype)
     if args.lora:
         _apply_loras(pipe, args.lora)
     pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -202,7 +247,7 @@ def _add_eval(commands) -> None:
         "eval", help="quality report over sampler settings: Shapes adherence, FID/FD-CLIP, CLIP score, speed, memory",
         description="Generate one image per (prompt, seed) for every setting (sampler, steps, guidance), score them "
                     "and write report.md, results.json, grids and plots into --out. Rerunning resumes.")
-    p.add_argument("--model", default=None, help="diffusers folder or Hub id (default: the embedded Shapes model)")
+    p.add_argument("--model", default=None, help="diffusers folder, single .safetensors checkpoint or Hub id (default: the embedded Shapes model)")
     p.add_argument("--prompts", default=None,
                    help="prompt file: one per line, or JSONL {\"prompt\", \"categories\"} (default: Shapes prompts)")
     p.add_argument("--num-prompts", type=int, default=100, help="Shapes evaluation prompts when --prompts is not given")
@@ -306,7 +351,7 @@ def _eval_size(pipe, size: Optional[int]) -> int:
 def _add_serve(commands) -> None:
     p = commands.add_parser("serve", help="a web page and HTTP API for generating images (needs the ui extra: pip install -e '.[ui]')",
                             description="Serve a Gradio page and its `generate` API over one loaded model.")
-    p.add_argument("--model", default=None, help="diffusers folder or Hub id (default: the embedded Shapes model)")
+    p.add_argument("--model", default=None, help="diffusers folder, single .safetensors checkpoint or Hub id (default: the embedded Shapes model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
@@ -318,6 +363,7 @@ def _add_serve(commands) -> None:
                    help="LoRA adapter loaded for every request (as in generate; repeatable); the page gets a "
                         "LoRA strength slider that multiplies the scales")
     _add_api_flags(p)
+    _add_single_file_flags(p)
     p.set_defaults(run=run_serve)
 
 
@@ -350,9 +396,9 @@ def _api_settings(args: argparse.Namespace) -> dict:
 def run_serve(args: argparse.Namespace) -> list[Path]:
     import torch
 
-    from latent_diffusion.pipelines import LatentDiffusionPipeline
     from latent_diffusion.apps.webui import SERVE_LIMITS, serve
     from latent_diffusion.checks import check_int
+    from latent_diffusion.pipelines import LatentDiffusionPipeline
 
     for name, limits in SERVE_LIMITS.items():  # before the model loads; errors name the flag
         check_int(f"--{name.replace('_', '-')}", getattr(args, name), *limits)
@@ -361,13 +407,14 @@ def run_serve(args: argparse.Namespace) -> list[Path]:
         import gradio  # noqa: F401  (the optional ui extra)
     except ImportError:
         raise SystemExit("latent-diffusion serve: the web UI needs gradio: pip install -e '.[ui]'") from None
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model) if args.model else LatentDiffusionPipeline.from_pretrained()
+    pipe = _load_pipeline(args)
     loras = _load_loras(pipe, args.lora)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe.to(device)
     extra = [(path, LatentDiffusionPipeline.from_pretrained(path).to(device)) for path in args.extra_model]
     serve(pipe, args.model, host=args.host, port=args.port, share=args.share, max_queue=args.max_queue,
-          output_dir=args.output_dir, example=not args.no_example, loras=loras, extra_models=extra, **api_settings)
+          output_dir=args.output_dir, example=not args.no_example, loras=loras, extra_models=extra,
+          embeddings=args.loaded_embeddings, **api_settings)
     return []
 
 

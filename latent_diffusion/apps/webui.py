@@ -62,13 +62,15 @@ class Studio:
     `model` is the name the PNGs record (None: "embedded default"), as the CLI records `--model`.
     `loras`: (adapter name, path, scale) of the LoRA adapters already loaded into `pipe` (the CLI's
     `serve --lora PATH[:SCALE]`); a request's `lora_scale` multiplies every adapter's scale.
+    `embeddings`: (path, token) of the embeddings loaded into `pipe`, listed on the page.
     """
 
     def __init__(self, pipe, model: Optional[str], out_dir: Union[str, os.PathLike],
-                 loras: Sequence[tuple[str, str, float]] = ()):
+                 loras: Sequence[tuple[str, str, float]] = (), embeddings: Sequence[tuple[str, str]] = ()):
         self.pipe = pipe
         self.model = model
         self.loras = list(loras)
+        self.embeddings = list(embeddings)  # (path, token) of textual-inversion embeddings loaded into pipe
         self._lora_factor = 1.0  # what the adapters are set to now
         self.out_dir = Path(out_dir)
         self._lock = threading.Lock()
@@ -234,7 +236,7 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
 
     first = read_png_metadata(example[0]) if example else {}
     with gr.Blocks(title="latent-diffusion") as demo:
-        gr.Markdown(f"## latent-diffusion\nModel: `{studio.model or EMBEDDED_MODEL}`")
+        gr.Markdown(f"## latent-diffusion\nModel: `{studio.model or EMBEDDED_MODEL}`" + loaded_files(studio))
         with gr.Row():
             with gr.Column(scale=2):
                 fields = _settings_form(gr, studio.defaults(), first.get("prompt", ""))
@@ -342,6 +344,14 @@ def _settings_form(gr, defaults: dict[str, Any], prompt: str) -> dict[str, Any]:
     return fields
 
 
+def loaded_files(studio: Studio) -> str:
+    """Markdown lines naming the LoRA and embedding files given at start (empty when none)."""
+    lines = [f"\nLoRA: `{Path(path).name}` ×{scale:g}" for _, path, scale in studio.loras]
+    lines += [f"\nEmbedding: `{token}` (`{Path(path).name}`), usable in the prompt and negative prompt"
+              for path, token in studio.embeddings]
+    return "".join(f"{line}  " for line in lines)
+
+
 def _lora_input(gr, loras: Sequence[tuple[str, str, float]]) -> dict[str, Any]:
     """The LoRA strength slider, keyed "lora_scale", when adapters are loaded."""
     if not loras:
@@ -388,6 +398,7 @@ def serve(
     api_key: Optional[str] = None,
     auth: Optional[tuple[str, str]] = None,
     extra_models: Sequence[tuple[str, Any]] = (),
+    embeddings: Sequence[tuple[str, str]] = (),
 ):
     """Serve `pipe` at http://host:port/; returns the launched app (at once when `block` is False).
 
@@ -402,7 +413,7 @@ def serve(
     check_serve_settings(port, max_queue)
     out_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="latent-diffusion-serve-"))
     pipe.set_progress_bar_config(disable=True)  # the page has its own progress bar
-    studio = Studio(pipe, model, out_dir, loras)
+    studio = Studio(pipe, model, out_dir, loras, embeddings)
     shown = studio.generate(EXAMPLE_PROMPT, seed=0) if example else None
     demo = build_app(studio, max_queue, shown)
     from latent_diffusion.apps.http_api import mount_kwargs

@@ -40,8 +40,10 @@ def check_model_path(path: Union[str, os.PathLike], argument: str = ARGUMENT,
             raise ValueError(f"{argument} {text!r} does not exist (give a diffusers folder or a Hub id)")
         return
     if not folder.is_dir():
-        raise ValueError(f"{argument} {text!r} is a file; give the diffusers folder that holds model_index.json, "
-                         "unet/, vae/, text_encoder/, tokenizer/, scheduler/ (single-file checkpoints are not read)")
+        from latent_diffusion.formats.single_file import check_single_file
+
+        check_single_file(folder, argument)  # a single-file checkpoint: .safetensors, whole; pickles refused
+        return
     missing = missing_components(folder)
     if missing:
         raise ValueError(f"{argument} {text!r} is missing {missing}; a diffusers text-to-image folder "

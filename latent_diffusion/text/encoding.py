@@ -7,7 +7,6 @@ start token (T5) are truncated with a warning instead.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Optional, Sequence
 
