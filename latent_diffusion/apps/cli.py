@@ -94,6 +94,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         _apply_loras(pipe, args.lora)
     pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.set_progress_bar_config(disable=args.quiet)
+    _check_call_memory(pipe, args, image)
     seeds = [args.seed + k for k in range(args.n)]
     result = pipe(
         [args.prompt] * args.n,
@@ -117,6 +118,18 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
                     height=args.height, width=args.width, model=args.model, lora=args.lora, clip_skip=args.clip_skip)
     return [save_png(out, path, {**generation_metadata(pipe, seed=seed, **settings), **image_input_metadata(args, out)})
             for out, path, seed in zip(result.images, output_paths(args.output, args.n), seeds)]
+
+
+def _check_call_memory(pipe, args: argparse.Namespace, image) -> None:
+    """The pipeline's memory estimate for all --n images at once, its error naming --n / --height / --width."""
+    from latent_diffusion.limits import check_pipeline_call
+    from latent_diffusion.pipelines.image_inputs import default_size
+
+    height, width = (args.height, args.width) if image is None else default_size(pipe, image, args.height, args.width)
+    height, width = pipe.resolve_size(height, width)
+    guidance = pipe.generation_defaults["guidance_scale"] if args.guidance is None else args.guidance
+    check_pipeline_call(pipe, [args.prompt], [args.negative_prompt or ""], args.n, height, width, guidance != 1.0,
+                        names={"images": "--n", "height": "--height", "width": "--width"})
 
 
 def _read_image_inputs(args: argparse.Namespace):
@@ -144,8 +157,12 @@ def check_generate_args(args: argparse.Namespace) -> None:
     """ValueError naming the flag for values no model could take (the model checks sizes against itself)."""
     from latent_diffusion.checks import MAX_IMAGE_SIDE, check_choice, check_finite, check_int
     from latent_diffusion.diffusion.samplers import SAMPLER_NAMES
+    from latent_diffusion.limits import MAX_IMAGES_PER_CALL, check_prompt_length
 
-    check_int("--n", args.n, 1)
+    check_prompt_length("prompt", [args.prompt])
+    check_prompt_length("--negative-prompt", [args.negative_prompt or ""])
+
+    check_int("--n", args.n, 1, MAX_IMAGES_PER_CALL)
     check_finite("--guidance-rescale", args.guidance_rescale, 0, 1)
     check_finite("--eta", args.eta, 0)
     if args.steps is not None:
