@@ -162,6 +162,7 @@ def check_generate_args(args: argparse.Namespace) -> None:
     check_prompt_length("prompt", [args.prompt])
     check_prompt_length("--negative-prompt", [args.negative_prompt or ""])
 
+    check_int("--n", args.n, 1)
     check_int("--n", args.n, 1, MAX_IMAGES_PER_CALL)
     check_finite("--guidance-rescale", args.guidance_rescale, 0, 1)
     check_finite("--eta", args.eta, 0)
