@@ -70,3 +70,12 @@ def check_finite_flags(values: dict[str, Any], bounds: dict[str, tuple[Optional[
         except ValueError as error:
             problems.append(str(error))
     return problems
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line for a command's error message: an OSError's reason and file, else its first line."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}"
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -89,6 +89,7 @@ class OutputSettings:
     push_checkpoints_to_hub: bool
     hub_model_id: Optional[str]
     hub_token: Optional[str]
+    checkpoint_on_stop: bool = False
 
 
 @dataclass(frozen=True)

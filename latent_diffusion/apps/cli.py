@@ -133,8 +133,8 @@ def _check_call_memory(pipe, args: argparse.Namespace, image) -> None:
 
 
 def _read_image_inputs(args: argparse.Namespace):
-    """The --image and --mask files as PIL images (None when not given); errors name the flag."""
-    from PIL import Image
+    """The --image and --mask files as PIL images as viewers show them (None when not given); errors name the flag."""
+    from latent_diffusion.formats.images import ImageReadError, read_image
 
     if args.image is None:
         for flag, value in (("--mask", args.mask), ("--strength", args.strength)):
@@ -142,14 +142,18 @@ def _read_image_inputs(args: argparse.Namespace):
                 raise ValueError(f"{flag} needs --image (the picture to edit)")
         return None, None
     images = []
-    for flag, path in (("--image", args.image), ("--mask", args.mask)):
+    for flag, path, mode in (("--image", args.image, "RGB"), ("--mask", args.mask, "L")):
         if path is None:
             images.append(None)
             continue
         if not Path(path).is_file():
             raise FileNotFoundError(f"{flag}: no such file {path!r}")
-        with Image.open(path) as opened:
-            images.append(opened.copy())
+        try:
+            images.append(read_image(path, mode))
+        except ImageReadError as error:
+            raise ValueError(f"{flag} {path!r} {error}") from None
+        except OSError as error:
+            raise ValueError(f"{flag} {path!r} cannot be read ({error.strerror or error})") from None
     return tuple(images)
 
 
