@@ -21,12 +21,13 @@ def saved_state(epoch, step, **order):
 @pytest.mark.parametrize("saved, now, steps_per_epoch, expected", [
     (saved_state(0, 6), dict(train_batch_size=4), 2, (1, 0)),  # 6 samples of 8 seen; 2 steps of 4: the next epoch
     (saved_state(0, 5), dict(train_batch_size=2), 4, (0, 3)),  # 5 samples seen: on at sample 6 (step 3 of 2 each)
-    (saved_state(2, 4, train_batch_size=2), dict(train_batch_size=1), 8, (2, 8 // 8 * 8 - 0)),
+    (saved_state(2, 3, train_batch_size=2), dict(train_batch_size=1), 8, (2, 6)),  # smaller batch: 6 samples in
+    (saved_state(2, 4, train_batch_size=2), dict(train_batch_size=1), 8, (3, 0)),  # the whole epoch was seen
     (saved_state(1, 3), dict(seed=1), 8, (2, 0)),  # another permutation: the next epoch
     (saved_state(1, 3), dict(rows=9), 9, (2, 0)),
     (saved_state(1, 3), {}, 8, (1, 3)),  # nothing changed: exactly where it stopped
     (saved_state(1, 0, num_processes=2), {}, 8, (1, 0)),
-], ids=["bigger_batch_past_the_end", "bigger_batch", "smaller_batch_end", "seed", "rows", "same", "epoch_start"])
+], ids=["bigger_batch_past_the_end", "bigger_batch", "smaller_batch", "smaller_batch_end", "seed", "rows", "same", "epoch_start"])
 def test_continue_position(saved, now, steps_per_epoch, expected):
     state, note = continue_position(saved, DataOrder(**{**ORDER, **now}), steps_per_epoch)
     assert (state.epoch, state.step_in_epoch) == expected and state.global_step == 10
@@ -34,7 +35,7 @@ def test_continue_position(saved, now, steps_per_epoch, expected):
     assert (note == "") == (saved.data_order == state.data_order)
 
 
-def test_resume_with_a_larger_batch_finishes(sd_folder, data_dir, tmp_path, capsys):  # noqa: F811
+def test_resume_with_a_larger_batch_finishes(sd_folder, data_dir, tmp_path, caplog):  # noqa: F811
     """The reported hang: 4 images, batch 1 to step 3, then batch 2 (2 steps per epoch): the next epoch, no loop."""
     out = tmp_path / "out"
     assert train_cli(sd_folder, data_dir, out, "--max_train_steps", "3", "--checkpointing_steps", "3") == 0
@@ -42,7 +43,7 @@ def test_resume_with_a_larger_batch_finishes(sd_folder, data_dir, tmp_path, caps
                      "--resume_from_checkpoint", "latest") == 0
     saved = json.loads((out / "checkpoint-5" / "training_state.json").read_text())
     assert (saved["epoch"], saved["step_in_epoch"], saved["data_order"]["train_batch_size"]) == (2, 0, 2)
-    assert "train_batch_size 1 -> 2 since the checkpoint: continuing at epoch 1, step 0" in capsys.readouterr().err
+    assert "train_batch_size 1 -> 2 since the checkpoint: continuing at epoch 1, step 0" in caplog.text
 
 
 def test_resume_into_another_unet_is_one_line(sd_folder, data_dir, tmp_path, capsys):  # noqa: F811
