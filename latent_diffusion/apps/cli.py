@@ -6,6 +6,7 @@ the subcommands so that `--help` is instant.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -185,9 +186,23 @@ def check_generate_args(args: argparse.Namespace) -> None:
         from latent_diffusion.formats.model_files import check_model_path
 
         check_model_path(args.model, "--model")
-    folder = Path(args.output).parent
+    check_int("--seed", args.seed, 0, 2 ** 64 - args.n)  # image k uses seed + k: all must be valid torch seeds
+    check_output_path(args.output)
+
+
+def check_output_path(output: str) -> None:
+    """ValueError naming -o/--output for a path that cannot take a PNG: a folder, another format, no write access."""
+
+    path, folder = Path(output), Path(output).parent
     if not folder.is_dir():
-        raise ValueError(f"-o/--output {args.output!r}: folder {str(folder)!r} does not exist (create it first)")
+        raise ValueError(f"-o/--output {output!r}: folder {str(folder)!r} does not exist (create it first)")
+    if path.is_dir():
+        raise ValueError(f"-o/--output {output!r} is a folder; give a file name ending in .png")
+    if path.suffix and path.suffix.lower() != ".png":
+        raise ValueError(f"-o/--output {output!r}: images are written as PNG (with the settings in its text "
+                         f"chunks); give a name ending in .png, not {path.suffix!r}")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"-o/--output {output!r}: folder {str(folder)!r} is not writable")
 
 
 def output_paths(output: str, n: int) -> list[Path]:
@@ -361,17 +376,34 @@ def _apply_loras(pipe, specs: Sequence[str]) -> list[str]:
         raise ValueError(f"--lora {error.spec!r}: {error.problem}") from None
 
 
+def _failure(error: Exception) -> str:
+    """One line for a failed run; errors that only say "offline" get the fix."""
+    from latent_diffusion.checks import NonFiniteError, one_line
+
+    text = one_line(error)
+    if isinstance(error, NonFiniteError):
+        return text
+    name = type(error).__name__
+    if "offline" in text.lower() or "LocalEntryNotFound" in name or "HF_HUB_OFFLINE" in text:
+        return f"{text} (the Hub cannot be reached: give a local folder, or download the model first)"
+    return text if isinstance(error, OSError) else f"{name}: {text}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from latent_diffusion.checks import NonFiniteError
 
     try:
         written = args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:  # usage errors: argparse's status 2
         print(f"latent-diffusion {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except NonFiniteError as error:  # the run itself failed (diverged), not its arguments
-        print(f"latent-diffusion {args.command}: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"latent-diffusion {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # the run itself failed (diverged, disk full, offline...): one line, status 1
+        if os.environ.get("LATENT_DIFFUSION_TRACEBACK"):  # for debugging: the full traceback
+            raise
+        print(f"latent-diffusion {args.command}: error: {_failure(error)}", file=sys.stderr)
         return 1
     for path in written or []:
         print(path)

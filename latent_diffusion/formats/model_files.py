@@ -42,7 +42,8 @@ def check_model_path(path: Union[str, os.PathLike], argument: str = ARGUMENT,
     if not folder.is_dir():
         raise ValueError(f"{argument} {text!r} is a file; give the diffusers folder that holds model_index.json, "
                          "unet/, vae/, text_encoder/, tokenizer/, scheduler/ (single-file checkpoints are not read)")
-    check_json_files(folder, f"{argument} {text!r}:")
+    if (folder / "model_index.json").is_file():  # before missing_components reads it
+        check_json_files(folder, f"{argument} {text!r}:")
     missing = missing_components(folder)
     if missing:
         raise ValueError(f"{argument} {text!r} is missing {missing}; a diffusers text-to-image folder "
