@@ -313,7 +313,7 @@ TRAIN_FLAG_CASES = [
     (["--adam_beta1", "nan"], "--adam_beta1 must be a finite number >= 0 <= 1, got nan"),
     (["--ema_decay", "2"], "--ema_decay must be a finite number >= 0 <= 1, got 2"),
     (["--caption_dropout", "1.5"], "--caption_dropout must be a finite number >= 0 <= 1, got 1.5"),
-    (["--learning_rate", "-inf"], "--learning_rate must be a finite number >= 0, got -inf"),
+    (["--learning_rate=-inf"], "--learning_rate must be a finite number >= 0, got -inf"),
     (["--resume_from_checkpoint", "/etc"], "--resume_from_checkpoint '/etc' is not a complete checkpoint folder"),
     (["--resume_from_checkpoint", "../../../../no/such"], "--resume_from_checkpoint '../../../../no/such' does not exist"),
 ]

@@ -37,8 +37,10 @@ def _add_shapes_export(commands) -> None:
 
 
 def run_shapes_export(args: argparse.Namespace) -> list[Path]:
+    from latent_diffusion.checks import check_int
     from latent_diffusion.shapes import export_imagefolder
 
+    check_int("--n", args.n, 1)
     folder = export_imagefolder(args.out_dir, args.n, size=args.size, seed=args.seed, split=args.split,
                                 drop_optional=not args.full_captions, overwrite=args.overwrite)
     return [folder]
@@ -192,7 +194,6 @@ def check_generate_args(args: argparse.Namespace) -> None:
 
 def check_output_path(output: str) -> None:
     """ValueError naming -o/--output for a path that cannot take a PNG: a folder, another format, no write access."""
-
     path, folder = Path(output), Path(output).parent
     if not folder.is_dir():
         raise ValueError(f"-o/--output {output!r}: folder {str(folder)!r} does not exist (create it first)")
