@@ -35,7 +35,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, gather_object
 from tqdm.auto import tqdm
 
-from latent_diffusion.checks import one_line, NonFiniteError
+from latent_diffusion.checks import NonFiniteError, one_line
 from latent_diffusion.training.cache import (CachedSamples, build_or_load_cache, cache_key, encode_caption_tensors,
                                     encode_latent_moments, identity, sample_latents)
 from latent_diffusion.text.encoding import encode_prompts
@@ -392,10 +392,11 @@ def train_steps(settings: TrainingSettings, accelerator: Accelerator, models: Mo
             if state.step_in_epoch == data.steps_per_epoch:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
             saved = state.global_step % out.checkpointing_steps == 0 or state.global_step == max_steps
-            if saved or (stop.requested(accelerator) and out.checkpoint_on_stop):
+            stopping = stop.requested(accelerator)  # one reduction per step when there are several ranks
+            if saved or (stopping and out.checkpoint_on_stop):
                 check_pending_loss(losses, state.global_step)  # never save weights a NaN/inf loss went into
                 checkpoint(out, accelerator, state, ema)
-            if stop.requested(accelerator):
+            if stopping:
                 bar.close()
                 raise stop.stopped(state.global_step, os.path.join(out.output_dir, f"checkpoint-{state.global_step}")
                                    if saved or out.checkpoint_on_stop else None)
