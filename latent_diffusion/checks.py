@@ -70,3 +70,15 @@ def check_finite_flags(values: dict[str, Any], bounds: dict[str, tuple[Optional[
         except ValueError as error:
             problems.append(str(error))
     return problems
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line for a command's error message: an OSError's reason and file, else its first line
+    (with the line after it when the first ends in ':'), at most 500 characters."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}"
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):  # "Error(s) in loading state_dict for X:" + the first reason
+        return f"{lines[0]} {lines[1]}"[:500]
+    return lines[0][:500] if lines else type(error).__name__

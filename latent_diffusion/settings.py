@@ -184,9 +184,12 @@ def _open_picture(argument: str, value: Any) -> Any:
     """A path opened as a PIL image (copied, so the file is closed); anything else as it is."""
     if not _is_path(value):
         return value
-    from PIL import Image
+    from latent_diffusion.formats.images import ImageReadError, as_seen, open_image
 
     if not Path(value).is_file():
         raise FileNotFoundError(f"{argument}: no such file {str(value)!r}")
-    with Image.open(value) as opened:
-        return opened.copy()
+    try:  # as viewers show it: EXIF rotation applied, 16-bit scaled; oversized headers refused before decoding
+        with open_image(value) as opened:
+            return as_seen(opened).copy()
+    except ImageReadError as error:
+        raise ValueError(f"{argument} {str(value)!r} {error}") from None

@@ -19,11 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from safetensors import SafetensorError
+
+from latent_diffusion.checks import one_line
+from latent_diffusion.formats.model_files import check_safetensors_file
 
 SAFE_SUFFIX = ".safetensors"
 
@@ -174,9 +179,13 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
     path, _, scale = spec.rpartition(":")
     if path and scale:
         try:
-            return path, float(scale)
+            value = float(scale)
         except ValueError:
-            pass
+            value = None
+        if value is not None and not math.isfinite(value):
+            raise LoraSpecError(spec, f"its scale must be a finite number, got {scale!r}")
+        if value is not None:
+            return path, value
     if not spec:
         raise LoraSpecError(spec, "needs a path or Hub id, optionally followed by :SCALE")
     return spec, 1.0
@@ -189,9 +198,11 @@ def apply_loras(pipe, specs: Sequence[str]) -> list[str]:
         path, scale = parse_lora_spec(spec)
         name = f"lora{k}"
         try:
+            if os.path.isfile(path) and path.endswith(".safetensors"):
+                check_safetensors_file(Path(path))  # a truncated file: named, before safetensors' own error
             pipe.load_lora_weights(path, adapter_name=name)
-        except (OSError, ValueError) as error:
-            raise LoraSpecError(spec, str(error)) from None
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # RuntimeError: shapes that do not fit
+            raise LoraSpecError(spec, one_line(error)) from None
         names.append(name)
         scales.append(scale)
     if names:

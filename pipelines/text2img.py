@@ -21,6 +21,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from latent_diffusion.formats.assets import default_model_path
+from latent_diffusion.limits import check_pipeline_call
 from latent_diffusion.checks import check_all_finite, check_choice, check_finite, check_image_side, check_int
 from latent_diffusion.vae import decode_latents, is_half, latent_size_multiple, upcast_half_vae, vae_scale_factor
 from latent_diffusion.diffusion.guidance import guide
@@ -206,6 +207,7 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, LatentDiffusionTextualIn
         height, width = self._check_call(steps, scale, sampler, output_type, num_images_per_prompt, height, width,
                                          sigma_schedule=sigma_schedule, guidance_rescale=guidance_rescale, eta=eta)
         warn_about_request(self, prompts, height, width)
+        check_pipeline_call(self, prompts, negatives, num_images_per_prompt, height, width, guided=scale != 1.0)
         second = _check_second_prompts(len(prompts), prompt_2, negative_prompt, negative_prompt_2)
         cond = self.encode_prompt(prompts, negatives if scale != 1.0 else None, num_images_per_prompt, **second,
                                   size=(height, width), original_size=original_size,

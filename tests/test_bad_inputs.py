@@ -104,6 +104,29 @@ GENERATE_CASES = [
     (["--vae", "/no/such/vae.safetensors"], "--vae '/no/such/vae.safetensors' does not exist"),
     (["--vae", "vae.pt"], "--vae 'vae.pt' is a pickle (.pt); pickle checkpoints are never unpickled"),
     (["--model-config", "/some/folder"], "--model-config is for a single-file --model"),
+    (["--n", "-1"], "--n must be an integer >= 1, got -1"),
+    (["--n", "100000"], "--n must be an integer >= 1 and <= 256, got 100000"),
+    (["--seed", "-1"], "--seed must be an integer >= 0 and <= 18446744073709551615, got -1"),
+    (["--seed", str(2 ** 64)], "--seed must be an integer >= 0 and <= 18446744073709551615, got 18446744073709551616"),
+    (["--seed", str(2 ** 64 - 1), "--n", "2"], "--seed must be an integer >= 0 and <= 18446744073709551614"),
+    (["-o", "."], "-o/--output '.' is a folder; give a file name ending in .png"),
+    (["-o", "out.jpg"], "images are written as PNG (with the settings in its text chunks); give a name ending in .png"),
+    (["-o", "/dev/null/x.png"], "-o/--output '/dev/null/x.png': folder '/dev/null' does not exist"),
+    (["-o", "no/such/../folder/x.png"], "does not exist (create it first)"),
+    (["--lora", "adapter.safetensors:nan"], "--lora 'adapter.safetensors:nan': its scale must be a finite number, got 'nan'"),
+    (["--lora", "adapter.safetensors:-inf"], "its scale must be a finite number, got '-inf'"),
+    (["--lora", "adapter.bin"], "--lora 'adapter.bin'"),
+    (["--strength", "0.5"], "--strength needs --image (the picture to edit)"),
+    (["--mask", "m.png"], "--mask needs --image (the picture to edit)"),
+    (["--image", "no_such_image.png"], "--image: no such file 'no_such_image.png'"),
+    (["--strength", "nan", "--image", "x.png"], "--strength must be a finite number >= 0 <= 1, got nan"),
+    (["--negative-prompt", "x" * 20000], "--negative-prompt must be at most 10000 characters, got 20000"),
+    (["--width", "33"], "width must be a positive multiple of 4 and at most 8192 for this model, got 33"),
+    (["--eta", "-1"], "--eta must be a finite number >= 0, got -1"),
+    (["--guidance-rescale", "2"], "--guidance-rescale must be a finite number >= 0 <= 1, got 2"),
+    (["--model", "/dev/null"], "--model '/dev/null' is a file"),
+    (["--model", "/etc"], "--model '/etc' is missing ['model_index.json'"),
+    (["--model", "../../../../../../no/such/model"], "does not exist (give a diffusers folder or a Hub id)"),
 ]
 
 
@@ -137,6 +160,12 @@ EVAL_CASES = [
     (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
     (["--size", "100000"], "--size must be an integer >= 1 and <= 8192, got 100000"),
     (["--samplers", "nope"], "--samplers names unknown sampler(s) ['nope']"),
+    (["--guidance", "-1"], "--guidance must be a finite number >= 0, got -1"),
+    (["--steps", "-5"], "--steps must be an integer >= 1, got -5"),
+    (["--seeds", "-1"], "--seeds must be an integer >= 1, got -1"),
+    (["--size", "0"], "--size must be an integer >= 1 and <= 8192, got 0"),
+    (["--batch-size", "-2"], "--batch-size must be an integer >= 1, got -2"),
+    (["--num-prompts", "-1"], "--num-prompts must be an integer >= 1, got -1"),
 ]
 
 
@@ -189,6 +218,16 @@ PIPELINE_CASES = [
     ({"height": 30}, "height must be a positive multiple of 4 and at most 8192 for this model, got 30"),
     ({"width": 16384}, "width must be a positive multiple of 4 and at most 8192 for this model, got 16384"),
     ({"prompt_syntax": "comfy"}, "prompt_syntax must be one of 'a1111', 'plain', got 'comfy'"),
+    ({"num_inference_steps": -1}, "num_inference_steps must be an integer >= 1, got -1"),
+    ({"guidance_scale": -0.5}, "guidance_scale must be a finite number >= 0, got -0.5"),
+    ({"guidance_rescale": 2}, "guidance_rescale must be a finite number >= 0 <= 1, got 2"),
+    ({"eta": math.nan}, "eta must be a finite number >= 0, got nan"),
+    ({"sampler": ""}, "sampler must be one of"),
+    ({"num_images_per_prompt": 1.5}, "num_images_per_prompt must be an integer >= 1, got 1.5"),
+    ({"num_images_per_prompt": 100000}, "num_images_per_prompt asks for 100000 images in one call; at most 256"),
+    ({"negative_prompt": "x" * 20000}, "negative_prompt must be at most 10000 characters, got 20000"),
+    ({"width": 31}, "width must be a positive multiple of 4 and at most 8192 for this model, got 31"),
+    ({"height": -32}, "height must be a positive multiple of 4 and at most 8192 for this model, got -32"),
 ]
 
 
@@ -271,6 +310,17 @@ TRAIN_FLAG_CASES = [
     (["--caption_dropout", "nan"], "--caption_dropout must be a finite number >= 0 <= 1, got nan"),
     (["--validation_guidance_scale", "nan"], "--validation_guidance_scale must be a finite number >= 0, got nan"),
     (["--resume_from_checkpoint", "/no/such/checkpoint"], "--resume_from_checkpoint '/no/such/checkpoint' does not exist"),
+    (["--train_batch_size", "-1"], "--train_batch_size must be >= 1, got -1"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be >= 1, got 0"),
+    (["--checkpointing_steps", "0"], "--checkpointing_steps must be >= 1, got 0"),
+    (["--max_train_steps", "0"], "--max_train_steps must be >= 1, got 0"),
+    (["--resolution", "-5"], "--resolution must be >= 1, got -5"),
+    (["--adam_beta1", "nan"], "--adam_beta1 must be a finite number >= 0 <= 1, got nan"),
+    (["--ema_decay", "2"], "--ema_decay must be a finite number >= 0 <= 1, got 2"),
+    (["--caption_dropout", "1.5"], "--caption_dropout must be a finite number >= 0 <= 1, got 1.5"),
+    (["--learning_rate=-inf"], "--learning_rate must be a finite number >= 0, got -inf"),
+    (["--resume_from_checkpoint", "/etc"], "--resume_from_checkpoint '/etc' is not a complete checkpoint folder"),
+    (["--resume_from_checkpoint", "../../../../no/such"], "--resume_from_checkpoint '../../../../no/such' does not exist"),
 ]
 
 

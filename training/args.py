@@ -102,6 +102,8 @@ def add_output_args(g) -> None:
     g.add_argument("--checkpointing_steps", type=int, default=500)
     g.add_argument("--checkpoints_total_limit", type=int, default=None)
     g.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder')
+    g.add_argument("--checkpoint_on_stop", action="store_true",
+                   help="on Ctrl-C or SIGTERM, save a checkpoint of the step just finished before stopping")
     g.add_argument("--logging_dir", default="logs", help="tracker folder, relative to --output_dir")
     g.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none"')
     g.add_argument("--tracker_project_name", default="text2image-fine-tune")

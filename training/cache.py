@@ -14,7 +14,8 @@ Layout of one cache, `cache_dir/<key>/`:
         original_size  (n, 2)           (height, width) of each image before resizing (SDXL micro-conditioning)
         crop_top_left  (n, S, 2)        (top, left) of the crop in the resized image, per side (mirrored second)
     empty.safetensors                   embedding of the empty caption (L, D) (and its pooled (P,) for SDXL)
-    manifest.json                       written last: the cache is complete when it exists
+    manifest.json                       written last: the cache is complete when it exists; it holds the
+                                        sha256 and size of every file above, checked on every load
 
 With aspect-ratio buckets (`latent_diffusion.training.buckets.BucketTransform`) each row
 has its bucket's latent size, so `latent_mean` / `latent_std` are stored flat,
@@ -23,7 +24,8 @@ a list of per-row (S, C, h, w) tensors.
 
 The key hashes the VAE and text-encoder weights (both encoders for SDXL), the tokenizer(s), the
 resolution, the crop and flip modes and the dataset fingerprint, so a change to any of
-them selects a fresh folder and the cache is rebuilt. Images are cropped
+them selects a fresh folder and the cache is rebuilt. A cache whose files fail their checksums (bytes
+overwritten, a shard truncated or missing, the manifest unreadable) is rebuilt in place, with a warning. Images are cropped
 once: centred with `center_crop`, else at a fixed random offset per image.
 
 Sharding takes plain `rank`, `world_size` and a `barrier` callable; the
@@ -36,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -51,6 +54,7 @@ from latent_diffusion.formats.atomic import atomic_write, write_text_atomic
 
 CACHE_FORMAT = 2  # 2: original sizes and crops of every image, pooled embeddings for SDXL
 MANIFEST = "manifest.json"
+EMPTY = "empty.safetensors"
 
 
 # ----------------------------------------------------------------------------- keys
@@ -179,7 +183,11 @@ def build_or_load_cache(
     encoders = dict(tokenizer=tokenizer, text_encoder=text_encoder, tokenizer_2=tokenizer_2,
                     text_encoder_2=text_encoder_2)
     folder = os.path.join(cache_dir, key)
-    hit = os.path.exists(os.path.join(folder, MANIFEST))
+    problem = verify_cache(folder)
+    hit = problem is None
+    if not hit and os.path.exists(os.path.join(folder, MANIFEST)):
+        warnings.warn(f"latent cache {folder}: {problem}; rebuilding it", stacklevel=2)
+    barrier()  # every rank has read the old files before any rank overwrites them
     if not hit:
         os.makedirs(folder, exist_ok=True)
         shard = f"shard-{rank:05d}-of-{world_size:05d}.safetensors"
@@ -191,14 +199,49 @@ def build_or_load_cache(
             empty = encode_caption_tensors(captions=[""], **encoders)
             names = {"text_embeds": "empty_embed", "pooled_embeds": "empty_pooled"}
             _save_atomic({names[k]: v[0].cpu().contiguous() for k, v in empty.items()},
-                         os.path.join(folder, "empty.safetensors"))
+                         os.path.join(folder, EMPTY))
         barrier()
         if rank == 0:
             shards = [f"shard-{r:05d}-of-{world_size:05d}.safetensors" for r in range(world_size)]
-            manifest = dict(format=CACHE_FORMAT, key=key, rows=len(dataset), shards=shards)
+            manifest = dict(format=CACHE_FORMAT, key=key, rows=len(dataset), shards=shards,
+                            files={name: file_digest(os.path.join(folder, name)) for name in [*shards, EMPTY]})
             write_text_atomic(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=2))
         barrier()
     return load_cache(folder), hit
+
+
+def file_digest(path: str) -> dict[str, Any]:
+    """{"bytes": size, "sha256": hex digest} of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def verify_cache(folder: str) -> Optional[str]:
+    """None when the cache in `folder` is complete and every file matches its manifest's checksum; else why not."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.exists(path):
+        return "no manifest (not built, or its build was interrupted)"
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        expected = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
+        if not set(manifest["shards"]) | {EMPTY} <= set(expected):
+            return "its manifest lists a file it has no checksum for"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return f"its manifest is unreadable ({type(error).__name__})"
+    for name, (size, sha256) in expected.items():
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        found = file_digest(file)
+        if found["bytes"] != size:
+            return f"{name} has {found['bytes']} bytes, not the {size} written"
+        if found["sha256"] != sha256:
+            return f"{name} fails its sha256 checksum (its bytes changed)"
+    return None
 
 
 def load_cache(folder: str) -> LatentCache:
@@ -217,7 +260,7 @@ def load_cache(folder: str) -> LatentCache:
         embeds = torch.cat([s[name] for s in shards])
         return torch.cat([embeds[starts[i]:starts[i + 1]] for i in order.tolist()]) if len(order) else embeds
 
-    empty = load_file(os.path.join(folder, "empty.safetensors"))
+    empty = load_file(os.path.join(folder, EMPTY))
     return LatentCache(
         indices=indices[order],
         unreadable=torch.sort(torch.cat([s["unreadable"] for s in shards])).values,

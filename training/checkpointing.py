@@ -31,6 +31,10 @@ STATE_FILE = "training_state.json"
 EMA_FILE = "ema.safetensors"
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only); its partial folder was removed."""
+
+
 @dataclass
 class TrainingState:
     """Where training stands: optimizer steps done, and the data position they reached."""
@@ -38,6 +42,45 @@ class TrainingState:
     global_step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
+    data_order: Optional[dict] = None  # the settings that fix the batches (DataOrder as a dict); None before they were saved
+
+
+@dataclass(frozen=True)
+class DataOrder:
+    """What decides which samples an epoch's step k holds: a change to any of them moves the saved position."""
+
+    seed: int
+    rows: int  # readable dataset rows
+    train_batch_size: int
+    gradient_accumulation_steps: int
+    num_processes: int
+    bucketed: bool
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.train_batch_size * self.gradient_accumulation_steps * self.num_processes
+
+
+def continue_position(state: TrainingState, order: DataOrder, steps_per_epoch: int) -> tuple[TrainingState, str]:
+    """The resumed state moved to the same data position under `order`, and a note of what changed ("" if nothing).
+
+    An epoch's samples are one permutation of the rows fixed by (seed, epoch) and taken in order, samples_per_step
+    at a time, so with only the batch layout changed the saved position maps to the step after the same number of
+    samples. A changed seed, dataset or bucketing changes the permutation: the run goes on from the next epoch.
+    """
+    saved = DataOrder(**state.data_order) if state.data_order else order
+    keys = [k for k in DataOrder.__dataclass_fields__ if getattr(saved, k) != getattr(order, k)]
+    changed = [f"{k} {getattr(saved, k)} -> {getattr(order, k)}" for k in keys]
+    epoch, step = state.epoch, state.step_in_epoch
+    if {"seed", "rows", "bucketed"} & set(keys) or (keys and order.bucketed):
+        epoch, step = epoch + (step > 0), 0
+    elif changed:
+        step = -(-step * saved.samples_per_step // order.samples_per_step)  # ceil: no sample twice
+    if step >= steps_per_epoch:
+        epoch, step = epoch + 1, 0
+    note = (f"{', '.join(changed)} since the checkpoint: continuing at epoch {epoch}, step {step} of "
+            f"{steps_per_epoch}") if changed or (epoch, step) != (state.epoch, state.step_in_epoch) else ""
+    return TrainingState(state.global_step, epoch, step, asdict(order)), note
 
 
 def list_checkpoints(output_dir: str, mark: str = STATE_FILE) -> list[str]:
@@ -95,14 +138,19 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainingState, ema=None
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     accelerator.wait_for_everyone()  # 1. the folder exists before any rank writes into it
-    accelerator.save_state(tmp, safe_serialization=True)
-    accelerator.wait_for_everyone()  # 2. every rank wrote its random states into tmp: rename only after all have
-    if accelerator.is_main_process:
-        if ema is not None:
-            ema.save(os.path.join(tmp, EMA_FILE))
-        write_text_atomic(os.path.join(tmp, STATE_FILE), json.dumps(asdict(state), indent=2))  # last: the mark
-        publish_checkpoint(tmp, final)
-        prune_checkpoints(output_dir, limit)
+    try:
+        accelerator.save_state(tmp, safe_serialization=True)
+        accelerator.wait_for_everyone()  # 2. every rank wrote its random states into tmp: rename only after all have
+        if accelerator.is_main_process:
+            if ema is not None:
+                ema.save(os.path.join(tmp, EMA_FILE))
+            write_text_atomic(os.path.join(tmp, STATE_FILE), json.dumps(asdict(state), indent=2))  # last: the mark
+            publish_checkpoint(tmp, final)
+            prune_checkpoints(output_dir, limit)
+    except OSError as error:  # a full disk, a quota, a read-only mount: say so, and leave no half checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"could not write checkpoint-{state.global_step} in {output_dir!r}: "
+                                   f"{error.strerror or error}; the earlier checkpoints are intact") from None
     accelerator.wait_for_everyone()  # 3. no rank goes on (or reads checkpoints) before the rename
     return final
 
@@ -128,7 +176,12 @@ def prune_checkpoints(output_dir: str, limit: Optional[int], mark: str = STATE_F
 
 def load_checkpoint(accelerator, path: str, ema=None) -> TrainingState:
     """Restore accelerate's state and the EMA from `path`; return the training position saved there."""
-    accelerator.load_state(path)
+    try:
+        accelerator.load_state(path)
+    except RuntimeError as error:  # torch's state-dict mismatch: dozens of lines of missing/unexpected keys
+        summary = str(error).strip().splitlines()[0][:200]
+        raise ValueError(f"--resume_from_checkpoint {path!r} holds weights of a different model than this run's "
+                         f"UNet ({summary}); resume with the settings it was trained with") from None
     if ema is not None:
         ema_path = os.path.join(path, EMA_FILE)
         if not os.path.isfile(ema_path):

@@ -13,7 +13,6 @@ resuming mid-epoch do not change what a step sees.
 """
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -21,6 +20,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+from latent_diffusion.formats.images import as_seen, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -75,18 +76,14 @@ def check_columns(columns: Sequence[str], image_column: str, caption_column: str
 
 
 def decode_image(cell: Any) -> Optional[Image.Image]:
-    """An RGB PIL image from a dataset cell (PIL image, {'bytes', 'path'} dict, path or bytes); None if unreadable."""
+    """An RGB PIL image from a dataset cell (PIL image, {'bytes', 'path'} dict, path or bytes) as viewers show it
+    (EXIF rotation applied, 16-bit pixels scaled: `latent_diffusion.formats.images`); None if unreadable."""
     try:
         if isinstance(cell, Image.Image):
-            image = cell
-        elif isinstance(cell, dict):
-            image = Image.open(io.BytesIO(cell["bytes"])) if cell.get("bytes") else Image.open(cell["path"])
-        elif isinstance(cell, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(cell))
-        else:
-            image = Image.open(cell)
-        image.load()
-        return image.convert("RGB")
+            return as_seen(cell).convert("RGB")
+        if isinstance(cell, dict):
+            return read_image(cell["bytes"] if cell.get("bytes") else cell["path"])
+        return read_image(cell)
     except Exception as err:  # any decoder failure means "unreadable", never a crash
         logger.debug("unreadable image skipped: %s", err)
         return None

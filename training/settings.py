@@ -92,6 +92,7 @@ class OutputSettings:
     hub_model_id: Optional[str]
     hub_token: Optional[str]
     save_single_file: bool = False  # also OUT/model.safetensors in the original SD layout
+    checkpoint_on_stop: bool = False
 
 
 @dataclass(frozen=True)

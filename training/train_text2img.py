@@ -35,7 +35,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, gather_object
 from tqdm.auto import tqdm
 
-from latent_diffusion.checks import NonFiniteError
+from latent_diffusion.checks import NonFiniteError, one_line
 from latent_diffusion.training.cache import (CachedSamples, build_or_load_cache, cache_key, encode_caption_tensors,
                                     encode_latent_moments, identity, sample_latents)
 from latent_diffusion.text.encoding import encode_prompts
@@ -50,8 +50,10 @@ from latent_diffusion.training.generation_defaults import output_generation_defa
 from latent_diffusion.training.settings import OutputSettings, TrainingSettings, training_settings
 from latent_diffusion.training.batches import epoch_batches, step_groups, steps_per_epoch
 from latent_diffusion.training.components import load_components
-from latent_diffusion.training.checkpointing import (TrainingState, checkpoint_weights, discard_partial_checkpoints,
-                                                     load_checkpoint, resolve_checkpoint, save_checkpoint)
+from latent_diffusion.training.checkpointing import (DataOrder, TrainingState, checkpoint_weights, continue_position,
+                                                     discard_partial_checkpoints, load_checkpoint, resolve_checkpoint,
+                                                     save_checkpoint)
+from latent_diffusion.training.stopping import StopRequest, TrainingStopped
 from latent_diffusion.training.ema import EMA
 from latent_diffusion.training import bucketing, lora
 from latent_diffusion.training.lora_run import save_lora_run
@@ -81,6 +83,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             lora.sync_text_encoder_gradients(accelerator, optimizer, models.text_encoder)
     ema = EMA(accelerator.unwrap_model(unet), opt.ema_decay) if opt.use_ema else None
     state = resume(settings.output, accelerator, ema)  # a fresh TrainingState when not resuming
+    state = align_data_position(settings, accelerator, data, state)  # a changed batch size maps the saved position
     start_trackers(settings, accelerator)
     trainee = Trainee(unet, optimizer, lr_scheduler, ema)
     state = train(settings, accelerator, models, data, trainee, state, max_steps)
@@ -328,6 +331,19 @@ def resume(out: OutputSettings, accelerator: Accelerator, ema: Optional[EMA]) ->
     return state
 
 
+def align_data_position(settings: TrainingSettings, accelerator: Accelerator, data: TrainingData,
+                        state: TrainingState) -> TrainingState:
+    """The resumed data position under this run's batch layout (checkpointing.continue_position), noted in the log."""
+    opt = settings.optim
+    order = DataOrder(seed=opt.seed, rows=len(data.rows), train_batch_size=opt.train_batch_size,
+                      gradient_accumulation_steps=opt.gradient_accumulation_steps,
+                      num_processes=accelerator.num_processes, bucketed=data.buckets is not None)
+    state, note = continue_position(state, order, data.steps_per_epoch)
+    if note:
+        logger.warning(f"resuming: {note}", main_process_only=True)
+    return state
+
+
 def start_trackers(settings: TrainingSettings, accelerator: Accelerator) -> None:
     accelerator.init_trackers(settings.output.tracker_project_name, config=settings.tracker_config())
 
@@ -337,7 +353,21 @@ def start_trackers(settings: TrainingSettings, accelerator: Accelerator) -> None
 
 def train(settings: TrainingSettings, accelerator: Accelerator, models: Models, data: TrainingData, trainee: Trainee,
           state: TrainingState, max_steps: int) -> TrainingState:
-    """Run optimizer steps until `max_steps`, checkpointing and validating on the way."""
+    """Run optimizer steps until `max_steps`, checkpointing and validating on the way; Ctrl-C/SIGTERM stop cleanly."""
+    out, unet = settings.output, trainee.unet
+    with StopRequest() as stop:
+        state = train_steps(settings, accelerator, models, data, trainee, state, max_steps, stop)
+    if out.sample_index_log:  # lets a test check that every rank ends with the same weights
+        from latent_diffusion.training.cache import fingerprint_module
+
+        with open(f"{out.sample_index_log}.rank{accelerator.process_index}", "a") as f:
+            f.write(f"weights {fingerprint_module(accelerator.unwrap_model(unet))}\n")
+    return state
+
+
+def train_steps(settings: TrainingSettings, accelerator: Accelerator, models: Models, data: TrainingData,
+                trainee: Trainee, state: TrainingState, max_steps: int, stop: StopRequest) -> TrainingState:
+    """The loop of train(): steps, logs, checkpoints and validation until `max_steps` or a stop request."""
     opt, out, val = settings.optim, settings.output, settings.validation
     unet, ema = trainee.unet, trainee.ema
     loss_fn = DenoisingLoss(models.schedule, opt.snr_gamma, opt.noise_offset)
@@ -364,20 +394,21 @@ def train(settings: TrainingSettings, accelerator: Accelerator, models: Models, 
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
             if state.step_in_epoch == data.steps_per_epoch:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            if state.global_step % out.checkpointing_steps == 0 or state.global_step == max_steps:
+            saved = state.global_step % out.checkpointing_steps == 0 or state.global_step == max_steps
+            stopping = stop.requested(accelerator)  # one reduction per step when there are several ranks
+            if saved or (stopping and out.checkpoint_on_stop):
                 check_pending_loss(losses, state.global_step)  # never save weights a NaN/inf loss went into
                 checkpoint(out, accelerator, state, ema)
+            if stopping:
+                bar.close()
+                raise stop.stopped(state.global_step, os.path.join(out.output_dir, f"checkpoint-{state.global_step}")
+                                   if saved or out.checkpoint_on_stop else None)
             if val.validation_prompts and state.global_step % val.validation_steps == 0:
                 validate(settings, accelerator, models, unet, ema, state.global_step)
             if state.global_step >= max_steps:
                 break
             last = time.perf_counter()  # samples/s counts data loading and the step, not checkpoints or validation
     bar.close()
-    if out.sample_index_log:  # lets a test check that every rank ends with the same weights
-        from latent_diffusion.training.cache import fingerprint_module
-
-        with open(f"{out.sample_index_log}.rank{accelerator.process_index}", "a") as f:
-            f.write(f"weights {fingerprint_module(accelerator.unwrap_model(unet))}\n")
     return state
 
 
@@ -598,8 +629,16 @@ def cli(argv: Optional[list[str]] = None) -> int:
     except ValueError as error:
         print(f"train_text2img.py: error: {error}", file=sys.stderr)
         return 2
-    except NonFiniteError as error:
-        print(f"train_text2img.py: error: {error}", file=sys.stderr)
+    except TrainingStopped as stopped:
+        print(f"train_text2img.py: {stopped}", file=sys.stderr)
+        return stopped.status
+    except KeyboardInterrupt:  # before the training loop (loading, caching) or a second Ctrl-C
+        print("train_text2img.py: interrupted; checkpoints already written are whole", file=sys.stderr)
+        return 130
+    except (NonFiniteError, OSError, RuntimeError, ImportError) as error:  # the run failed, not its arguments
+        if os.environ.get("LATENT_DIFFUSION_TRACEBACK"):
+            raise
+        print(f"train_text2img.py: error: {one_line(error)}", file=sys.stderr)
         return 1
     return 0
 

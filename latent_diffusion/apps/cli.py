@@ -6,6 +6,7 @@ the subcommands so that `--help` is instant.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -36,8 +37,10 @@ def _add_shapes_export(commands) -> None:
 
 
 def run_shapes_export(args: argparse.Namespace) -> list[Path]:
+    from latent_diffusion.checks import check_int
     from latent_diffusion.shapes import export_imagefolder
 
+    check_int("--n", args.n, 1)
     folder = export_imagefolder(args.out_dir, args.n, size=args.size, seed=args.seed, split=args.split,
                                 drop_optional=not args.full_captions, overwrite=args.overwrite)
     return [folder]
@@ -150,6 +153,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         _apply_loras(pipe, args.lora)
     pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.set_progress_bar_config(disable=args.quiet)
+    _check_call_memory(pipe, args, call.get("image"))
     images = pipe(**call).images
     records = settings.resolved(pipe).for_images(images)
     return [save_png(image, path, png_text(record))
@@ -161,6 +165,18 @@ GENERATE_SETTING_FLAGS = ("prompt", "negative_prompt", "steps", "guidance", "gui
                           "sigma_schedule", "eta", "seed", "height", "width", "n", "clip_skip", "image", "mask",
                           "strength", "lora", "model", "prompt_syntax")
 SETTING_OF_FLAG = {"lora": "loras"}
+
+
+def _check_call_memory(pipe, args: argparse.Namespace, image) -> None:
+    """The pipeline's memory estimate for all --n images at once, its error naming --n / --height / --width."""
+    from latent_diffusion.limits import check_pipeline_call
+    from latent_diffusion.pipelines.image_inputs import default_size
+
+    height, width = (args.height, args.width) if image is None else default_size(pipe, image, args.height, args.width)
+    height, width = pipe.resolve_size(height, width)
+    guidance = pipe.generation_defaults["guidance_scale"] if args.guidance is None else args.guidance
+    check_pipeline_call(pipe, [args.prompt], [args.negative_prompt or ""], args.n, height, width, guidance != 1.0,
+                        names={"images": "--n", "height": "--height", "width": "--width"})
 
 
 def _settings_from_png(args: argparse.Namespace) -> None:
@@ -206,10 +222,15 @@ def check_generate_args(args: argparse.Namespace) -> None:
     """ValueError naming the flag for values no model could take (the model checks sizes against itself)."""
     from latent_diffusion.checks import MAX_IMAGE_SIDE, check_choice, check_finite, check_int
     from latent_diffusion.diffusion.samplers import SAMPLER_NAMES
+    from latent_diffusion.limits import MAX_IMAGES_PER_CALL, check_prompt_length
+
+    check_prompt_length("prompt", [args.prompt])
+    check_prompt_length("--negative-prompt", [args.negative_prompt or ""])
 
     if args.prompt is None:
         raise ValueError("prompt: give a prompt, or --from-png PNG to take it from an image")
     check_int("--n", args.n, 1)
+    check_int("--n", args.n, 1, MAX_IMAGES_PER_CALL)
     check_finite("--guidance-rescale", args.guidance_rescale, 0, 1)
     check_finite("--eta", args.eta, 0)
     if args.steps is not None:
@@ -228,9 +249,22 @@ def check_generate_args(args: argparse.Namespace) -> None:
         from latent_diffusion.formats.model_files import check_model_path
 
         check_model_path(args.model, "--model")
-    folder = Path(args.output).parent
+    check_int("--seed", args.seed, 0, 2 ** 64 - args.n)  # image k uses seed + k: all must be valid torch seeds
+    check_output_path(args.output)
+
+
+def check_output_path(output: str) -> None:
+    """ValueError naming -o/--output for a path that cannot take a PNG: a folder, another format, no write access."""
+    path, folder = Path(output), Path(output).parent
     if not folder.is_dir():
-        raise ValueError(f"-o/--output {args.output!r}: folder {str(folder)!r} does not exist (create it first)")
+        raise ValueError(f"-o/--output {output!r}: folder {str(folder)!r} does not exist (create it first)")
+    if path.is_dir():
+        raise ValueError(f"-o/--output {output!r} is a folder; give a file name ending in .png")
+    if path.suffix and path.suffix.lower() != ".png":
+        raise ValueError(f"-o/--output {output!r}: images are written as PNG (with the settings in its text "
+                         f"chunks); give a name ending in .png, not {path.suffix!r}")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"-o/--output {output!r}: folder {str(folder)!r} is not writable")
 
 
 def output_paths(output: str, n: int) -> list[Path]:
@@ -456,6 +490,19 @@ def given_flags(argv: Optional[Sequence[str]]) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
+def _failure(error: Exception) -> str:
+    """One line for a failed run; errors that only say "offline" get the fix."""
+    from latent_diffusion.checks import NonFiniteError, one_line
+
+    text = one_line(error)
+    if isinstance(error, NonFiniteError):
+        return text
+    name = type(error).__name__
+    if "offline" in text.lower() or "LocalEntryNotFound" in name or "HF_HUB_OFFLINE" in text:
+        return f"{text} (the Hub cannot be reached: give a local folder, or download the model first)"
+    return text if isinstance(error, OSError) else f"{name}: {text}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     args.given = given_flags(argv)
@@ -469,8 +516,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as error:  # usage errors: argparse's status 2
         print(f"latent-diffusion {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except NonFiniteError as error:  # the run itself failed (diverged), not its arguments
-        print(f"latent-diffusion {args.command}: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"latent-diffusion {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # the run itself failed (diverged, disk full, offline...): one line, status 1
+        if os.environ.get("LATENT_DIFFUSION_TRACEBACK"):  # for debugging: the full traceback
+            raise
+        print(f"latent-diffusion {args.command}: error: {_failure(error)}", file=sys.stderr)
         return 1
     for path in written or []:
         print(path)

@@ -44,6 +44,8 @@ def check_model_path(path: Union[str, os.PathLike], argument: str = ARGUMENT,
 
         check_single_file(folder, argument)  # a single-file checkpoint: .safetensors, whole; pickles refused
         return
+    if (folder / "model_index.json").is_file():  # before missing_components reads it
+        check_json_files(folder, f"{argument} {text!r}:")
     missing = missing_components(folder)
     if missing:
         raise ValueError(f"{argument} {text!r} is missing {missing}; a diffusers text-to-image folder "
@@ -51,6 +53,32 @@ def check_model_path(path: Union[str, os.PathLike], argument: str = ARGUMENT,
     for name in components:
         if (folder / name).is_dir():  # missing_components has checked that every one the folder needs is there
             check_weights_folder(folder / name, f"{argument} {text!r}: {name}/")
+    check_network_configs(folder, f"{argument} {text!r}:")
+
+
+def check_json_files(folder: Path, label: str) -> None:
+    """Every .json file of the folder and its component folders parses to a JSON object; errors name the file."""
+    for path in sorted([*folder.glob("*.json"), *folder.glob("*/*.json")]):
+        where = f"{label} {path.relative_to(folder).as_posix()}"
+        try:
+            value = json.loads(path.read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{where} is not valid JSON ({error})") from None
+        except OSError as error:
+            raise ValueError(f"{where} cannot be read ({error.strerror})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must hold a JSON object, got {type(value).__name__}")
+
+
+def check_network_configs(folder: Path, label: str) -> None:
+    """The UNet's and VAE's sizes and channels are ones a machine could hold (sample_size 10⁶ is refused)."""
+    from latent_diffusion.checks import MAX_IMAGE_SIDE
+    from latent_diffusion.limits import check_model_config
+
+    for name, max_sample_size in (("unet", MAX_IMAGE_SIDE // 8), ("vae", MAX_IMAGE_SIDE)):
+        path = folder / name / "config.json"
+        if path.is_file():
+            check_model_config(json.loads(path.read_bytes()), f"{label} {name}/config.json", max_sample_size)
 
 
 def check_weights_folder(folder: Path, label: str) -> None:
