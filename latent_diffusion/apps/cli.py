@@ -59,7 +59,7 @@ def _add_generate(commands) -> None:
                    help=f"sampler, one of {', '.join(SAMPLER_NAMES)} (default: the model's)")
     p.add_argument("--sigma-schedule", default=None, choices=SIGMA_SCHEDULES,
                    help="σ schedule of euler, heun, dpm++, dpm++_sde, unipc (default: the scheduler config's)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM's η")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's η; TCD's γ")
     p.add_argument("--clip-skip", type=int, default=None, metavar="K",
                    help="condition on the text encoder's hidden states K layers before the usual one "
                         "(A1111's 'Clip skip: K+1'; prompt and negative prompt alike)")
