@@ -333,11 +333,15 @@ def start_trackers(settings: TrainingSettings, accelerator: Accelerator) -> None
 
 
 def train(settings: TrainingSettings, accelerator: Accelerator, models: Models, data: TrainingData, trainee: Trainee,
-          state: TrainingState, max_steps: int) -> TrainingState:
-    """Run optimizer steps until `max_steps`, checkpointing and validating on the way."""
+          state: TrainingState, max_steps: int, loss_fn=None, validate_fn=None) -> TrainingState:
+    """Run optimizer steps until `max_steps`, checkpointing and validating on the way.
+
+    `loss_fn(model_fn, z0, cond, generator)` (default: `DenoisingLoss`) and `validate_fn` (default: `validate`)
+    let another objective (training/distill_lcm.py) reuse the loop, its data order, checkpoints and resume."""
     opt, out, val = settings.optim, settings.output, settings.validation
     unet, ema = trainee.unet, trainee.ema
-    loss_fn = DenoisingLoss(models.schedule, opt.snr_gamma, opt.noise_offset)
+    loss_fn = loss_fn or DenoisingLoss(models.schedule, opt.snr_gamma, opt.noise_offset)
+    validate_fn = validate_fn or validate
     bar = tqdm(total=max_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process)
     losses = LossMeter(settings.speed.loss_log_steps)  # the loss is read back from the device every N steps
     while state.global_step < max_steps:
@@ -365,7 +369,7 @@ def train(settings: TrainingSettings, accelerator: Accelerator, models: Models, 
                 check_pending_loss(losses, state.global_step)  # never save weights a NaN/inf loss went into
                 checkpoint(out, accelerator, state, ema)
             if val.validation_prompts and state.global_step % val.validation_steps == 0:
-                validate(settings, accelerator, models, unet, ema, state.global_step)
+                validate_fn(settings, accelerator, models, unet, ema, state.global_step)
             if state.global_step >= max_steps:
                 break
             last = time.perf_counter()  # samples/s counts data loading and the step, not checkpoints or validation
