@@ -238,3 +238,19 @@ def test_lcm_lora_loads_like_any_lora(sd_folder, tmp_path, name):
     a, b = generate(ours, sampler=name), generate(theirs)
     assert np.abs(a - base).max() > 5 / 255
     assert np.abs(a - b).max() <= 1 / 255
+
+
+def test_cli_tcd_with_gamma_matches_the_pipeline(ours, sd_folder, tmp_path):
+    """`--sampler tcd --eta 0.3` in the CLI is the pipeline's sampler="tcd", eta=0.3; a γ over 1 is refused by name."""
+    from PIL import Image
+
+    from latent_diffusion.apps.cli import main
+
+    args = ["generate", PROMPTS[0], "--model", str(sd_folder), "--steps", "4", "--guidance", "1.5", "--quiet",
+            "--sampler", "tcd", "--eta", "0.3", "--seed", "3"]
+    assert main([*args, "-o", str(tmp_path / "a.png")]) == 0
+    direct = ours(PROMPTS[0], sampler="tcd", eta=0.3, num_inference_steps=4, guidance_scale=1.5,
+                  generator=[torch.Generator().manual_seed(3)]).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(direct))
+    with pytest.raises(ValueError, match="eta"):
+        ours(PROMPTS[0], sampler="tcd", eta=1.5, num_inference_steps=2)

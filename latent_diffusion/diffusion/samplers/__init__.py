@@ -48,7 +48,8 @@ SIGMA_SCHEDULE_SAMPLERS = tuple(
 __all__ = [
     "SAMPLER_NAMES", "SAMPLERS", "SIGMA_SCHEDULES", "SIGMA_SCHEDULE_SAMPLERS", "DDIMSampler", "DDPMSampler",
     "DPMSolverSDESampler", "DPMSolverSampler", "EulerAncestralSampler", "EulerSampler", "HeunSampler",
-    "UniPCSampler", "LCMSampler", "TCDSampler", "ETA_SAMPLERS", "Denoiser", "Prediction", "Sampler", "check_sigma_schedule", "get_sampler",
+    "UniPCSampler", "LCMSampler", "TCDSampler", "ETA_SAMPLERS", "Denoiser", "Prediction", "Sampler",
+    "check_sigma_schedule", "get_sampler",
 ]
 
 
