@@ -24,11 +24,12 @@ from latent_diffusion.formats.assets import default_model_path
 from latent_diffusion.limits import check_pipeline_call
 from latent_diffusion.checks import check_all_finite, check_choice, check_finite, check_image_side, check_int
 from latent_diffusion.vae import decode_latents, is_half, latent_size_multiple, upcast_half_vae, vae_scale_factor
-from latent_diffusion.diffusion.guidance import guide
+from latent_diffusion.diffusion.guidance import guidance_scale_embedding, guide
 from latent_diffusion.formats.model_files import check_model_path
 from latent_diffusion.formats.single_file import is_single_file, load_single_file, write_single_file
 from latent_diffusion.text.conditioners import Conditioning, conditioner_for
-from latent_diffusion.diffusion.samplers import SAMPLER_NAMES, Denoiser, check_sigma_schedule, get_sampler, robust_settings
+from latent_diffusion.diffusion.samplers import (ETA_SAMPLERS, SAMPLER_NAMES, Denoiser, check_sigma_schedule, get_sampler,
+                                                 robust_settings)
 from latent_diffusion.diffusion.schedules import NoiseSchedule
 from latent_diffusion.pipelines.tracing import TracedUNet
 from latent_diffusion.settings import FALLBACK_DEFAULTS
@@ -209,7 +210,7 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, LatentDiffusionTextualIn
         warn_about_request(self, prompts, height, width)
         check_pipeline_call(self, prompts, negatives, num_images_per_prompt, height, width, guided=scale != 1.0)
         second = _check_second_prompts(len(prompts), prompt_2, negative_prompt, negative_prompt_2)
-        cond = self.encode_prompt(prompts, negatives if scale != 1.0 else None, num_images_per_prompt, **second,
+        cond = self.encode_prompt(prompts, negatives if self.runs_cfg(scale) else None, num_images_per_prompt, **second,
                                   size=(height, width), original_size=original_size,
                                   crops_coords_top_left=crops_coords_top_left, target_size=target_size,
                                   clip_skip=clip_skip, prompt_syntax=prompt_syntax)
@@ -218,7 +219,7 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, LatentDiffusionTextualIn
         timesteps = solver.timesteps(steps)
         edit = None if image is None else prepare_image_edit(
             self, solver, timesteps, image, mask_image, strength, len(prompts), num_images_per_prompt, height, width,
-            generator, torch.float32, guided=scale != 1.0)  # sampler math in fp32
+            generator, torch.float32, guided=self.runs_cfg(scale))  # sampler math in fp32
         timesteps, x = self._start(solver, timesteps, edit, (len(prompts) * num_images_per_prompt, height, width),
                                    generator, latents)
         denoiser = Denoiser(self._guided_unet(cond, scale, guidance_rescale, edit.unet_extra if edit else None), schedule)
@@ -231,7 +232,7 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, LatentDiffusionTextualIn
     def _solver(sampler: str, schedule: NoiseSchedule, sigma_schedule: Optional[str], eta: float):
         """The named sampler with diffusers' settings, plus `robust_settings` (the σ limit of the Euler family)."""
         return get_sampler(sampler, schedule, sigma_schedule=sigma_schedule, **robust_settings(sampler),
-                           **({"eta": eta} if sampler == "ddim" else {}))
+                           **({"eta": eta} if sampler in ETA_SAMPLERS else {}))
 
     def _start(self, solver, timesteps: torch.Tensor, edit, size: tuple[int, int, int], generator: Generator,
                latents: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,17 +326,25 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, LatentDiffusionTextualIn
         UNet input's channels.
         """
         unet, dtype = self.traced_unet(), self.unet.dtype
-        guided = scale != 1.0  # encode_prompt added the unconditional half exactly then
+        guided = self.runs_cfg(scale)  # encode_prompt added the unconditional half exactly then
         added = cond.added_cond_kwargs()  # SDXL's pooled text and size ids, else None
+        w_dim = self.unet.config.get("time_cond_proj_dim")  # a guidance-distilled (LCM) UNet embeds w instead
+        w_cond = None if w_dim is None else guidance_scale_embedding(scale, cond.context.shape[0], w_dim).to(
+            cond.context.device, dtype)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x_in = torch.cat([x, x]) if guided else x  # (2B or B, C, h, w)
             if extra is not None:
                 x_in = torch.cat([x_in, extra.to(x_in.dtype)], dim=1)  # (2B or B, C + 1 + C, h, w)
-            out = unet(x_in.to(dtype), t, cond.context, added)
+            out = unet(x_in.to(dtype), t, cond.context, added, timestep_cond=w_cond)
             return guide(out, scale, rescale).to(x.dtype) if guided else out.to(x.dtype)
 
         return model_fn
+
+    def runs_cfg(self, scale: float) -> bool:
+        """Whether a call at guidance `scale` runs classifier-free guidance: scale ≠ 1 and a UNet that does not take
+        the scale as an embedding (`time_cond_proj_dim`, LCM), as diffusers' StableDiffusionPipeline decides."""
+        return scale != 1.0 and self.unet.config.get("time_cond_proj_dim") is None
 
     def _step_callback(self, bar, user_callback: Optional[Callable], edit=None) -> Callable:
         """The sampler's per-step callback: the progress bar, the user's callback, and an image edit's blend."""

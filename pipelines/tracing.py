@@ -31,17 +31,22 @@ class _UNetCall(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *added: torch.Tensor) -> torch.Tensor:
-        return call_unet(self.unet, x, t, context, *added)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        return call_unet(self.unet, x, t, context, *rest)
 
 
 ADDED_COND_KEYS = ("text_embeds", "time_ids")  # SDXL's added_cond_kwargs, passed positionally after the context
 
 
-def call_unet(unet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *added: torch.Tensor) -> torch.Tensor:
-    """One UNet forward; `added` are SDXL's (text_embeds, time_ids) when the UNet takes them."""
+def call_unet(unet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+    """One UNet forward; `rest` is SDXL's (text_embeds, time_ids) when the UNet takes them, then an LCM UNet's
+    guidance embedding `timestep_cond` when it takes one (so 0 to 3 tensors, positional for the tracer)."""
+    added, timestep_cond = rest[: len(ADDED_COND_KEYS)], None
+    if len(rest) % len(ADDED_COND_KEYS) == 1:  # 1 or 3: the last one is timestep_cond
+        added, timestep_cond = rest[: len(rest) - 1], rest[-1]
     added_cond_kwargs = dict(zip(ADDED_COND_KEYS, added)) if added else None
-    return unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
+    extra = {} if timestep_cond is None else {"timestep_cond": timestep_cond}
+    return unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added_cond_kwargs, return_dict=False, **extra)[0]
 
 
 class TracedUNet:
@@ -59,9 +64,10 @@ class TracedUNet:
         self._eager_calls: dict[tuple, int] = {}  # per signature, until it is traced
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                 added_cond_kwargs: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
+                 added_cond_kwargs: Optional[dict[str, torch.Tensor]] = None,
+                 timestep_cond: Optional[torch.Tensor] = None) -> torch.Tensor:
         added = tuple(added_cond_kwargs[k] for k in ADDED_COND_KEYS) if added_cond_kwargs else ()
-        inputs = (x, t, context, *added)
+        inputs = (x, t, context, *added) + (() if timestep_cond is None else (timestep_cond,))
         if not self.enabled or torch.is_grad_enabled() or self.unet.training:
             return call_unet(self.unet, *inputs)
         key = tuple((tuple(a.shape), a.dtype, a.device) for a in inputs)

@@ -14,6 +14,8 @@ DIFFUSERS_SCHEDULER_OF = {
     "dpm++": ("DPMSolverMultistepScheduler", {}),
     "dpm++_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
 }
 
 

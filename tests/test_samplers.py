@@ -316,7 +316,7 @@ def test_float32_in_float32_out(name):
     assert out32.dtype == torch.float32
     # the float32 run draws float32 noise from the same seed, so compare the deterministic samplers only
     # (and dpm++_sde, which draws float32 noise in both, as diffusers)
-    if name not in ("ddpm", "euler_a"):
+    if name not in ("ddpm", "euler_a", "lcm", "tcd"):  # lcm and tcd (γ = 0.3) draw noise too
         assert (out32.double() - out64).abs().max() < 1e-4
 
 

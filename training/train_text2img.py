@@ -352,11 +352,14 @@ def start_trackers(settings: TrainingSettings, accelerator: Accelerator) -> None
 
 
 def train(settings: TrainingSettings, accelerator: Accelerator, models: Models, data: TrainingData, trainee: Trainee,
-          state: TrainingState, max_steps: int) -> TrainingState:
-    """Run optimizer steps until `max_steps`, checkpointing and validating on the way; Ctrl-C/SIGTERM stop cleanly."""
+          state: TrainingState, max_steps: int, loss_fn=None, validate_fn=None) -> TrainingState:
+    """Run optimizer steps until `max_steps`, checkpointing and validating on the way; Ctrl-C/SIGTERM stop cleanly.
+
+    `loss_fn(model_fn, z0, cond, generator)` (default: `DenoisingLoss`) and `validate_fn` (default: `validate`)
+    let another objective (training/distill_lcm.py) reuse the loop, its data order, checkpoints and resume."""
     out, unet = settings.output, trainee.unet
     with StopRequest() as stop:
-        state = train_steps(settings, accelerator, models, data, trainee, state, max_steps, stop)
+        state = train_steps(settings, accelerator, models, data, trainee, state, max_steps, stop, loss_fn, validate_fn)
     if out.sample_index_log:  # lets a test check that every rank ends with the same weights
         from latent_diffusion.training.cache import fingerprint_module
 
@@ -366,11 +369,13 @@ def train(settings: TrainingSettings, accelerator: Accelerator, models: Models, 
 
 
 def train_steps(settings: TrainingSettings, accelerator: Accelerator, models: Models, data: TrainingData,
-                trainee: Trainee, state: TrainingState, max_steps: int, stop: StopRequest) -> TrainingState:
+                trainee: Trainee, state: TrainingState, max_steps: int, stop: StopRequest, loss_fn=None,
+                validate_fn=None) -> TrainingState:
     """The loop of train(): steps, logs, checkpoints and validation until `max_steps` or a stop request."""
     opt, out, val = settings.optim, settings.output, settings.validation
     unet, ema = trainee.unet, trainee.ema
-    loss_fn = DenoisingLoss(models.schedule, opt.snr_gamma, opt.noise_offset)
+    loss_fn = loss_fn or DenoisingLoss(models.schedule, opt.snr_gamma, opt.noise_offset)
+    validate_fn = validate_fn or validate
     bar = tqdm(total=max_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process)
     losses = LossMeter(settings.speed.loss_log_steps)  # the loss is read back from the device every N steps
     while state.global_step < max_steps:
@@ -404,7 +409,7 @@ def train_steps(settings: TrainingSettings, accelerator: Accelerator, models: Mo
                 raise stop.stopped(state.global_step, os.path.join(out.output_dir, f"checkpoint-{state.global_step}")
                                    if saved or out.checkpoint_on_stop else None)
             if val.validation_prompts and state.global_step % val.validation_steps == 0:
-                validate(settings, accelerator, models, unet, ema, state.global_step)
+                validate_fn(settings, accelerator, models, unet, ema, state.global_step)
             if state.global_step >= max_steps:
                 break
             last = time.perf_counter()  # samples/s counts data loading and the step, not checkpoints or validation

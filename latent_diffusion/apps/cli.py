@@ -65,7 +65,7 @@ def _add_generate(commands) -> None:
                    help=f"sampler, one of {', '.join(SAMPLER_NAMES)} (default: the model's)")
     p.add_argument("--sigma-schedule", default=None, choices=SIGMA_SCHEDULES,
                    help="σ schedule of euler, heun, dpm++, dpm++_sde, unipc (default: the scheduler config's)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM's η")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's η; TCD's γ")
     p.add_argument("--clip-skip", type=int, default=None, metavar="K",
                    help="condition on the text encoder's hidden states K layers before the usual one "
                         "(A1111's 'Clip skip: K+1'; prompt and negative prompt alike)")
@@ -506,7 +506,6 @@ def _failure(error: Exception) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     args.given = given_flags(argv)
-    from latent_diffusion.checks import NonFiniteError
 
     if getattr(args, "quiet", False):
         silence_loading_bars()

@@ -27,3 +27,18 @@ def guide(output: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Ten
     """Split a batched (uncond, cond) UNet output along dim 0 and apply guidance and its rescale."""
     uncond, cond = output.chunk(2)  # each (B, C, H, W)
     return rescale_guidance(classifier_free_guidance(uncond, cond, scale), cond, rescale)
+
+
+def guidance_scale_embedding(guidance_scale: float, batch: int, dim: int) -> torch.Tensor:
+    """The (batch, dim) embedding of w = guidance_scale − 1 that a guidance-distilled UNet (LCM, `time_cond_proj_dim`)
+    takes as `timestep_cond` (LCM §4.2, eq. 11's ω-conditioned f_θ(z, ω, c, t)) instead of running CFG.
+
+    Sinusoidal in 1000 w at frequencies 10000^(−k/(d/2 − 1)), k < d/2, sines then cosines (the VDM/Imagen
+    timestep embedding); an odd d gets one zero column. Float32, as diffusers builds it.
+    """
+    w = torch.full((batch,), guidance_scale - 1.0, dtype=torch.float32) * 1000.0  # (B,)
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = w[:, None] * frequencies[None, :]  # (B, d/2)
+    embedding = torch.cat([angles.sin(), angles.cos()], dim=1)  # (B, 2·(d/2))
+    return torch.nn.functional.pad(embedding, (0, dim % 2))

@@ -17,7 +17,8 @@ from latent_diffusion.settings import GenerationSettings
 PLAIN_NODES = ("CheckpointLoaderSimple", "CLIPTextEncode", "CLIPSetLastLayer", "EmptyLatentImage", "KSampler",
                "VAEDecode", "SaveImage", "PreviewImage")
 COMFY_SAMPLERS = {"dpmpp_2m": "dpm++", "dpmpp_2m_sde": "dpm++_sde", "uni_pc": "unipc", "euler": "euler",
-                  "euler_ancestral": "euler_a", "heun": "heun", "ddim": "ddim", "ddpm": "ddpm"}
+                  "euler_ancestral": "euler_a", "heun": "heun", "ddim": "ddim", "ddpm": "ddpm", "lcm": "lcm",
+                  "tcd": "tcd"}
 COMFY_SCHEDULERS = {"normal": None, "karras": "karras", "exponential": "exponential"}
 
 

@@ -27,7 +27,7 @@ from latent_diffusion.settings import GenerationSettings
 PARAMETERS_KEY = "parameters"  # the PNG text chunk A1111 writes and reads
 # Our sampler names and A1111's (also ComfyUI's `sampler_name`); docs/samplers.md's A1111 column is this table.
 A1111_SAMPLERS = {"dpm++": "DPM++ 2M", "dpm++_sde": "DPM++ 2M SDE", "unipc": "UniPC", "euler": "Euler",
-                  "euler_a": "Euler a", "heun": "Heun", "ddim": "DDIM", "ddpm": "DDPM"}
+                  "euler_a": "Euler a", "heun": "Heun", "ddim": "DDIM", "ddpm": "DDPM", "lcm": "LCM", "tcd": "TCD"}
 A1111_SCHEDULES = {None: "Automatic", "default": "Automatic", "karras": "Karras", "exponential": "Exponential"}
 MODEL_HASH_LENGTH, LORA_HASH_LENGTH = 10, 12  # A1111's short checkpoint hash and its network short hash
 _PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # Key: value, value maybe quoted

@@ -1,4 +1,5 @@
-"""Samplers, one per file, one shared signature: DDPM, DDIM, DPM-Solver++ (ODE and SDE), Euler, Euler a, Heun, UniPC.
+"""Samplers, one per file, one shared signature: DDPM, DDIM, DPM-Solver++ (ODE and SDE), Euler, Euler a, Heun, UniPC,
+and the few-step LCM and TCD.
 
     sampler = get_sampler("dpm++", schedule, sigma_schedule="karras")  # settings from schedule.config (+ overrides)
     timesteps = sampler.timesteps(25)                     # as the diffusers scheduler's set_timesteps
@@ -9,11 +10,12 @@
 
 Each sampler matches its diffusers scheduler (DDPMScheduler, DDIMScheduler,
 DPMSolverMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
-HeunDiscreteScheduler, UniPCMultistepScheduler) built from the same config, number for number.
+HeunDiscreteScheduler, UniPCMultistepScheduler, LCMScheduler, TCDScheduler) built from the same config, number for number.
 x is always in VP form (the latents the network sees); the Euler family converts to σ form inside.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from latent_diffusion.diffusion.schedules import NoiseSchedule
@@ -25,14 +27,19 @@ from latent_diffusion.diffusion.samplers.dpm_solver_sde import DPMSolverSDESampl
 from latent_diffusion.diffusion.samplers.euler import EulerSampler
 from latent_diffusion.diffusion.samplers.euler_ancestral import EulerAncestralSampler
 from latent_diffusion.diffusion.samplers.heun import HeunSampler
+from latent_diffusion.diffusion.samplers.lcm import LCMSampler
 from latent_diffusion.diffusion.samplers.sigmas import EDM_SIGMA_MAX, SIGMA_SCHEDULES, VESigmaSampler
+from latent_diffusion.diffusion.samplers.tcd import TCDSampler
 from latent_diffusion.diffusion.samplers.unipc import UniPCSampler
 
 SAMPLERS: dict[str, type[Sampler]] = {
     "ddpm": DDPMSampler, "ddim": DDIMSampler, "dpm++": DPMSolverSampler, "dpm++_sde": DPMSolverSDESampler,
     "euler": EulerSampler, "euler_a": EulerAncestralSampler, "heun": HeunSampler, "unipc": UniPCSampler,
+    "lcm": LCMSampler, "tcd": TCDSampler,
 }
 SAMPLER_NAMES = tuple(SAMPLERS)
+# the samplers with a stochasticity setting `eta` (DDIM's η, TCD's γ), which the pipeline's `eta` sets
+ETA_SAMPLERS = tuple(name for name, cls in SAMPLERS.items() if "eta" in {f.name for f in dataclasses.fields(cls)})
 # the samplers whose diffusers scheduler offers use_karras_sigmas / use_exponential_sigmas
 SIGMA_SCHEDULE_SAMPLERS = tuple(
     name for name, cls in SAMPLERS.items() if "karras" in getattr(cls, "sigma_schedules", ())
@@ -41,7 +48,8 @@ SIGMA_SCHEDULE_SAMPLERS = tuple(
 __all__ = [
     "SAMPLER_NAMES", "SAMPLERS", "SIGMA_SCHEDULES", "SIGMA_SCHEDULE_SAMPLERS", "DDIMSampler", "DDPMSampler",
     "DPMSolverSDESampler", "DPMSolverSampler", "EulerAncestralSampler", "EulerSampler", "HeunSampler",
-    "UniPCSampler", "Denoiser", "Prediction", "Sampler", "check_sigma_schedule", "get_sampler", "robust_settings",
+    "UniPCSampler", "LCMSampler", "TCDSampler", "ETA_SAMPLERS", "Denoiser", "Prediction", "Sampler",
+    "check_sigma_schedule", "get_sampler", "robust_settings",
 ]
 
 

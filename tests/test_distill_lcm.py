@@ -1,0 +1,155 @@
+"""training/distill_lcm.py on tiny components: an LCM-LoRA diffusers loads with our image, exact resume, a full LCM UNet,
+the loss's pieces, flag errors, and two processes."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_data import make_imagefolder
+from test_lcm_tcd import generate, load_ours, load_theirs
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "training" / "distill_lcm.py"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    captions = ["a red circle above a blue square", "a cat on a sofa"]
+    return str(make_imagefolder(tmp_path_factory.mktemp("data") / "images", 4, captions=captions))
+
+
+def flags(sd_folder, data_dir, output_dir, *extra):
+    return ["--pretrained_model_name_or_path", str(sd_folder), "--train_data_dir", data_dir,
+            "--output_dir", str(output_dir), "--resolution", "32", "--train_batch_size", "2",
+            "--learning_rate", "1e-2", "--report_to", "none", "--seed", "3", *[str(f) for f in extra]]
+
+
+def distill(sd_folder, data_dir, output_dir, *extra):
+    """The distillation script's main() in this process (a fresh accelerate state each time)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from latent_diffusion.training.distill_lcm import main
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    main(flags(sd_folder, data_dir, output_dir, *extra))
+
+
+@pytest.mark.slow
+def test_lcm_lora_loads_in_diffusers_with_our_image(sd_folder, data_dir, tmp_path):
+    """2 steps → OUT/pytorch_lora_weights.safetensors: StableDiffusionPipeline + load_lora_weights + LCMScheduler
+    gives our pipeline's image (sampler "lcm"), and validation grids at 1, 2, 4 and 8 steps."""
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "out"
+    distill(sd_folder, data_dir, out, "--max_train_steps", 2, "--lora_rank", 4, "--validation_prompts", "a cat",
+            "--validation_steps", 2, "--checkpointing_steps", 2)
+    lora = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert lora and all(k.startswith("unet.") and ".lora." in k for k in lora)
+    for k in (1, 2, 4, 8):
+        assert (out / f"lcm-{k}-steps" / "validation" / "step-000002.png").is_file()
+    assert "Latent consistency distillation" in (out / "README.md").read_text()
+    assert (out / "checkpoint-2" / "ema.safetensors").is_file()  # the target network is checkpointed
+    ours, theirs = load_ours(sd_folder), load_theirs(StableDiffusionPipeline, sd_folder, "lcm")
+    base = generate(ours, sampler="lcm", guidance_scale=1.0)
+    ours.load_lora_weights(str(out))
+    theirs.load_lora_weights(str(out))
+    a, b = generate(ours, sampler="lcm", guidance_scale=1.0), generate(theirs, guidance_scale=1.0)
+    assert np.abs(a - base).max() > 1 / 255  # distillation moved the adapter
+    assert np.abs(a - b).max() <= 1 / 255
+
+
+@pytest.mark.slow
+def test_resume_is_exact(sd_folder, data_dir, tmp_path):
+    """4 steps straight == 2, stop, 2 more: adapter, EMA target and optimizer come back from the checkpoint."""
+    extra = ["--lora_rank", 4, "--checkpointing_steps", 2]
+    distill(sd_folder, data_dir, tmp_path / "straight", "--max_train_steps", 4, *extra)
+    distill(sd_folder, data_dir, tmp_path / "split", "--max_train_steps", 2, *extra)
+    distill(sd_folder, data_dir, tmp_path / "split", "--max_train_steps", 4, "--resume_from_checkpoint", "latest", *extra)
+    for name in ("lora_model_0.safetensors", "ema.safetensors"):
+        straight = load_file(str(tmp_path / "straight" / "checkpoint-4" / name))
+        split = load_file(str(tmp_path / "split" / "checkpoint-4" / name))
+        assert straight.keys() == split.keys() and straight
+        for key in straight:
+            torch.testing.assert_close(split[key], straight[key], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_full_unet_folder_samples_as_an_lcm(sd_folder, data_dir, tmp_path):
+    out = tmp_path / "full"
+    distill(sd_folder, data_dir, out, "--max_train_steps", 1, "--full_unet", "--loss_type", "l2")
+    assert json.loads((out / "generation_config.json").read_text())["sampler"] == "lcm"
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "LCMScheduler"
+    pipe = load_ours(out)
+    assert pipe.generation_defaults["sampler"] == "lcm" and pipe.generation_defaults["num_inference_steps"] == 4
+    assert generate(pipe, num_inference_steps=None, guidance_scale=None).shape == (2, 32, 32, 3)
+
+
+def test_consistency_parametrisation_and_teacher_step():
+    """f(x, 0) ≈ x (c_skip(0) = 1); the teacher's guided DDIM step with w = 0 is the conditional DDIM step."""
+    from argparse import Namespace
+
+    from latent_diffusion.diffusion.schedules import NoiseSchedule
+    from latent_diffusion.text.conditioners import Conditioning
+    from latent_diffusion.training.distill_lcm import ConsistencyDistillationLoss
+
+    schedule = NoiseSchedule.from_config(dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    args = Namespace(num_ddim_timesteps=50, w_min=0.0, w_max=0.0, loss_type="huber", huber_c=0.001,
+                     timestep_scaling=10.0)
+    eps_of = lambda z, t, cond: 0.1 * z + cond.context.mean()  # noqa: E731  a stand-in ε-network
+    loss = ConsistencyDistillationLoss(schedule, eps_of, None, None, {"text_embeds": torch.zeros(1, 3, 4)}, 32, args)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t0 = torch.zeros(2, dtype=torch.long)
+    assert (loss.consistency(eps_of(x, t0, Conditioning(torch.ones(2, 3, 4))), x, t0) - x).abs().max() < 1e-3
+    t, s = torch.tensor([999, 519]), torch.tensor([979, 499])
+    cond = Conditioning(torch.ones(2, 3, 4, dtype=torch.float64))
+    z_s = loss.teacher_ddim_step(x, t, s, torch.zeros(2, dtype=torch.float64), cond)
+    ab_t, ab_s = schedule.alphas_cumprod[t].view(-1, 1, 1, 1), schedule.alphas_cumprod[s].view(-1, 1, 1, 1)
+    eps = eps_of(x, t, cond)
+    expected = ab_s.sqrt() * (x - (1 - ab_t).sqrt() * eps) / ab_t.sqrt() + (1 - ab_s).sqrt() * eps
+    assert (z_s - expected).abs().max() < 1e-6  # the network output is taken in float32
+    assert loss.distance(torch.zeros(3), torch.zeros(3)) == 0 and loss.distance(torch.zeros(1), torch.ones(1)) > 0.99
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--full_unet", "--lora_rank", "4"], "--full_unet trains the whole UNet"),
+    (["--w_min", "9", "--w_max", "3"], "--w_min 9.0 must be <= --w_max 3.0"),
+    (["--num_ddim_timesteps", "0"], "--num_ddim_timesteps must be in"),
+    (["--loss_type", "l1"], "--loss_type"),
+])
+def test_bad_flags_name_the_flag(sd_folder, data_dir, tmp_path, capsys, extra, message):
+    from latent_diffusion.training.distill_lcm import parse_distill_args
+
+    with pytest.raises(SystemExit):
+        parse_distill_args(flags(sd_folder, data_dir, tmp_path, *extra))
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes(sd_folder, data_dir, tmp_path):
+    """accelerate launch --multi_gpu, two CPU processes over gloo: world size 2, distinct ranks, the same weights."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), str(SCRIPT), *flags(sd_folder, data_dir, tmp_path / "out", "--train_batch_size", 1,
+                                             "--max_train_steps", 2, "--lora_rank", 4, "--checkpointing_steps", 2,
+                                             "--sample_index_log", tmp_path / "rows")]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logs = [(tmp_path / f"rows.rank{r}").read_text().splitlines() for r in range(2)]  # one log per rank: 2 ranks
+    steps = [[line.split() for line in log if not line.startswith("weights")] for log in logs]
+    assert len(steps[0]) == len(steps[1]) == 2
+    for a, b in zip(*steps):
+        assert a[0] == b[0] and not set(a[1:]) & set(b[1:])  # same step, disjoint rows: distinct ranks
+    assert logs[0][-1].startswith("weights") and logs[0][-1] == logs[1][-1]
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()

@@ -1,0 +1,321 @@
+"""Latent consistency distillation (Luo et al. 2023, LCD): any SD/SDXL model -> an LCM-LoRA (default) or a full LCM UNet.
+
+One process, or any number with accelerate (as training/train_text2img.py):
+
+    accelerate launch training/distill_lcm.py --pretrained_model_name_or_path PATH \\
+        --train_data_dir DIR --resolution 512 --train_batch_size 4 --max_train_steps 1000 --output_dir OUT
+
+Each step (LCM Algorithm 1, "LCD"): draw t_{n+k} on the skipping-step grid of `--num_ddim_timesteps` N
+(k = T/N), w ~ U[--w_min, --w_max] and z_{t_{n+k}} ~ q(z | z_0); the frozen teacher solves one DDIM step
+with guidance w back to t_n (ẑ_{t_n}, eq. 8); the loss is d(f_θ(z_{t_{n+k}}, t_{n+k}), f_θ⁻(ẑ_{t_n}, t_n)),
+d = Huber (`--loss_type huber`, --huber_c) or L2, f the consistency parametrisation c_skip x + c_out x̂_0
+(samplers/lcm.py's `boundary_scalings`), θ⁻ the EMA target network (`--ema_decay`, default 0.95).
+
+With `--lora_rank` (default 64) only a LoRA learns: the teacher is the base UNet with the adapter
+switched off, the target the EMA of the adapter, and OUT/pytorch_lora_weights.safetensors is the
+LCM-LoRA (load it with `load_lora_weights`, sample with `sampler="lcm"`). `--full_unet` trains the whole
+UNet (teacher: a frozen copy) and saves a diffusers folder whose scheduler is LCMScheduler and whose
+defaults are sampler "lcm", 4 steps, guidance 1. Everything else is train_text2img's: the flags, the
+latent/text cache, checkpoints with exact resume (`--resume_from_checkpoint latest`), `--push_to_hub`.
+Validation images are made at 1, 2, 4 and 8 LCM steps (OUT/lcm-K-steps/validation/).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import sys
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+from accelerate.logging import get_logger
+
+from latent_diffusion.checks import NonFiniteError
+from latent_diffusion.diffusion.gaussian import predictions_from_output, q_sample
+from latent_diffusion.diffusion.samplers.lcm import boundary_scalings
+from latent_diffusion.tensors import gather, randn
+from latent_diffusion.text.conditioners import Conditioning
+from latent_diffusion.training import train_text2img as base
+from latent_diffusion.training.args import build_parser, check_args
+from latent_diffusion.training.cache import encode_caption_tensors
+from latent_diffusion.training.ema import EMA
+from latent_diffusion.training.lora import trained_modules
+from latent_diffusion.training.lora_weights import register_checkpoint_hooks
+from latent_diffusion.training.settings import training_settings
+
+VALIDATION_STEPS = (1, 2, 4, 8)
+LCM_DEFAULTS = {"sampler": "lcm", "num_inference_steps": 4, "guidance_scale": 1.0}
+DEFAULT_LORA_RANK = 64  # as diffusers' LCM-LoRA script and the published LCM-LoRAs
+
+logger = get_logger(__name__)
+
+
+def build_distill_parser():
+    """train_text2img's flags, LCD's own, and the defaults LCD wants (EMA target decay 0.95, validation at w = 1)."""
+    parser = build_parser()
+    parser.prog = "distill_lcm.py"
+    g = parser.add_argument_group("latent consistency distillation")
+    g.add_argument("--num_ddim_timesteps", type=int, default=50, help="N of the skipping-step grid (k = T / N)")
+    g.add_argument("--w_min", type=float, default=3.0, help="guidance scales w ~ U[w_min, w_max] for the teacher")
+    g.add_argument("--w_max", type=float, default=15.0)
+    g.add_argument("--loss_type", default="huber", choices=("huber", "l2"))
+    g.add_argument("--huber_c", type=float, default=0.001, help="c of the pseudo-Huber loss √(d² + c²) − c")
+    g.add_argument("--timestep_scaling", type=float, default=10.0, help="s of c_skip, c_out at s·t (LCMScheduler's)")
+    g.add_argument("--full_unet", action="store_true", help="train the whole UNet (default: an LCM-LoRA)")
+    parser.set_defaults(ema_decay=0.95, validation_guidance_scale=1.0, learning_rate=1e-4, lr_warmup_steps=0,
+                        output_dir="lcm-distilled", tracker_project_name="lcm-distill")
+    return parser
+
+
+def parse_distill_args(argv: Optional[list[str]] = None):
+    """Checked flags; the LoRA rank defaults to 64 unless --full_unet, and the EMA (the target network) is always on."""
+    parser = build_distill_parser()
+    args = parser.parse_args(argv)
+    if args.full_unet and args.lora_rank is not None:
+        parser.error("--full_unet trains the whole UNet; it cannot be combined with --lora_rank")
+    if not args.full_unet and args.lora_rank is None:
+        args.lora_rank = DEFAULT_LORA_RANK
+    args.use_ema = True
+    problems = check_args(args)
+    problems += [f"--{f} must be >= 0" for f in ("w_min", "huber_c") if not getattr(args, f) >= 0]
+    if not args.w_min <= args.w_max:
+        problems.append(f"--w_min {args.w_min} must be <= --w_max {args.w_max}")
+    if not 1 <= args.num_ddim_timesteps <= 1000:
+        problems.append(f"--num_ddim_timesteps must be in [1, 1000], got {args.num_ddim_timesteps}")
+    if problems:
+        parser.error("; ".join(problems))
+    return args
+
+
+class ConsistencyDistillationLoss:
+    """LCD's loss for one batch: `loss(model_fn, z0, cond, generator)`, the DenoisingLoss interface of the loop.
+
+    `model_fn(z_t, t, cond)` is the student (with gradients, through DDP); `teacher(z_t, t, cond)` the frozen
+    model; `target()` a context in which the student module holds the EMA weights θ⁻.
+    """
+
+    def __init__(self, schedule, teacher, student, ema: EMA, uncond_texts: dict, resolution: int, flags):
+        self.schedule, self.teacher, self.student, self.ema = schedule, teacher, student, ema
+        self.uncond_texts, self.resolution = uncond_texts, resolution
+        self.k = schedule.num_train_timesteps // flags.num_ddim_timesteps  # the skipping step
+        self.num_ddim, self.w_min, self.w_max = flags.num_ddim_timesteps, flags.w_min, flags.w_max
+        self.loss_type, self.huber_c, self.scaling = flags.loss_type, flags.huber_c, flags.timestep_scaling
+
+    def __call__(self, model_fn, z0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
+        batch, device = z0.shape[0], z0.device
+        # t_{n+k} = (j + 1) k − 1 on the grid, t_n = t_{n+k} − k (clamped at 0), as diffusers' LCD scripts
+        j = torch.randint(0, self.num_ddim, (batch,), generator=generator)
+        t = ((j + 1) * self.k - 1).to(device)
+        s = (t - self.k).clamp(min=0)
+        w = (self.w_min + (self.w_max - self.w_min) * torch.rand(batch, generator=generator)).to(device)
+        noise = randn(tuple(z0.shape), generator, z0.dtype, device)
+        z_t = q_sample(z0, noise, gather(self.schedule.alphas_cumprod, t, z0))
+        with torch.no_grad():  # first: swapping θ⁻ in and out rewrites the student's weights in place
+            z_s = self.teacher_ddim_step(z_t, t, s, w, cond)  # ẑ_{t_n}
+            with self.ema.swapped_into(self.student):
+                target = self.consistency(base.unet_prediction(self.student, z_s, s, cond), z_s, s)
+        online = self.consistency(model_fn(z_t, t, cond), z_t, t)  # f_θ(z_{t_{n+k}}, t_{n+k})
+        return self.distance(online.float(), target.float())
+
+    def consistency(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """f(x, t) = c_skip(t) x + c_out(t) x̂_0 (LCM eq. 9), x̂_0 from the network output (ε, v or x_0)."""
+        _, x0 = predictions_from_output(output.float(), x, gather(self.schedule.alphas_cumprod, t, x),
+                                        self.schedule.prediction_type)
+        c_skip, c_out = (gather(c, torch.arange(len(t)), x) for c in boundary_scalings(t.cpu(), self.scaling))
+        return c_skip * x + c_out * x0
+
+    def teacher_ddim_step(self, z_t, t, s, w, cond) -> torch.Tensor:
+        """One DDIM step t → s of the teacher under guidance w (LCM eq. 8): x̂_0, ε̂ each ε_u + (1 + w)(ε_c − ε_u)
+        in diffusers' form x_c + w (x_c − x_u), then ẑ_s = √ᾱ_s x̂_0 + √(1 − ᾱ_s) ε̂ (DDIM eq. 12, η = 0)."""
+        alpha_bar = gather(self.schedule.alphas_cumprod, t, z_t)
+        uncond = self.unconditional(cond)
+        eps_c, x0_c = predictions_from_output(self.teacher(z_t, t, cond).float(), z_t, alpha_bar,
+                                              self.schedule.prediction_type)
+        eps_u, x0_u = predictions_from_output(self.teacher(z_t, t, uncond).float(), z_t, alpha_bar,
+                                              self.schedule.prediction_type)
+        w = w.view(-1, 1, 1, 1)
+        x0, eps = x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u)
+        alpha_bar_s = gather(self.schedule.alphas_cumprod, s, z_t)
+        return alpha_bar_s.sqrt() * x0 + (1 - alpha_bar_s).sqrt() * eps
+
+    def unconditional(self, cond: Conditioning) -> Conditioning:
+        """The empty prompt's conditioning for this batch (SDXL: its pooled embedding, the caption's size ids)."""
+        batch = cond.context.shape[0]
+        texts = {k: v.to(cond.context.device, cond.context.dtype) for k, v in self.uncond_texts.items()}
+        pooled = texts.get("pooled_embeds")
+        return Conditioning(texts["text_embeds"].expand(batch, -1, -1),
+                            None if pooled is None else pooled.expand(batch, -1), cond.time_ids)
+
+    def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Pseudo-Huber √((a − b)² + c²) − c (Song & Dhariwal 2023), or the mean squared error."""
+        if self.loss_type == "l2":
+            return torch.nn.functional.mse_loss(a, b)
+        return (torch.sqrt((a - b) ** 2 + self.huber_c**2) - self.huber_c).mean()
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_distill_args(argv)
+    settings = training_settings(args)
+    if settings.text_encoder_trains:
+        raise ValueError("--train_text_encoder_lora is not supported by distill_lcm.py (only the UNet is distilled)")
+    accelerator = base.make_accelerator(settings)
+    models = base.load_models(settings, accelerator)  # with --lora_rank: the UNet frozen, an adapter added
+    models.scheduler = lcm_scheduler(models.scheduler)  # what a full LCM UNet is saved with
+    frozen_teacher = None if settings.lora is not None else frozen_copy(models.unet, accelerator.device,
+                                                                        models.weight_dtype)
+    data = base.load_training_data(settings, accelerator, models)
+    max_steps = settings.optim.max_train_steps or settings.optim.num_train_epochs * data.steps_per_epoch
+    trained = trained_modules(settings.lora, models.unet, models.text_encoder)
+    optimizer, lr_scheduler = base.make_optimizer(settings, accelerator, trained, max_steps)
+    unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
+    if settings.lora is not None:  # checkpoints hold the adapter only
+        register_checkpoint_hooks(accelerator, None)
+    student = accelerator.unwrap_model(unet)
+    ema = EMA(student, settings.optim.ema_decay)  # θ⁻, the target network; checkpointed and resumed with the run
+    state = base.resume(settings.output, accelerator, ema)
+    base.start_trackers(settings, accelerator)
+    teacher = teacher_fn(student if frozen_teacher is None else frozen_teacher, adapter=frozen_teacher is None)
+    loss_fn = ConsistencyDistillationLoss(models.schedule, teacher, student, ema, empty_prompt_texts(models),
+                                          settings.data.resolution, args)
+    trainee = base.Trainee(unet, optimizer, lr_scheduler, ema)
+    state = base.train(settings, accelerator, models, data, trainee, state, max_steps, loss_fn=loss_fn,
+                       validate_fn=validate)
+    save(settings, accelerator, models, unet, ema, state.global_step, args)
+    accelerator.end_training()
+
+
+def lcm_scheduler(scheduler):
+    """LCMScheduler with the base model's noise schedule (betas, prediction type, T)."""
+    from diffusers import LCMScheduler
+
+    return LCMScheduler.from_config(scheduler.config)
+
+
+def frozen_copy(unet, device, dtype) -> torch.nn.Module:
+    """The teacher of a full-UNet distillation: the base UNet as it was, frozen, in the frozen parts' dtype."""
+    teacher = copy.deepcopy(unet).requires_grad_(False).eval()
+    return teacher.to(device, dtype=dtype)
+
+
+@contextmanager
+def adapters_off(unet):
+    """The base model inside a LoRA-adapted UNet: the teacher of an LCM-LoRA distillation."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def teacher_fn(unet, adapter: bool):
+    """teacher(z_t, t, cond): the base model's prediction (the adapter switched off when `adapter`)."""
+
+    def teacher(z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        if not adapter:
+            return base.unet_prediction(unet, z_t.to(unet.dtype), t, cond.to(dtype=unet.dtype))
+        with adapters_off(unet):
+            return base.unet_prediction(unet, z_t, t, cond)
+
+    return teacher
+
+
+@torch.no_grad()
+def empty_prompt_texts(models) -> dict[str, torch.Tensor]:
+    """The empty prompt's text embeddings (1, L, D) (SDXL: and its pooled (1, P)): the teacher's unconditional branch."""
+    return encode_caption_tensors(models.tokenizer, models.text_encoder, [""], models.tokenizer_2,
+                                  models.text_encoder_2)
+
+
+def lcm_pipeline(models, unet):
+    """Our pipeline on the student, sampling as an LCM: sampler "lcm", 4 steps, guidance 1 unless told otherwise."""
+    pipe = base.make_pipeline(models, unet)
+    pipe.generation_defaults.update(LCM_DEFAULTS)
+    pipe.trace_unet = False  # weights change between validations
+    return pipe
+
+
+def lcm_validation(settings, models, unet, step: int, trackers=()) -> dict[int, str]:
+    """The validation prompts at 1, 2, 4 and 8 LCM steps: OUT/lcm-K-steps/validation/step-N.png for each K."""
+    from latent_diffusion.training.validation import run_validation
+
+    val, out = settings.validation, settings.output.output_dir
+    pipe, grids = lcm_pipeline(models, unet), {}
+    for k in VALIDATION_STEPS:
+        grids[k], _ = run_validation(pipe, val.validation_prompts, step=step, output_dir=os.path.join(out, f"lcm-{k}-steps"),
+                                     seed=settings.optim.seed, num_inference_steps=k,
+                                     guidance_scale=val.validation_guidance_scale, resolution=settings.data.resolution,
+                                     metric_names=val.validation_metrics, trackers=trackers)
+    return grids
+
+
+def validate(settings, accelerator, models, unet, ema: EMA, step: int) -> None:
+    """train()'s validation hook: the EMA (target) weights at 1/2/4/8 steps, on the main process."""
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(unet)
+        model.eval()
+        with ema.swapped_into(model):
+            grids = lcm_validation(settings, models, model, step, accelerator.trackers)
+        model.train()
+        logger.info(f"validation grids {grids}")
+    accelerator.wait_for_everyone()
+
+
+def save(settings, accelerator, models, unet, ema: EMA, step: int, args) -> None:
+    """train_text2img's output (LoRA file or diffusers folder, EMA weights), then LCM's defaults, grids, card, upload."""
+    quiet = dataclasses.replace(settings, validation=dataclasses.replace(settings.validation, validation_prompts=None),
+                                output=dataclasses.replace(settings.output, push_to_hub=False))
+    base.save_pipeline(quiet, accelerator, models, unet, ema, step)
+    if not accelerator.is_main_process:
+        return
+    out = settings.output.output_dir
+    if settings.lora is None:  # a full LCM UNet: its folder samples as an LCM by default
+        with open(os.path.join(out, "generation_config.json"), "w") as f:
+            json.dump(LCM_DEFAULTS, f, indent=2)
+    grids = {}
+    if settings.validation.validation_prompts:
+        model = accelerator.unwrap_model(unet)
+        model.eval()
+        with ema.swapped_into(model):
+            grids = lcm_validation(settings, models, model, step)
+    append_card_section(out, args, step, grids)
+    if settings.output.push_to_hub:
+        from latent_diffusion.formats.hub import push_folder
+
+        push_folder(out, settings.output.hub_model_id, token=settings.output.hub_token,
+                    commit_message="End of latent consistency distillation")
+
+
+def append_card_section(out: str, args, step: int, grids: dict[int, str]) -> None:
+    """The model card's LCD section: what was distilled, with which settings, and how to sample it."""
+    kind = "an LCM-LoRA" if not args.full_unet else "a full LCM UNet"
+    rows = [f"| {k} | {getattr(args, k)} |" for k in ("num_ddim_timesteps", "w_min", "w_max", "loss_type", "huber_c",
+                                                       "ema_decay", "timestep_scaling", "lora_rank", "max_train_steps")]
+    images = "".join(f"\n![{k} steps]({os.path.relpath(path, out)})" for k, path in grids.items())
+    text = (f"\n## Latent consistency distillation\n\n{kind} distilled from `{args.pretrained_model_name_or_path}` by "
+            f"latent_diffusion's `training/distill_lcm.py` ({step} steps; Luo et al. 2023). Sample it with "
+            "`sampler=\"lcm\"` (or `\"tcd\"`), 2–8 steps, `guidance_scale` 1–2.\n\n| Setting | Value |\n|---|---|\n"
+            + "\n".join(rows) + "\n" + images + "\n")
+    with open(os.path.join(out, "README.md"), "a") as f:
+        f.write(text)
+
+
+def cli(argv: Optional[list[str]] = None) -> int:
+    """main() as a command: a bad flag, data or model prints one line and exits 2, a diverged run 1."""
+    try:
+        main(argv)
+    except ValueError as error:
+        print(f"distill_lcm.py: error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteError as error:
+        print(f"distill_lcm.py: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
