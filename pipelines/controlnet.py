@@ -192,8 +192,8 @@ def split_control_images(control_image, num_nets: int) -> list[Any]:
 
 
 def first_control_image(controlnet, control_image) -> Any:
-    """The control image that sets the default output size (the first one of the first ControlNet)."""
-    entry = control_image[0] if len(controlnet_nets(controlnet)) > 1 else control_image
+    """The control image that sets the default output size (the first one of the first ControlNet), checked."""
+    entry = split_control_images(control_image, max(1, len(controlnet_nets(controlnet))))[0]
     return entry[0] if isinstance(entry, (list, tuple)) else entry
 
 
