@@ -53,3 +53,20 @@ def test_sampled_scenes_judge_their_own_renders():
     rng = np.random.default_rng(0)
     scenes = [sample_scene(rng) for _ in range(40)]
     assert sum(judge_outline(render(s, 64), s).correct for s in scenes) >= 38
+
+
+def test_dataset_option_emits_the_outline_column():
+    from latent_diffusion.shapes.dataset import shapes_dataset, shapes_example
+    from latent_diffusion.shapes.outline import outline_image
+
+    plain, with_outline = shapes_dataset(3, seed=5), shapes_dataset(3, seed=5, outline=True)
+    assert plain.column_names == ["image", "text"]
+    assert with_outline.column_names == ["image", "text", "conditioning_image"]
+    assert with_outline["text"] == plain["text"]  # the same examples, one column more
+    for index in range(3):
+        rng = np.random.default_rng((5, index))
+        expected = outline_image(sample_scene(rng, "train"), 64)
+        row = with_outline[index]
+        assert np.array_equal(np.asarray(row["conditioning_image"].convert("RGB")), np.asarray(expected))
+        assert np.array_equal(np.asarray(row["image"]), np.asarray(shapes_example(index, seed=5)["image"]))
+    assert shapes_dataset(0, outline=True).column_names == ["image", "text", "conditioning_image"]
