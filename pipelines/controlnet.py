@@ -172,10 +172,20 @@ def prepare_control(pipe, control_image, conditioning_scale: PerNet, guidance_st
         if start >= end:
             raise ValueError(f"control_guidance_start ({start}) must be below control_guidance_end ({end})")
     guess_mode = bool(guess_mode) or bool(nets[0].config.global_pool_conditions)
+    check_control_factor(nets, vae_scale_factor(pipe.vae))
     factor, double = vae_scale_factor(pipe.vae), guided and not guess_mode
     images = [control_pixels(image, height, width, factor, num_prompts, num_images_per_prompt, double)
               .to(pipe._execution_device, nets[0].dtype) for image in per_net]
     return Control(pipe.controlnet, images, scales, starts, ends, guess_mode, guided)
+
+
+def check_control_factor(nets: list[ControlNetModel], vae_factor: int) -> None:
+    """Each net's control-image encoder must downsample by the VAE's factor, so its features fit the latents."""
+    for index, net in enumerate(nets):
+        factor = 2 ** (len(net.config.conditioning_embedding_out_channels) - 1)  # one stride-2 layer per step
+        if factor != vae_factor:
+            raise ValueError(f"controlnet {index} downsamples control images by {factor} but this model's VAE by "
+                             f"{vae_factor}; use a ControlNet made for this model")
 
 
 def split_control_images(control_image, num_nets: int) -> list[Any]:

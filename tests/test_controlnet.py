@@ -238,6 +238,13 @@ def test_bad_control_arguments_are_named(sd, kwargs, message):
     assert message in str(error.value)
 
 
+def test_controlnet_for_another_vae_is_named(sd):
+    components, _, _ = sd
+    net = ControlNetModel.from_unet(components["unet"])  # diffusers' default: control images downsampled by 8
+    with pytest.raises(ValueError, match="controlnet 0 downsamples control images by 8 but this model's VAE by 2"):
+        ours(components, net)(PROMPT, control_image=edges(), num_inference_steps=2)
+
+
 def test_control_image_without_controlnet_is_named(sd):
     with pytest.raises(ValueError, match="control_image needs a ControlNet"):
         ours(sd[0], None)(PROMPT, control_image=edges(), num_inference_steps=2)
