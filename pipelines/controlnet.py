@@ -36,7 +36,7 @@ from latent_diffusion.checks import check_finite
 from latent_diffusion.formats.model_files import check_weights_folder, looks_like_local_path
 from latent_diffusion.vae import vae_scale_factor
 
-from latent_diffusion.pipelines.image_inputs import _check_image_type, batch_rows
+from latent_diffusion.pipelines.image_inputs import _check_image_type, batch_rows, default_size
 
 ControlNetInput = Union[ControlNetModel, MultiControlNetModel, str, os.PathLike,
                         Sequence[Union[ControlNetModel, str, os.PathLike]], None]
@@ -199,6 +199,12 @@ def split_control_images(control_image, num_nets: int) -> list[Any]:
     for entry in control_image:
         _check_image_type("control_image", entry)
     return list(control_image)
+
+
+def call_size(pipe, image, control_image, height: Optional[int], width: Optional[int]) -> tuple:
+    """Unset height / width from the call's input image, else from its first control image (`default_size`)."""
+    source = image if image is not None or control_image is None else first_control_image(pipe.controlnet, control_image)
+    return (height, width) if source is None else default_size(pipe, source, height, width)
 
 
 def first_control_image(controlnet, control_image) -> Any:

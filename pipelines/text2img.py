@@ -32,8 +32,8 @@ from latent_diffusion.pipelines.tracing import TracedUNet
 from latent_diffusion.settings import FALLBACK_DEFAULTS
 from latent_diffusion.tensors import randn
 
-from latent_diffusion.pipelines.controlnet import first_control_image, load_controlnet, prepare_control
-from latent_diffusion.pipelines.image_inputs import check_image_arguments, default_size, prepare_image_edit
+from latent_diffusion.pipelines.controlnet import PerNet, call_size, load_controlnet, prepare_control
+from latent_diffusion.pipelines.image_inputs import check_image_arguments, prepare_image_edit
 from latent_diffusion.pipelines.lora import LatentDiffusionLoraMixin
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -152,9 +152,8 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         return_dict: bool = True, prompt_2: Optional[Prompt] = None, negative_prompt_2: Optional[Prompt] = None,
         original_size: Optional[tuple[int, int]] = None, crops_coords_top_left: Optional[tuple[int, int]] = None,
         target_size: Optional[tuple[int, int]] = None, clip_skip: Optional[int] = None,
-        control_image: Optional[Any] = None, controlnet_conditioning_scale: Union[float, Sequence[float]] = 1.0,
-        control_guidance_start: Union[float, Sequence[float]] = 0.0,
-        control_guidance_end: Union[float, Sequence[float]] = 1.0, guess_mode: bool = False,
+        control_image: Optional[Any] = None, controlnet_conditioning_scale: PerNet = 1.0,
+        control_guidance_start: PerNet = 0.0, control_guidance_end: PerNet = 1.0, guess_mode: bool = False,
     ):
         """Generate images for `prompt` (a string or a list).
 
@@ -177,19 +176,12 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
         model whose config sets `force_zeros_for_empty_prompt` guides against zero embeddings, as diffusers does.
 
         `clip_skip` k conditions on the text encoder's states k layers before the usual ones (A1111's "Clip
-        skip: k + 1"), for prompt and negative prompt alike (diffusers: the prompt only).
-
-        With a ControlNet (`controlnet=` at loading) `control_image` (one per ControlNet; each one image or one
-        per prompt) steers the layout, scaled by `controlnet_conditioning_scale`, over the fraction
-        [`control_guidance_start`, `control_guidance_end`] of the steps; `guess_mode` runs it on the conditional
-        branch only (see `pipelines/controlnet.py`). The size defaults to the control image's.
+        skip: k + 1"), for prompt and negative prompt alike (diffusers: the prompt only). Control: docs/controlnet.md.
         """
         steps, scale, sampler = self._resolve_defaults(num_inference_steps, guidance_scale, sampler)
         prompts, negatives = _check_prompts(prompt, negative_prompt)
         strength = check_image_arguments(self, image, mask_image, strength, latents)
-        sized = image if image is not None or control_image is None else first_control_image(self.controlnet, control_image)
-        if sized is not None:
-            height, width = default_size(self, sized, height, width)
+        height, width = call_size(self, image, control_image, height, width)
         height, width = self._check_call(steps, scale, sampler, output_type, num_images_per_prompt, height, width,
                                          sigma_schedule=sigma_schedule, guidance_rescale=guidance_rescale, eta=eta)
         second = _check_second_prompts(len(prompts), prompt_2, negative_prompt, negative_prompt_2)
@@ -199,29 +191,26 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, DiffusionPipeline):
                                   clip_skip=clip_skip)
         schedule = NoiseSchedule.from_config(self.scheduler.config)
         solver = get_sampler(sampler, schedule, sigma_schedule=sigma_schedule, **({"eta": eta} if sampler == "ddim" else {}))
-        timesteps = solver.timesteps(steps)
-        edit = None if image is None else prepare_image_edit(
-            self, solver, timesteps, image, mask_image, strength, len(prompts), num_images_per_prompt, height, width,
-            generator, torch.float32, guided=scale != 1.0)  # sampler math in fp32
-        timesteps, x = self._start(solver, timesteps, edit, (len(prompts) * num_images_per_prompt, height, width),
-                                   generator, latents)
+        batch = (len(prompts), num_images_per_prompt, height, width)
+        edit = None if image is None else prepare_image_edit(self, solver, solver.timesteps(steps), image, mask_image,
+                                                             strength, *batch, generator, torch.float32, scale != 1.0)
+        timesteps, x = self._start(solver, solver.timesteps(steps), edit, batch, generator, latents)
         control = prepare_control(self, control_image, controlnet_conditioning_scale, control_guidance_start,
-                                  control_guidance_end, guess_mode, len(prompts), num_images_per_prompt, height,
-                                  width, guided=scale != 1.0)
-        denoiser = Denoiser(self._guided_unet(cond, scale, guidance_rescale, edit.unet_extra if edit else None,
-                                              control), schedule)
+                                  control_guidance_end, guess_mode, *batch, guided=scale != 1.0)
+        denoiser = Denoiser(self._guided_unet(cond, scale, guidance_rescale, edit and edit.unet_extra, control), schedule)
         x = self._sample(solver, denoiser, x, timesteps, generator, callback_on_step_end, edit, control)
         images = self.decode(x, output_type)
         self.maybe_free_model_hooks()
         return LatentDiffusionPipelineOutput(images=images) if return_dict else (images,)
 
-    def _start(self, solver, timesteps: torch.Tensor, edit, size: tuple[int, int, int], generator: Generator,
+    def _start(self, solver, timesteps: torch.Tensor, edit, batch: tuple[int, int, int, int], generator: Generator,
                latents: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The timesteps to run and the latents they start from: an image edit's, or noise (`latents` if given)
-        for a (batch, height, width) text-to-image call."""
+        for a (prompts, images per prompt, height, width) text-to-image call."""
         if edit is not None:
             return edit.timesteps, edit.x
-        x = self.prepare_latents(*size, torch.float32, generator, latents)  # sampler math in fp32
+        prompts, per_prompt, height, width = batch
+        x = self.prepare_latents(prompts * per_prompt, height, width, torch.float32, generator, latents)  # fp32 math
         return timesteps, solver.start_from_noise(x, timesteps)  # diffusers' init_noise_sigma, in VP form
 
     def _sample(self, solver, denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, generator: Generator,
