@@ -119,3 +119,19 @@ def tiny_sdxl_components(seed: int = 0, scheduler: str = "euler") -> dict[str, A
         sched = EulerDiscreteScheduler.from_config(dict(sched.config, timestep_spacing="leading"))
     return dict(unet=unet.eval(), vae=base["vae"], text_encoder=base["text_encoder"], tokenizer=tokenizer,
                 text_encoder_2=text_encoder_2.eval(), tokenizer_2=tokenizer, scheduler=sched)
+
+
+def tiny_controlnet(unet, seed: int = 0):
+    """A ControlNet copied from a tiny UNet (diffusers' `ControlNetModel.from_unet`), for tests and examples.
+
+    Its control-image encoder downsamples by the tiny VAE's factor 2 (one stride-2 layer), and its zero-initialised
+    output convolutions get small random weights so that the control image visibly changes the output.
+    """
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8))
+    with torch.no_grad():
+        for module in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
+            torch.nn.init.normal_(module.weight, std=0.1)
+    return net.eval()

@@ -36,7 +36,8 @@ from latent_diffusion.settings import FALLBACK_DEFAULTS
 from latent_diffusion.text.vocabulary import warn_about_request
 from latent_diffusion.tensors import randn
 
-from latent_diffusion.pipelines.image_inputs import check_image_arguments, default_size, prepare_image_edit
+from latent_diffusion.pipelines.controlnet import PerNet, call_size, load_controlnet, prepare_control
+from latent_diffusion.pipelines.image_inputs import check_image_arguments, prepare_image_edit
 from latent_diffusion.pipelines.lora import LatentDiffusionLoraMixin
 from latent_diffusion.pipelines.textual_inversion import LatentDiffusionTextualInversionMixin
 
@@ -75,14 +76,16 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, LatentDiffusionTextualIn
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
-    _optional_components = ["text_encoder_2", "tokenizer_2"]
+    _optional_components = ["text_encoder_2", "tokenizer_2", "controlnet"]
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, tokenizer_2=None,
-                 force_zeros_for_empty_prompt: Optional[bool] = None):
-        """With `text_encoder_2` and `tokenizer_2` this is an SDXL model (`latent_diffusion.text.conditioners`)."""
+                 force_zeros_for_empty_prompt: Optional[bool] = None, controlnet=None):
+        """With `text_encoder_2` and `tokenizer_2` this is an SDXL model (`latent_diffusion.text.conditioners`);
+        `controlnet`: a ControlNetModel, a folder, or a list of these (`pipelines/controlnet.py`)."""
         super().__init__()
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         self.register_modules(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+        self.register_modules(controlnet=load_controlnet(controlnet))
         self.generation_defaults = dict(FALLBACK_DEFAULTS)
         if text_encoder_2 is not None:  # saved to model_index.json, as StableDiffusionXLPipeline does (default True)
             force_zeros = True if force_zeros_for_empty_prompt is None else bool(force_zeros_for_empty_prompt)
@@ -175,6 +178,8 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, LatentDiffusionTextualIn
         return_dict: bool = True, prompt_2: Optional[Prompt] = None, negative_prompt_2: Optional[Prompt] = None,
         original_size: Optional[tuple[int, int]] = None, crops_coords_top_left: Optional[tuple[int, int]] = None,
         target_size: Optional[tuple[int, int]] = None, clip_skip: Optional[int] = None, prompt_syntax: str = "a1111",
+        control_image: Optional[Any] = None, controlnet_conditioning_scale: PerNet = 1.0,
+        control_guidance_start: PerNet = 0.0, control_guidance_end: PerNet = 1.0, guess_mode: bool = False,
     ):
         """Generate images for `prompt` (a string or a list).
 
@@ -198,13 +203,12 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, LatentDiffusionTextualIn
 
         `clip_skip` k conditions on the text encoder's states k layers before the usual ones (A1111's "Clip
         skip: k + 1"), for prompt and negative prompt alike (diffusers: the prompt only). `prompt_syntax`
-        "a1111" reads A1111's emphasis and BREAK (latent_diffusion.text.prompt_syntax), "plain" the text as is.
+        "a1111" reads A1111's emphasis and BREAK (latent_diffusion.text.prompt_syntax), "plain" the text as is. Control: docs/controlnet.md.
         """
         steps, scale, sampler = self._resolve_defaults(num_inference_steps, guidance_scale, sampler)
         prompts, negatives = _check_prompts(prompt, negative_prompt)
         strength = check_image_arguments(self, image, mask_image, strength, latents)
-        if image is not None:
-            height, width = default_size(self, image, height, width)
+        height, width = call_size(self, image, control_image, height, width)
         height, width = self._check_call(steps, scale, sampler, output_type, num_images_per_prompt, height, width,
                                          sigma_schedule=sigma_schedule, guidance_rescale=guidance_rescale, eta=eta)
         warn_about_request(self, prompts, height, width)
@@ -216,14 +220,14 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, LatentDiffusionTextualIn
                                   clip_skip=clip_skip, prompt_syntax=prompt_syntax)
         schedule = NoiseSchedule.from_config(self.scheduler.config)
         solver = self._solver(sampler, schedule, sigma_schedule, eta)
-        timesteps = solver.timesteps(steps)
-        edit = None if image is None else prepare_image_edit(
-            self, solver, timesteps, image, mask_image, strength, len(prompts), num_images_per_prompt, height, width,
-            generator, torch.float32, guided=self.runs_cfg(scale))  # sampler math in fp32
-        timesteps, x = self._start(solver, timesteps, edit, (len(prompts) * num_images_per_prompt, height, width),
-                                   generator, latents)
-        denoiser = Denoiser(self._guided_unet(cond, scale, guidance_rescale, edit.unet_extra if edit else None), schedule)
-        x = self._sample(solver, denoiser, x, timesteps, generator, callback_on_step_end, edit)
+        batch, guided = (len(prompts), num_images_per_prompt, height, width), self.runs_cfg(scale)
+        edit = None if image is None else prepare_image_edit(self, solver, solver.timesteps(steps), image, mask_image,
+                                                             strength, *batch, generator, torch.float32, guided=guided)
+        timesteps, x = self._start(solver, solver.timesteps(steps), edit, batch, generator, latents)
+        control = prepare_control(self, control_image, controlnet_conditioning_scale, control_guidance_start,
+                                  control_guidance_end, guess_mode, *batch, guided=guided)
+        denoiser = Denoiser(self._guided_unet(cond, scale, guidance_rescale, edit and edit.unet_extra, control), schedule)
+        x = self._sample(solver, denoiser, x, timesteps, generator, callback_on_step_end, edit, control)
         images = self.decode(x, output_type)
         self.maybe_free_model_hooks()
         return LatentDiffusionPipelineOutput(images=images) if return_dict else (images,)
@@ -234,20 +238,24 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, LatentDiffusionTextualIn
         return get_sampler(sampler, schedule, sigma_schedule=sigma_schedule, **robust_settings(sampler),
                            **({"eta": eta} if sampler in ETA_SAMPLERS else {}))
 
-    def _start(self, solver, timesteps: torch.Tensor, edit, size: tuple[int, int, int], generator: Generator,
+    def _start(self, solver, timesteps: torch.Tensor, edit, batch: tuple[int, int, int, int], generator: Generator,
                latents: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The timesteps to run and the latents they start from: an image edit's, or noise (`latents` if given)
-        for a (batch, height, width) text-to-image call."""
+        for a (prompts, images per prompt, height, width) text-to-image call."""
         if edit is not None:
             return edit.timesteps, edit.x
-        x = self.prepare_latents(*size, torch.float32, generator, latents)  # sampler math in fp32
+        prompts, per_prompt, height, width = batch
+        x = self.prepare_latents(prompts * per_prompt, height, width, torch.float32, generator, latents)  # fp32 math
         return timesteps, solver.start_from_noise(x, timesteps)  # diffusers' init_noise_sigma, in VP form
 
     def _sample(self, solver, denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, generator: Generator,
-                callback_on_step_end: Optional[Callable[..., dict]], edit) -> torch.Tensor:
+                callback_on_step_end: Optional[Callable[..., dict]], edit, control=None) -> torch.Tensor:
         """The sampling loop under the progress bar; its final latents, checked finite."""
         with self.progress_bar(total=len(timesteps)) as bar:
             step_callback = self._step_callback(bar, callback_on_step_end, edit)
+            if control is not None:  # the ControlNets' step window follows the sampler's steps
+                control.start(len(timesteps))
+                step_callback = control.step_callback(step_callback)
             x = solver(denoiser, x, timesteps, generator=generator, callback=step_callback)
         check_all_finite("latents", x, NON_FINITE_HINT)  # once, after the loop: NaN/inf never heal, so none is missed
         return x
@@ -318,14 +326,16 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, LatentDiffusionTextualIn
         return self._traced_unet
 
     def _guided_unet(
-        self, cond: Conditioning, scale: float, rescale: float, extra: Optional[torch.Tensor] = None
+        self, cond: Conditioning, scale: float, rescale: float, extra: Optional[torch.Tensor] = None, control=None
     ) -> Callable:
         """model_fn(x_t, t) for the Denoiser: one UNet call on [x_t; x_t] and CFG when guiding, else one plain call.
 
         `extra` (inpainting UNets: mask and masked-image latents, already doubled for CFG) is appended to the
-        UNet input's channels.
+        UNet input's channels. `control` (a `pipelines.controlnet.Control`) adds its ControlNets' residuals.
         """
         unet, dtype = self.traced_unet(), self.unet.dtype
+        if control is not None:
+            unet = control.unet_runner(self.unet, int(self.vae.config.latent_channels))
         guided = self.runs_cfg(scale)  # encode_prompt added the unconditional half exactly then
         added = cond.added_cond_kwargs()  # SDXL's pooled text and size ids, else None
         w_dim = self.unet.config.get("time_cond_proj_dim")  # a guidance-distilled (LCM) UNet embeds w instead
@@ -410,13 +420,16 @@ def _check_prompts(prompt: Prompt, negative_prompt: Optional[Prompt]) -> tuple[l
 
 
 def _diffusers_model_index(index: dict[str, Any], sdxl: bool) -> dict[str, Any]:
-    """model_index.json as diffusers' own SD or SDXL pipeline class expects it (no entries it would not take)."""
+    """model_index.json as diffusers' own SD or SDXL (ControlNet) pipeline class expects it (no entries it would
+    not take)."""
+    control = "ControlNet" if index.get("controlnet", [None])[0] is not None else ""
+    index = {k: v for k, v in index.items() if k != "controlnet" or control}
     if sdxl:
-        return {**index, "_class_name": "StableDiffusionXLPipeline", "image_encoder": [None, None],
+        return {**index, "_class_name": f"StableDiffusionXL{control}Pipeline", "image_encoder": [None, None],
                 "feature_extractor": [None, None]}
     sdxl_only = ("text_encoder_2", "tokenizer_2", "force_zeros_for_empty_prompt")
     index = {k: v for k, v in index.items() if k not in sdxl_only}
-    return {**index, "_class_name": "StableDiffusionPipeline", "safety_checker": [None, None],
+    return {**index, "_class_name": f"StableDiffusion{control}Pipeline", "safety_checker": [None, None],
             "feature_extractor": [None, None], "requires_safety_checker": False}
 
 

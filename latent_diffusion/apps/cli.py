@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from latent_diffusion.apps.control_flags import add_control_flags, check_control_flags, control_call_kwargs, control_loading_kwargs
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -88,6 +90,7 @@ def _add_generate(commands) -> None:
                    help="LoRA adapter (.safetensors file, folder or Hub id; diffusers or kohya layout) and its scale "
                         "(default 1); repeat to combine several")
     _add_single_file_flags(p)
+    add_control_flags(p)
     p.set_defaults(run=run_generate)
 
 
@@ -147,8 +150,9 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     check_generate_args(args)  # before the model loads: a typo fails in milliseconds
     settings = generation_settings(args)
     call = settings.pipeline_kwargs()  # opens --image / --mask before the model loads, too
+    call.update(control_call_kwargs(args))
     dtype = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
-    pipe = _load_pipeline(args, **dtype)
+    pipe = _load_pipeline(args, **dtype, **control_loading_kwargs(args))
     if args.lora:
         _apply_loras(pipe, args.lora)
     pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -242,6 +246,7 @@ def check_generate_args(args: argparse.Namespace) -> None:
     if args.strength is not None:
         check_finite("--strength", args.strength, 0, 1)
     _check_image_flags(args)
+    check_control_flags(args)
     for flag, side in (("--height", args.height), ("--width", args.width)):
         if side is not None:
             check_int(flag, side, 1, MAX_IMAGE_SIDE)

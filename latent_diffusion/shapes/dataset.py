@@ -23,7 +23,9 @@ exactly once.
   data_dir=...)` and diffusers' `train_text_to_image.py` read.
 
 Captions drop optional parts at random (`drop_optional=True`, for training);
-pass `drop_optional=False` for full captions (evaluation sets).
+pass `drop_optional=False` for full captions (evaluation sets). `outline=True`
+adds a "conditioning_image" column, the scene's outline control image
+(`shapes/outline.py`), for ControlNet training.
 """
 from __future__ import annotations
 
@@ -40,9 +42,11 @@ from tqdm.auto import tqdm
 
 from latent_diffusion.formats.atomic import write_text_atomic
 from latent_diffusion.shapes.captions import caption
+from latent_diffusion.shapes.outline import outline_image
 from latent_diffusion.shapes.world import check_size, check_split, render, sample_scene
 
 FEATURES = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+CONDITIONING_COLUMN = "conditioning_image"  # diffusers' train_controlnet.py default column name
 METADATA_FILE = "metadata.jsonl"
 
 
@@ -60,11 +64,16 @@ def _check_seed(seed) -> int:
     return int(seed)
 
 
-def shapes_example(index: int, size: int = 64, seed: int = 0, split: str = "train", drop_optional: bool = True) -> dict:
-    """Example `index` of the (seed, split) sequence: {"image": PIL RGB image of side `size`, "text": caption}."""
+def shapes_example(index: int, size: int = 64, seed: int = 0, split: str = "train", drop_optional: bool = True,
+                   outline: bool = False) -> dict:
+    """Example `index` of the (seed, split) sequence: {"image": PIL RGB image of side `size`, "text": caption},
+    with `outline` also "conditioning_image": the scene's outline (the caption is drawn first, so it is the same)."""
     rng = np.random.default_rng((seed, index))
     scene = sample_scene(rng, split)
-    return {"image": render(scene, size), "text": caption(scene, rng, drop_optional)}
+    example = {"image": render(scene, size), "text": caption(scene, rng, drop_optional)}
+    if outline:
+        example[CONDITIONING_COLUMN] = outline_image(scene, size)
+    return example
 
 
 def _png_bytes(image) -> bytes:
@@ -74,17 +83,20 @@ def _png_bytes(image) -> bytes:
 
 
 def shapes_dataset(
-    num_examples: int, size: int = 64, seed: int = 0, split: str = "train", drop_optional: bool = True
+    num_examples: int, size: int = 64, seed: int = 0, split: str = "train", drop_optional: bool = True,
+    outline: bool = False,
 ) -> datasets.Dataset:
-    """A datasets.Dataset of `num_examples` Shapes examples, columns "image" (PIL) and "text"; the same for the same seed."""
+    """A datasets.Dataset of `num_examples` Shapes examples, columns "image" (PIL) and "text" (with `outline`, also
+    "conditioning_image"); the same for the same seed."""
     num_examples, size, seed = _check_count(num_examples), check_size(size), _check_seed(seed)
     check_split(split)
-    images, texts = [], []
+    columns: dict[str, list] = {}
     for index in range(num_examples):
-        example = shapes_example(index, size, seed, split, drop_optional)
-        images.append({"bytes": _png_bytes(example["image"]), "path": None})
-        texts.append(example["text"])
-    return datasets.Dataset.from_dict({"image": images, "text": texts}, features=FEATURES)
+        example = shapes_example(index, size, seed, split, drop_optional, outline)
+        for key, value in example.items():
+            columns.setdefault(key, []).append(value if key == "text" else {"bytes": _png_bytes(value), "path": None})
+    features = datasets.Features({**FEATURES, **({CONDITIONING_COLUMN: datasets.Image()} if outline else {})})
+    return datasets.Dataset.from_dict({key: columns.get(key, []) for key in features}, features=features)
 
 
 def _stream_examples(
