@@ -40,7 +40,7 @@ from latent_diffusion.training.cache import (CachedSamples, build_or_load_cache,
                                     encode_latent_moments, identity, sample_latents)
 from latent_diffusion.text.encoding import encode_prompts
 from latent_diffusion.vae import latent_size_multiple, vae_scale_factor
-from latent_diffusion.training.data import CaptionImageDataset, ImageTransform, load_caption_dataset, readable_indices
+from latent_diffusion.training.data import CaptionImageDataset, ImageTransform, readable_indices
 from latent_diffusion.diffusion.losses import DenoisingLoss
 from latent_diffusion.text.conditioners import Conditioning
 from latent_diffusion.diffusion.schedules import NoiseSchedule
@@ -52,7 +52,8 @@ from latent_diffusion.training.components import load_components
 from latent_diffusion.training.checkpointing import (TrainingState, checkpoint_weights, discard_partial_checkpoints,
                                                      load_checkpoint, resolve_checkpoint, save_checkpoint)
 from latent_diffusion.training.ema import EMA
-from latent_diffusion.training import bucketing, lora
+from latent_diffusion.training import bucketing, folders, lora
+from latent_diffusion.training.captions import caption_rewriter
 from latent_diffusion.training.lora_run import save_lora_run
 from latent_diffusion.training.lora_weights import register_checkpoint_hooks
 from latent_diffusion.training.sdxl import (SizedCaptionImageDataset, batch_conditioning, check_sdxl_parts, context_dim,
@@ -208,10 +209,8 @@ class TrainingData:
 def load_training_data(settings: TrainingSettings, accelerator: Accelerator, models: Models) -> TrainingData:
     """The dataset, its unreadable images skipped (and counted), served from the cache or decoded on the fly."""
     data_cfg, opt = settings.data, settings.optim
-    with accelerator.main_process_first():
-        dataset = load_caption_dataset(data_cfg.dataset_name, data_cfg.dataset_config_name, data_cfg.train_data_dir,
-                                       data_cfg.image_column, data_cfg.caption_column, data_cfg.max_train_samples,
-                                       data_cfg.cache_dir)
+    with accelerator.main_process_first():  # DreamBooth's missing class images are generated here, once
+        dataset, loss_weights = folders.training_dataset(settings, partial(make_pipeline, models, models.unet))
     transform = ImageTransform(data_cfg.resolution, data_cfg.center_crop, data_cfg.random_flip)
     if settings.bucket is not None:  # each image at its bucket's size, centre-cropped (training/bucketing.py)
         transform = bucketing.bucket_transform(settings.bucket, data_cfg.resolution, data_cfg.random_flip,
@@ -221,13 +220,15 @@ def load_training_data(settings: TrainingSettings, accelerator: Accelerator, mod
         rows, unreadable = find_readable_rows(accelerator, dataset, data_cfg.image_column)
         dataset_cls = SizedCaptionImageDataset if models.text_encoder_2 is not None else CaptionImageDataset
         samples = dataset_cls(dataset, data_cfg.image_column, data_cfg.caption_column, transform,
-                                      data_cfg.caption_dropout, opt.seed)
+                              data_cfg.caption_dropout, opt.seed, caption_rewriter(settings.captions))
         collate_fn, workers = None, data_cfg.dataloader_num_workers
     else:
         cache = build_cache(settings, accelerator, models, dataset, transform)
         rows, unreadable = cache.indices.tolist(), cache.unreadable.tolist()
         samples = CachedSamples(cache, data_cfg.random_flip, data_cfg.caption_dropout, opt.seed)
         collate_fn, workers = identity, 0  # tensors in memory: worker processes would only add overhead
+    if loss_weights is not None:  # prior preservation: class rows weigh --prior_loss_weight (training/folders.py)
+        samples = folders.WeightedSamples(samples, loss_weights)
     if not rows:
         source = (f"--dataset_name {data_cfg.dataset_name!r}" if data_cfg.dataset_name
                   else f"--train_data_dir {data_cfg.train_data_dir!r}")
@@ -420,7 +421,7 @@ def train_step(settings: TrainingSettings, accelerator: Accelerator, models: Mod
     for batch in micro_batches:
         with accelerator.accumulate(unet):
             latents, cond = batch_inputs(batch, models, accelerator.device, generator, settings.data.resolution)
-            loss = denoising_loss(unet, latents, cond, loss_fn, generator)
+            loss = denoising_loss(unet, latents, cond, loss_fn, generator, batch.get("loss_weight"))
             accelerator.backward(loss)
             if accelerator.sync_gradients and settings.optim.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(unet.parameters(), settings.optim.max_grad_norm)
@@ -452,9 +453,13 @@ def batch_inputs(batch: dict, models: Models, device, generator: torch.Generator
 
 
 def denoising_loss(unet, z0: torch.Tensor, cond: Conditioning, loss_fn: DenoisingLoss,
-                   generator: torch.Generator) -> torch.Tensor:
-    """Algorithm 1 of DDPM in latent space (`DenoisingLoss`), with the UNet called on z_t, t and the conditioning."""
-    return loss_fn(partial(unet_prediction, unet), z0, cond, generator)
+                   generator: torch.Generator, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Algorithm 1 of DDPM in latent space (`DenoisingLoss`), with the UNet called on z_t, t and the conditioning;
+    with per-sample `weights` (B,) (prior preservation) the mean of w_i · l_i, as kohya weighs them."""
+    if weights is None:
+        return loss_fn(partial(unet_prediction, unet), z0, cond, generator)
+    per_sample = loss_fn(partial(unet_prediction, unet), z0, cond, generator, reduce=False)  # (B,)
+    return (per_sample * weights.to(per_sample)).mean()
 
 
 def unet_prediction(unet, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
