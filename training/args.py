@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_caption_args(p.add_argument_group("captions: tags, shuffling, dropout (training/captions.py)"))
     add_dreambooth_args(p.add_argument_group("DreamBooth, prior preservation, kohya folders (training/dreambooth.py)"))
+    from latent_diffusion.training.masked_loss import add_masked_loss_args
+
+    add_masked_loss_args(p.add_argument_group("masked loss (training/masked_loss.py)"))
     return p
 
 
@@ -179,7 +182,9 @@ def check_args(args: argparse.Namespace) -> list[str]:
     from latent_diffusion.training.captions import check_caption_args
     from latent_diffusion.training.dreambooth import check_dreambooth_args
 
-    problems += check_caption_args(args) + check_dreambooth_args(args)
+    from latent_diffusion.training.masked_loss import check_masked_loss_args
+
+    problems += check_caption_args(args) + check_dreambooth_args(args) + check_masked_loss_args(args)
 
     for name in args.validation_metrics:
         if name not in VALIDATION_METRICS:

@@ -22,7 +22,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -150,23 +150,38 @@ def uses_folders(db: DreamBoothSettings, train_data_dir: Optional[str]) -> bool:
     return db.instance_data_dir is not None or (train_data_dir is not None and not is_metadata_folder(train_data_dir))
 
 
-class WeightedSamples(torch.utils.data.Dataset):
-    """Training samples with each row's loss weight added as 'loss_weight' (per item, or (B,) per gathered batch)."""
+class ExtraFields(torch.utils.data.Dataset):
+    """Training samples with fields added per item (index, epoch): `extra(items)` gives name -> (B, ...) tensor.
 
-    def __init__(self, samples, weights: torch.Tensor):
-        self.samples, self.weights = samples, weights
+    Works on per-item datasets (then default-collated) and on batch-gathering ones (`__getitems__` giving a
+    dict of batched tensors, or a list of items from another wrapper).
+    """
+
+    def __init__(self, samples, extra: Callable[[list], dict[str, torch.Tensor]]):
+        self.samples, self.extra = samples, extra
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, item):
-        return {**self.samples[item], "loss_weight": self.weights[int(item[0])]}
+        return self.__getitems__([item])[0] if not hasattr(self.samples, "__getitems__") else self.__getitems__([item])
 
     def __getitems__(self, items):
-        if not hasattr(self.samples, "__getitems__"):
-            return [self[item] for item in items]
-        batch = self.samples.__getitems__(items)
-        return {**batch, "loss_weight": self.weights[torch.tensor([int(i) for i, _ in items])]}
+        inner = self.samples
+        batch = inner.__getitems__(items) if hasattr(inner, "__getitems__") else [inner[i] for i in items]
+        extra = self.extra(items)
+        if isinstance(batch, list):
+            return [{**sample, **{name: value[k] for name, value in extra.items()}} for k, sample in enumerate(batch)]
+        return {**batch, **extra}
+
+
+def weighted_samples(samples, weights: torch.Tensor) -> ExtraFields:
+    """Training samples with each row's loss weight (`weights[row]`) added as 'loss_weight'."""
+
+    def loss_weights(items) -> dict[str, torch.Tensor]:
+        return {"loss_weight": weights[torch.tensor([int(index) for index, _ in items])]}
+
+    return ExtraFields(samples, loss_weights)
 
 
 def training_dataset(settings, make_pipeline) -> tuple[object, Optional[torch.Tensor]]:

@@ -3,9 +3,10 @@
 Each group is a frozen dataclass whose fields carry the flag names (`--learning_rate` is
 `settings.optim.learning_rate`), so the flags (training's public API) and the settings read the same.
 Optional features are None when off: `settings.lora` (no `--lora_rank`), `settings.bucket` (no
-`--enable_bucket`); `settings.captions` (training/captions.py) and `settings.dreambooth` (folder datasets,
-prior preservation) always exist, and their defaults change nothing. Values worked out from several flags are
-worked out here, once (the LoRA α default, the target module list, the prior loss weight). The pieces of training take the group or values they need, never the Namespace.
+`--enable_bucket`), `settings.mask` (no `--masked_loss`); `settings.captions` (training/captions.py) and
+`settings.dreambooth` (folder datasets, prior preservation) always exist, and their defaults change nothing.
+Values worked out from several flags are worked out here, once (the LoRA α default, the target module list,
+the prior loss weight). The pieces of training take the group or values they need, never the Namespace.
 """
 from __future__ import annotations
 
@@ -190,6 +191,13 @@ def dreambooth_settings(args: argparse.Namespace) -> DreamBoothSettings:
 
 
 @dataclass(frozen=True)
+class MaskSettings:
+    """--masked_loss (training/masked_loss.py): masks from the images' alpha, or from `mask_dir`."""
+
+    mask_dir: Optional[str]
+
+
+@dataclass(frozen=True)
 class TrainingSettings:
     model: ModelSettings
     data: DataSettings
@@ -202,6 +210,7 @@ class TrainingSettings:
     flags: dict[str, Any]  # the flags as given: a record for the trackers and model cards, not read otherwise
     captions: CaptionSettings = CaptionSettings()  # tag shuffling and dropout, prefix and suffix (training/captions.py)
     dreambooth: Optional[DreamBoothSettings] = None  # folder datasets and prior preservation (training/folders.py)
+    mask: Optional[MaskSettings] = None  # --masked_loss, else None
 
     @property
     def text_encoder_trains(self) -> bool:
@@ -225,4 +234,5 @@ def training_settings(args: argparse.Namespace) -> TrainingSettings:
         validation=_from_flags(ValidationSettings, args), speed=_from_flags(SpeedSettings, args),
         lora=lora_settings(args), bucket=_from_flags(BucketSettings, args) if args.enable_bucket else None,
         flags=dict(vars(args)), captions=_from_flags(CaptionSettings, args), dreambooth=dreambooth_settings(args),
+        mask=_from_flags(MaskSettings, args) if args.masked_loss else None,
     )

@@ -54,6 +54,7 @@ from latent_diffusion.training.checkpointing import (TrainingState, checkpoint_w
 from latent_diffusion.training.ema import EMA
 from latent_diffusion.training import bucketing, folders, lora
 from latent_diffusion.training.captions import caption_rewriter
+from latent_diffusion.training.masked_loss import latent_mask, masked_samples
 from latent_diffusion.training.lora_run import save_lora_run
 from latent_diffusion.training.lora_weights import register_checkpoint_hooks
 from latent_diffusion.training.sdxl import (SizedCaptionImageDataset, batch_conditioning, check_sdxl_parts, context_dim,
@@ -228,7 +229,7 @@ def load_training_data(settings: TrainingSettings, accelerator: Accelerator, mod
         samples = CachedSamples(cache, data_cfg.random_flip, data_cfg.caption_dropout, opt.seed)
         collate_fn, workers = identity, 0  # tensors in memory: worker processes would only add overhead
     if loss_weights is not None:  # prior preservation: class rows weigh --prior_loss_weight (training/folders.py)
-        samples = folders.WeightedSamples(samples, loss_weights)
+        samples = folders.weighted_samples(samples, loss_weights)
     if not rows:
         source = (f"--dataset_name {data_cfg.dataset_name!r}" if data_cfg.dataset_name
                   else f"--train_data_dir {data_cfg.train_data_dir!r}")
@@ -236,6 +237,9 @@ def load_training_data(settings: TrainingSettings, accelerator: Accelerator, mod
                          f"--image_column {data_cfg.image_column!r}); give a dataset with readable images")
     if unreadable:
         logger.warning(f"skipped {len(unreadable)} unreadable image(s) of {len(dataset)}: rows {unreadable[:20]}")
+    if settings.mask is not None:  # each sample's mask, through its crop and flip (training/masked_loss.py)
+        samples = masked_samples(samples, dataset, data_cfg.image_column, settings.mask.mask_dir, transform, opt.seed,
+                                 rows, cached=cache is not None, latent_factor=vae_scale_factor(models.vae))
     steps = steps_per_epoch(len(rows), world_size=accelerator.num_processes, batch_size=opt.train_batch_size,
                             accumulation=opt.gradient_accumulation_steps)
     buckets = None
@@ -421,7 +425,8 @@ def train_step(settings: TrainingSettings, accelerator: Accelerator, models: Mod
     for batch in micro_batches:
         with accelerator.accumulate(unet):
             latents, cond = batch_inputs(batch, models, accelerator.device, generator, settings.data.resolution)
-            loss = denoising_loss(unet, latents, cond, loss_fn, generator, batch.get("loss_weight"))
+            loss = denoising_loss(unet, latents, cond, loss_fn, generator, batch.get("loss_weight"),
+                                  batch.get("loss_mask"))
             accelerator.backward(loss)
             if accelerator.sync_gradients and settings.optim.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(unet.parameters(), settings.optim.max_grad_norm)
@@ -452,13 +457,16 @@ def batch_inputs(batch: dict, models: Models, device, generator: torch.Generator
     return z0, batch_conditioning(batch, context, resolution, device)
 
 
-def denoising_loss(unet, z0: torch.Tensor, cond: Conditioning, loss_fn: DenoisingLoss,
-                   generator: torch.Generator, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+def denoising_loss(unet, z0: torch.Tensor, cond: Conditioning, loss_fn: DenoisingLoss, generator: torch.Generator,
+                   weights: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Algorithm 1 of DDPM in latent space (`DenoisingLoss`), with the UNet called on z_t, t and the conditioning;
-    with per-sample `weights` (B,) (prior preservation) the mean of w_i · l_i, as kohya weighs them."""
+    with per-sample `weights` (B,) (prior preservation) the mean of w_i · l_i, as kohya weighs them; with
+    `mask` (B, 1, H, W) (--masked_loss) each latent pixel's error weighted by the mask's mean over its area."""
+    if mask is not None:
+        mask = latent_mask(mask.to(z0.device, torch.float32), tuple(z0.shape[-2:]))
     if weights is None:
-        return loss_fn(partial(unet_prediction, unet), z0, cond, generator)
-    per_sample = loss_fn(partial(unet_prediction, unet), z0, cond, generator, reduce=False)  # (B,)
+        return loss_fn(partial(unet_prediction, unet), z0, cond, generator, weight_map=mask)
+    per_sample = loss_fn(partial(unet_prediction, unet), z0, cond, generator, reduce=False, weight_map=mask)  # (B,)
     return (per_sample * weights.to(per_sample)).mean()
 
 
