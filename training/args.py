@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     from latent_diffusion.training.masked_loss import add_masked_loss_args
 
     add_masked_loss_args(p.add_argument_group("masked loss (training/masked_loss.py)"))
+    from latent_diffusion.training.validation_loss import add_validation_loss_args
+
+    add_validation_loss_args(p.add_argument_group("held-out validation loss (training/validation_loss.py)"))
     return p
 
 
@@ -183,8 +186,10 @@ def check_args(args: argparse.Namespace) -> list[str]:
     from latent_diffusion.training.dreambooth import check_dreambooth_args
 
     from latent_diffusion.training.masked_loss import check_masked_loss_args
+    from latent_diffusion.training.validation_loss import check_validation_loss_args
 
     problems += check_caption_args(args) + check_dreambooth_args(args) + check_masked_loss_args(args)
+    problems += check_validation_loss_args(args)
 
     for name in args.validation_metrics:
         if name not in VALIDATION_METRICS:

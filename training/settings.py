@@ -100,6 +100,7 @@ class ValidationSettings:
     validation_metrics: list[str]
     num_validation_inference_steps: int
     validation_guidance_scale: float
+    validation_split: float  # held-out fraction for val/loss (training/validation_loss.py)
 
 
 @dataclass(frozen=True)

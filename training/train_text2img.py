@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, partial
 from typing import Any, Optional
 
@@ -52,7 +52,7 @@ from latent_diffusion.training.components import load_components
 from latent_diffusion.training.checkpointing import (TrainingState, checkpoint_weights, discard_partial_checkpoints,
                                                      load_checkpoint, resolve_checkpoint, save_checkpoint)
 from latent_diffusion.training.ema import EMA
-from latent_diffusion.training import bucketing, folders, lora
+from latent_diffusion.training import bucketing, folders, lora, validation_loss
 from latent_diffusion.training.captions import caption_rewriter
 from latent_diffusion.training.masked_loss import latent_mask, masked_samples
 from latent_diffusion.training.lora_run import save_lora_run
@@ -205,6 +205,7 @@ class TrainingData:
     collate_fn: Any
     num_workers: int
     buckets: Optional[dict] = None  # --enable_bucket: row -> (width, height) of its bucket
+    held_out: list = field(default_factory=list)  # --validation_split: rows kept out of training for val/loss
 
 
 def load_training_data(settings: TrainingSettings, accelerator: Accelerator, models: Models) -> TrainingData:
@@ -240,6 +241,7 @@ def load_training_data(settings: TrainingSettings, accelerator: Accelerator, mod
     if settings.mask is not None:  # each sample's mask, through its crop and flip (training/masked_loss.py)
         samples = masked_samples(samples, dataset, data_cfg.image_column, settings.mask.mask_dir, transform, opt.seed,
                                  rows, cached=cache is not None, latent_factor=vae_scale_factor(models.vae))
+    rows, held_out = validation_loss.split_rows(rows, settings.validation.validation_split, opt.seed)
     steps = steps_per_epoch(len(rows), world_size=accelerator.num_processes, batch_size=opt.train_batch_size,
                             accumulation=opt.gradient_accumulation_steps)
     buckets = None
@@ -255,7 +257,7 @@ def load_training_data(settings: TrainingSettings, accelerator: Accelerator, mod
                          f"{opt.train_batch_size} × --gradient_accumulation_steps {opt.gradient_accumulation_steps} "
                          f"× {accelerator.num_processes} process(es)" + (" within one bucket" if buckets else ""))
     logger.info(f"{len(rows)} images, {steps} steps per epoch, {len(unreadable)} unreadable skipped")
-    return TrainingData(samples, rows, steps, collate_fn, workers, buckets)
+    return TrainingData(samples, rows, steps, collate_fn, workers, buckets, held_out)
 
 
 def find_readable_rows(accelerator: Accelerator, dataset, image_column: str) -> tuple[list[int], list[int]]:
@@ -371,6 +373,8 @@ def train(settings: TrainingSettings, accelerator: Accelerator, models: Models, 
                 checkpoint(out, accelerator, state, ema)
             if val.validation_prompts and state.global_step % val.validation_steps == 0:
                 validate(settings, accelerator, models, unet, ema, state.global_step)
+            if data.held_out and state.global_step % val.validation_steps == 0:
+                log_held_out_loss(settings, accelerator, models, data, trainee, loss_fn, state.global_step)
             if state.global_step >= max_steps:
                 break
             last = time.perf_counter()  # samples/s counts data loading and the step, not checkpoints or validation
@@ -521,6 +525,26 @@ def validate(settings: TrainingSettings, accelerator: Accelerator, models: Model
         logger.info(f"validation grid {path} {metrics}")
     accelerator.wait_for_everyone()
     return path
+
+
+def log_held_out_loss(settings: TrainingSettings, accelerator: Accelerator, models: Models, data: TrainingData,
+                      trainee: Trainee, loss_fn: DenoisingLoss, step: int) -> Optional[float]:
+    """val/loss over the held-out rows (training/validation_loss.py) with the current (EMA) UNet, on the main process."""
+    loss = None
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(trainee.unet)
+        model.eval()
+        with trainee.ema.swapped_into(model) if trainee.ema is not None else contextlib.nullcontext():
+            loss_of_batch = validation_loss.bind(batch_inputs, denoising_loss, model, models, loss_fn,
+                                                 accelerator.device, settings.data.resolution)
+            batch_size = 1 if data.buckets else settings.optim.train_batch_size  # buckets: sizes differ
+            loss = validation_loss.held_out_loss(loss_of_batch, data.samples, data.held_out, batch_size,
+                                                 data.collate_fn, settings.optim.seed)
+        model.train()
+        accelerator.log({"val/loss": loss}, step=step)
+        logger.info(f"step {step}: held-out loss {loss:.5f} over {len(data.held_out)} images")
+    accelerator.wait_for_everyone()
+    return loss
 
 
 def make_pipeline(models: Models, unet):
