@@ -33,6 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_lora_args(p.add_argument_group("LoRA (training/lora.py)"))
     add_bucket_args(p.add_argument_group("aspect-ratio bucketing (training/bucketing.py)"))
+    from latent_diffusion.training.captions import add_caption_args
+    from latent_diffusion.training.dreambooth import add_dreambooth_args
+
+    add_caption_args(p.add_argument_group("captions: tags, shuffling, dropout (training/captions.py)"))
+    add_dreambooth_args(p.add_argument_group("DreamBooth, prior preservation, kohya folders (training/dreambooth.py)"))
+    from latent_diffusion.training.masked_loss import add_masked_loss_args
+
+    add_masked_loss_args(p.add_argument_group("masked loss (training/masked_loss.py)"))
+    from latent_diffusion.training.validation_loss import add_validation_loss_args
+
+    add_validation_loss_args(p.add_argument_group("held-out validation loss (training/validation_loss.py)"))
     return p
 
 
@@ -158,8 +169,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> list[str]:
     """Every problem found in the flags, each naming its flag (checks that need no model or data)."""
     problems = []
-    if (args.dataset_name is None) == (args.train_data_dir is None):
-        problems.append("give exactly one of --dataset_name or --train_data_dir")
+    if sum(source is not None for source in (args.dataset_name, args.train_data_dir, args.instance_data_dir)) != 1:
+        problems.append("give exactly one of --dataset_name, --train_data_dir or --instance_data_dir")
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         problems.append(f"--train_data_dir {args.train_data_dir!r} is not a folder")
     if args.unet_config is not None and not os.path.isfile(args.unet_config):
@@ -192,6 +203,14 @@ def check_args(args: argparse.Namespace) -> list[str]:
     from latent_diffusion.training.validation import VALIDATION_METRICS
 
     problems += check_lora_args(args) + check_bucket_args(args)
+    from latent_diffusion.training.captions import check_caption_args
+    from latent_diffusion.training.dreambooth import check_dreambooth_args
+
+    from latent_diffusion.training.masked_loss import check_masked_loss_args
+    from latent_diffusion.training.validation_loss import check_validation_loss_args
+
+    problems += check_caption_args(args) + check_dreambooth_args(args) + check_masked_loss_args(args)
+    problems += check_validation_loss_args(args)
 
     for name in args.validation_metrics:
         if name not in VALIDATION_METRICS:

@@ -178,10 +178,11 @@ class CaptionImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset, image_column: str, caption_column: str, transform: ImageTransform,
-                 caption_dropout: float = 0.0, seed: int = 0):
+                 caption_dropout: float = 0.0, seed: int = 0, caption_transform=None):
         self.dataset, self.transform = dataset, transform
         self.image_column, self.caption_column = image_column, caption_column
         self.caption_dropout, self.seed = caption_dropout, seed
+        self.caption_transform = caption_transform  # (caption, generator) -> caption: tag shuffling (captions.py)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -195,4 +196,6 @@ class CaptionImageDataset(torch.utils.data.Dataset):
             raise ValueError(f"image {index} of the dataset could not be read")
         pixels = self.transform(image, generator)  # draws crop, flip, then the caption: as `CachedSamples` does
         caption = pick_caption(caption_variants(row[self.caption_column]), generator, self.caption_dropout)
+        if self.caption_transform is not None:
+            caption = self.caption_transform(caption, generator)
         return {"pixels": pixels, "caption": caption, "index": int(index)}

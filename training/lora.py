@@ -40,12 +40,19 @@ def add_adapters(lora: LoraSettings, unet, text_encoder) -> None:
     _upcast_trainable(unet)
     if lora.train_text_encoder:
         text_encoder.requires_grad_(False)
-        try:  # transformers' peft integration; it may want a newer peft than diffusers does
-            text_encoder.add_adapter(lora_config(lora, TEXT_ENCODER_TARGETS))
-        except ValueError as error:
-            raise ValueError(f"--train_text_encoder_lora: {error}") from None
+        inject_text_encoder_adapter(text_encoder, lora_config(lora, TEXT_ENCODER_TARGETS))
         _upcast_trainable(text_encoder)
         text_encoder.train()  # so --lora_dropout applies; whether it trains is LoraSettings.train_text_encoder
+
+
+def inject_text_encoder_adapter(text_encoder, config) -> None:
+    """peft's own injection into the text encoder, not transformers' `add_adapter` (transformers 5 wants
+    peft >= 0.22, diffusers works with 0.21): the same LoRA layers, and `peft_config` set as peft models have it,
+    so peft's state-dict functions (checkpoints, the output file) read and write it."""
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, text_encoder, adapter_name="default")
+    text_encoder.peft_config = {"default": config}
 
 
 def _upcast_trainable(module: torch.nn.Module) -> None:

@@ -3,8 +3,10 @@
 Each group is a frozen dataclass whose fields carry the flag names (`--learning_rate` is
 `settings.optim.learning_rate`), so the flags (training's public API) and the settings read the same.
 Optional features are None when off: `settings.lora` (no `--lora_rank`), `settings.bucket` (no
-`--enable_bucket`). Values worked out from several flags are worked out here, once (the LoRA α default,
-the target module list). The pieces of training take the group or values they need, never the Namespace.
+`--enable_bucket`), `settings.mask` (no `--masked_loss`); `settings.captions` (training/captions.py) and
+`settings.dreambooth` (folder datasets, prior preservation) always exist, and their defaults change nothing.
+Values worked out from several flags are worked out here, once (the LoRA α default, the target module list,
+the prior loss weight). The pieces of training take the group or values they need, never the Namespace.
 """
 from __future__ import annotations
 
@@ -102,6 +104,7 @@ class ValidationSettings:
     validation_metrics: list[str]
     num_validation_inference_steps: int
     validation_guidance_scale: float
+    validation_split: float  # held-out fraction for val/loss (training/validation_loss.py)
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,59 @@ class BucketSettings:
 
 
 @dataclass(frozen=True)
+class CaptionSettings:
+    """How each caption is rewritten before it is encoded (see the module docstring); defaults change nothing."""
+
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    keep_tokens_separator: Optional[str] = None
+    caption_tag_dropout_rate: float = 0.0
+    caption_prefix: Optional[str] = None
+    caption_suffix: Optional[str] = None
+    caption_variants: int = 16
+
+    @property
+    def random(self) -> bool:
+        """Whether the rewrite differs from draw to draw (shuffling or tag dropout)."""
+        return self.shuffle_caption or self.caption_tag_dropout_rate > 0
+
+    @property
+    def changes_captions(self) -> bool:
+        return self.random or bool(self.caption_prefix) or bool(self.caption_suffix)
+
+
+@dataclass(frozen=True)
+class DreamBoothSettings:
+    """Folder datasets (training/folders.py): kohya's `N_caption/` tree under --train_data_dir with sidecar
+    captions, or DreamBooth's instance folder and prompt; prior preservation with class / regularisation images
+    (training/dreambooth.py). `prior_loss_weight` is resolved (default 1.0)."""
+
+    caption_extension: str
+    instance_data_dir: Optional[str]
+    instance_prompt: Optional[str]
+    class_data_dir: Optional[str]
+    class_prompt: Optional[str]
+    reg_data_dir: Optional[str]
+    with_prior_preservation: bool
+    prior_loss_weight: float
+    num_class_images: int
+    sample_batch_size: int
+
+
+def dreambooth_settings(args: argparse.Namespace) -> DreamBoothSettings:
+    names = {f.name for f in fields(DreamBoothSettings)} - {"prior_loss_weight"}
+    weight = 1.0 if args.prior_loss_weight is None else args.prior_loss_weight
+    return DreamBoothSettings(prior_loss_weight=weight, **{name: getattr(args, name) for name in names})
+
+
+@dataclass(frozen=True)
+class MaskSettings:
+    """--masked_loss (training/masked_loss.py): masks from the images' alpha, or from `mask_dir`."""
+
+    mask_dir: Optional[str]
+
+
+@dataclass(frozen=True)
 class TrainingSettings:
     model: ModelSettings
     data: DataSettings
@@ -159,6 +215,9 @@ class TrainingSettings:
     lora: Optional[LoraSettings]
     bucket: Optional[BucketSettings]
     flags: dict[str, Any]  # the flags as given: a record for the trackers and model cards, not read otherwise
+    captions: CaptionSettings = CaptionSettings()  # tag shuffling and dropout, prefix and suffix (training/captions.py)
+    dreambooth: Optional[DreamBoothSettings] = None  # folder datasets and prior preservation (training/folders.py)
+    mask: Optional[MaskSettings] = None  # --masked_loss, else None
 
     @property
     def text_encoder_trains(self) -> bool:
@@ -181,5 +240,6 @@ def training_settings(args: argparse.Namespace) -> TrainingSettings:
         optim=_from_flags(OptimSettings, args), output=_from_flags(OutputSettings, args),
         validation=_from_flags(ValidationSettings, args), speed=_from_flags(SpeedSettings, args),
         lora=lora_settings(args), bucket=_from_flags(BucketSettings, args) if args.enable_bucket else None,
-        flags=dict(vars(args)),
+        flags=dict(vars(args)), captions=_from_flags(CaptionSettings, args), dreambooth=dreambooth_settings(args),
+        mask=_from_flags(MaskSettings, args) if args.masked_loss else None,
     )

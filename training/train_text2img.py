@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, partial
 from typing import Any, Optional
 
@@ -40,7 +40,7 @@ from latent_diffusion.training.cache import (CachedSamples, build_or_load_cache,
                                     encode_latent_moments, identity, sample_latents)
 from latent_diffusion.text.encoding import encode_prompts
 from latent_diffusion.vae import latent_size_multiple, vae_scale_factor
-from latent_diffusion.training.data import CaptionImageDataset, ImageTransform, load_caption_dataset, readable_indices
+from latent_diffusion.training.data import CaptionImageDataset, ImageTransform, readable_indices
 from latent_diffusion.diffusion.losses import DenoisingLoss
 from latent_diffusion.text.conditioners import Conditioning
 from latent_diffusion.diffusion.schedules import NoiseSchedule
@@ -55,7 +55,9 @@ from latent_diffusion.training.checkpointing import (DataOrder, TrainingState, c
                                                      save_checkpoint)
 from latent_diffusion.training.stopping import StopRequest, TrainingStopped
 from latent_diffusion.training.ema import EMA
-from latent_diffusion.training import bucketing, lora
+from latent_diffusion.training import bucketing, folders, lora, validation_loss
+from latent_diffusion.training.captions import caption_rewriter
+from latent_diffusion.training.masked_loss import latent_mask, masked_samples
 from latent_diffusion.training.lora_run import save_lora_run
 from latent_diffusion.training.lora_weights import register_checkpoint_hooks
 from latent_diffusion.training.sdxl import (SizedCaptionImageDataset, batch_conditioning, check_sdxl_parts, context_dim,
@@ -209,15 +211,14 @@ class TrainingData:
     collate_fn: Any
     num_workers: int
     buckets: Optional[dict] = None  # --enable_bucket: row -> (width, height) of its bucket
+    held_out: list = field(default_factory=list)  # --validation_split: rows kept out of training for val/loss
 
 
 def load_training_data(settings: TrainingSettings, accelerator: Accelerator, models: Models) -> TrainingData:
     """The dataset, its unreadable images skipped (and counted), served from the cache or decoded on the fly."""
     data_cfg, opt = settings.data, settings.optim
-    with accelerator.main_process_first():
-        dataset = load_caption_dataset(data_cfg.dataset_name, data_cfg.dataset_config_name, data_cfg.train_data_dir,
-                                       data_cfg.image_column, data_cfg.caption_column, data_cfg.max_train_samples,
-                                       data_cfg.cache_dir)
+    with accelerator.main_process_first():  # DreamBooth's missing class images are generated here, once
+        dataset, loss_weights = folders.training_dataset(settings, partial(make_pipeline, models, models.unet))
     transform = ImageTransform(data_cfg.resolution, data_cfg.center_crop, data_cfg.random_flip)
     if settings.bucket is not None:  # each image at its bucket's size, centre-cropped (training/bucketing.py)
         transform = bucketing.bucket_transform(settings.bucket, data_cfg.resolution, data_cfg.random_flip,
@@ -227,13 +228,15 @@ def load_training_data(settings: TrainingSettings, accelerator: Accelerator, mod
         rows, unreadable = find_readable_rows(accelerator, dataset, data_cfg.image_column)
         dataset_cls = SizedCaptionImageDataset if models.text_encoder_2 is not None else CaptionImageDataset
         samples = dataset_cls(dataset, data_cfg.image_column, data_cfg.caption_column, transform,
-                                      data_cfg.caption_dropout, opt.seed)
+                              data_cfg.caption_dropout, opt.seed, caption_rewriter(settings.captions))
         collate_fn, workers = None, data_cfg.dataloader_num_workers
     else:
         cache = build_cache(settings, accelerator, models, dataset, transform)
         rows, unreadable = cache.indices.tolist(), cache.unreadable.tolist()
         samples = CachedSamples(cache, data_cfg.random_flip, data_cfg.caption_dropout, opt.seed)
         collate_fn, workers = identity, 0  # tensors in memory: worker processes would only add overhead
+    if loss_weights is not None:  # prior preservation: class rows weigh --prior_loss_weight (training/folders.py)
+        samples = folders.weighted_samples(samples, loss_weights)
     if not rows:
         source = (f"--dataset_name {data_cfg.dataset_name!r}" if data_cfg.dataset_name
                   else f"--train_data_dir {data_cfg.train_data_dir!r}")
@@ -241,6 +244,10 @@ def load_training_data(settings: TrainingSettings, accelerator: Accelerator, mod
                          f"--image_column {data_cfg.image_column!r}); give a dataset with readable images")
     if unreadable:
         logger.warning(f"skipped {len(unreadable)} unreadable image(s) of {len(dataset)}: rows {unreadable[:20]}")
+    if settings.mask is not None:  # each sample's mask, through its crop and flip (training/masked_loss.py)
+        samples = masked_samples(samples, dataset, data_cfg.image_column, settings.mask.mask_dir, transform, opt.seed,
+                                 rows, cached=cache is not None, latent_factor=vae_scale_factor(models.vae))
+    rows, held_out = validation_loss.split_rows(rows, settings.validation.validation_split, opt.seed)
     steps = steps_per_epoch(len(rows), world_size=accelerator.num_processes, batch_size=opt.train_batch_size,
                             accumulation=opt.gradient_accumulation_steps)
     buckets = None
@@ -256,7 +263,7 @@ def load_training_data(settings: TrainingSettings, accelerator: Accelerator, mod
                          f"{opt.train_batch_size} × --gradient_accumulation_steps {opt.gradient_accumulation_steps} "
                          f"× {accelerator.num_processes} process(es)" + (" within one bucket" if buckets else ""))
     logger.info(f"{len(rows)} images, {steps} steps per epoch, {len(unreadable)} unreadable skipped")
-    return TrainingData(samples, rows, steps, collate_fn, workers, buckets)
+    return TrainingData(samples, rows, steps, collate_fn, workers, buckets, held_out)
 
 
 def find_readable_rows(accelerator: Accelerator, dataset, image_column: str) -> tuple[list[int], list[int]]:
@@ -410,6 +417,8 @@ def train_steps(settings: TrainingSettings, accelerator: Accelerator, models: Mo
                                    if saved or out.checkpoint_on_stop else None)
             if val.validation_prompts and state.global_step % val.validation_steps == 0:
                 validate_fn(settings, accelerator, models, unet, ema, state.global_step)
+            if data.held_out and state.global_step % val.validation_steps == 0:
+                log_held_out_loss(settings, accelerator, models, data, trainee, loss_fn, state.global_step)
             if state.global_step >= max_steps:
                 break
             last = time.perf_counter()  # samples/s counts data loading and the step, not checkpoints or validation
@@ -459,7 +468,8 @@ def train_step(settings: TrainingSettings, accelerator: Accelerator, models: Mod
     for batch in micro_batches:
         with accelerator.accumulate(unet):
             latents, cond = batch_inputs(batch, models, accelerator.device, generator, settings.data.resolution)
-            loss = denoising_loss(unet, latents, cond, loss_fn, generator)
+            loss = denoising_loss(unet, latents, cond, loss_fn, generator, batch.get("loss_weight"),
+                                  batch.get("loss_mask"))
             accelerator.backward(loss)
             if accelerator.sync_gradients and settings.optim.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(unet.parameters(), settings.optim.max_grad_norm)
@@ -490,10 +500,17 @@ def batch_inputs(batch: dict, models: Models, device, generator: torch.Generator
     return z0, batch_conditioning(batch, context, resolution, device)
 
 
-def denoising_loss(unet, z0: torch.Tensor, cond: Conditioning, loss_fn: DenoisingLoss,
-                   generator: torch.Generator) -> torch.Tensor:
-    """Algorithm 1 of DDPM in latent space (`DenoisingLoss`), with the UNet called on z_t, t and the conditioning."""
-    return loss_fn(partial(unet_prediction, unet), z0, cond, generator)
+def denoising_loss(unet, z0: torch.Tensor, cond: Conditioning, loss_fn: DenoisingLoss, generator: torch.Generator,
+                   weights: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Algorithm 1 of DDPM in latent space (`DenoisingLoss`), with the UNet called on z_t, t and the conditioning;
+    with per-sample `weights` (B,) (prior preservation) the mean of w_i · l_i, as kohya weighs them; with
+    `mask` (B, 1, H, W) (--masked_loss) each latent pixel's error weighted by the mask's mean over its area."""
+    if mask is not None:
+        mask = latent_mask(mask.to(z0.device, torch.float32), tuple(z0.shape[-2:]))
+    if weights is None:
+        return loss_fn(partial(unet_prediction, unet), z0, cond, generator, weight_map=mask)
+    per_sample = loss_fn(partial(unet_prediction, unet), z0, cond, generator, reduce=False, weight_map=mask)  # (B,)
+    return (per_sample * weights.to(per_sample)).mean()
 
 
 def unet_prediction(unet, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -547,6 +564,26 @@ def validate(settings: TrainingSettings, accelerator: Accelerator, models: Model
         logger.info(f"validation grid {path} {metrics}")
     accelerator.wait_for_everyone()
     return path
+
+
+def log_held_out_loss(settings: TrainingSettings, accelerator: Accelerator, models: Models, data: TrainingData,
+                      trainee: Trainee, loss_fn: DenoisingLoss, step: int) -> Optional[float]:
+    """val/loss over the held-out rows (training/validation_loss.py) with the current (EMA) UNet, on the main process."""
+    loss = None
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(trainee.unet)
+        model.eval()
+        with trainee.ema.swapped_into(model) if trainee.ema is not None else contextlib.nullcontext():
+            loss_of_batch = validation_loss.bind(batch_inputs, denoising_loss, model, models, loss_fn,
+                                                 accelerator.device, settings.data.resolution)
+            batch_size = 1 if data.buckets else settings.optim.train_batch_size  # buckets: sizes differ
+            loss = validation_loss.held_out_loss(loss_of_batch, data.samples, data.held_out, batch_size,
+                                                 data.collate_fn, settings.optim.seed)
+        model.train()
+        accelerator.log({"val/loss": loss}, step=step)
+        logger.info(f"step {step}: held-out loss {loss:.5f} over {len(data.held_out)} images")
+    accelerator.wait_for_everyone()
+    return loss
 
 
 def make_pipeline(models: Models, unet):

@@ -33,8 +33,9 @@ class DenoisingLoss:
         self.noise_offset = noise_offset
 
     def __call__(self, net: NetFn, z0: torch.Tensor, cond: Any, generator: Optional[torch.Generator],
-                 reduce: bool = True) -> torch.Tensor:
-        """z0: (B, C, h, w); `cond` is passed to `net` as is. Draws t, then ε, then the offset, from `generator`."""
+                 reduce: bool = True, weight_map: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """z0: (B, C, h, w); `cond` is passed to `net` as is. Draws t, then ε, then the offset, from `generator`.
+        `weight_map` (B, 1, h, w), e.g. a mask, weighs each squared error before the mean (masked loss)."""
         batch = z0.shape[0]
         # 1. t ~ U{0..T−1}, drawn on the host so that gathering ᾱ_t needs no device sync
         t_host = torch.randint(0, self.alphas_cumprod.shape[0], (batch,), generator=generator)  # (B,)
@@ -46,13 +47,17 @@ class DenoisingLoss:
         alpha_bar = gather(self.alphas_cumprod, t_host, z0)  # (B, 1, 1, 1)
         z_t = q_sample(z0, noise, alpha_bar)
         # 4. w(t) ‖target − net(z_t, t, c)‖² (Algorithm 1, line 5)
-        return self.weighted_mse(net(z_t, t_host.to(z0.device), cond), z0, noise, alpha_bar, reduce)
+        return self.weighted_mse(net(z_t, t_host.to(z0.device), cond), z0, noise, alpha_bar, reduce, weight_map)
 
     def weighted_mse(self, model_output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor,
-                     reduce: bool = True) -> torch.Tensor:
-        """w(t) ‖target − model_output‖² per sample (B,), or its batch mean; all (B, C, H, W), ᾱ_t e.g. (B, 1, 1, 1)."""
+                     reduce: bool = True, weight_map: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """w(t) ‖target − model_output‖² per sample (B,), or its batch mean; all (B, C, H, W), ᾱ_t e.g. (B, 1, 1, 1);
+        with `weight_map` (B, 1, H, W) the mean of m · (target − output)² instead (kohya's masked loss)."""
         target = training_target(x0, noise, alpha_bar, self.prediction_type)
-        per_sample = (model_output.float() - target.float()).pow(2).mean(dim=tuple(range(1, x0.ndim)))  # (B,)
+        squared = (model_output.float() - target.float()).pow(2)  # (B, C, H, W)
+        if weight_map is not None:
+            squared = squared * weight_map.float()
+        per_sample = squared.mean(dim=tuple(range(1, x0.ndim)))  # (B,)
         if self.snr_gamma is not None:
             per_sample = min_snr_weight(alpha_bar.reshape(-1).float(), self.snr_gamma, self.prediction_type) * per_sample
         return per_sample.mean() if reduce else per_sample
