@@ -196,14 +196,10 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, LatentDiffusionTextualIn
         an inpainting UNet (9 channels) is conditioned on the mask and masked image, an ordinary UNet keeps
         the unmasked region by re-noising it at every step (strength default 1.0).
 
-        SDXL models (with text_encoder_2) also take `prompt_2` / `negative_prompt_2` for the second encoder
-        (default: `prompt` / `negative_prompt`) and the size conditioning `original_size`, `target_size`
-        (default: (height, width)) and `crops_coords_top_left` (default (0, 0)); with no negative prompt, a
-        model whose config sets `force_zeros_for_empty_prompt` guides against zero embeddings, as diffusers does.
-
-        `clip_skip` k conditions on the text encoder's states k layers before the usual ones (A1111's "Clip
-        skip: k + 1"), for prompt and negative prompt alike (diffusers: the prompt only). `prompt_syntax`
-        "a1111" reads A1111's emphasis and BREAK (latent_diffusion.text.prompt_syntax), "plain" the text as is. Control: docs/controlnet.md.
+        SDXL's `prompt_2`, `negative_prompt_2`, `original_size`, `target_size`, `crops_coords_top_left` are
+        diffusers' (docs/generation.md). `clip_skip` k conditions on the text encoder's states k layers back
+        (A1111's "Clip skip: k + 1"), prompt and negative alike. `prompt_syntax` "a1111" reads A1111's emphasis
+        and BREAK (latent_diffusion.text.prompt_syntax), "plain" the text as is. Control: docs/controlnet.md.
         """
         steps, scale, sampler = self._resolve_defaults(num_inference_steps, guidance_scale, sampler)
         prompts, negatives = _check_prompts(prompt, negative_prompt)
@@ -212,7 +208,7 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, LatentDiffusionTextualIn
         height, width = self._check_call(steps, scale, sampler, output_type, num_images_per_prompt, height, width,
                                          sigma_schedule=sigma_schedule, guidance_rescale=guidance_rescale, eta=eta)
         warn_about_request(self, prompts, height, width)
-        check_pipeline_call(self, prompts, negatives, num_images_per_prompt, height, width, guided=scale != 1.0)
+        check_pipeline_call(self, prompts, negatives, num_images_per_prompt, height, width, guided=self.runs_cfg(scale))
         second = _check_second_prompts(len(prompts), prompt_2, negative_prompt, negative_prompt_2)
         cond = self.encode_prompt(prompts, negatives if self.runs_cfg(scale) else None, num_images_per_prompt, **second,
                                   size=(height, width), original_size=original_size,
