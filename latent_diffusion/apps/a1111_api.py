@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 from latent_diffusion.apps.http_api import ApiServer, field, json_payload, records_of, renamed, with_errors
 from latent_diffusion.apps.limits import Interrupted, RequestError, decode_base64, decode_image
+from latent_diffusion.formats.infotext import format_infotext
 from latent_diffusion.settings import EMBEDDED_MODEL, GenerationSettings
 
 # A1111 sampler name -> (our sampler, A1111's aliases). "DPM++ 2M SDE" is diffusers' sde-dpmsolver++ (ours: dpm++_sde).
@@ -166,23 +167,6 @@ def schedule_label(schedule: Optional[str]) -> str:
     return next((label for (_, label), ours in SCHEDULERS.items() if ours == schedule), "Automatic")
 
 
-def infotext(s: GenerationSettings) -> str:
-    """A1111's infotext ("parameters") of one image's settings: prompt, negative prompt, then `Key: value, ...`."""
-    from latent_diffusion import __version__
-
-    pairs = [("Steps", s.steps), ("Sampler", sampler_label(s.sampler)),
-             ("Schedule type", schedule_label(s.sigma_schedule)),
-             ("CFG scale", s.guidance), ("Seed", s.seed), ("Size", f"{s.width}x{s.height}"),
-             ("Model", s.model or EMBEDDED_MODEL)]
-    if s.strength is not None:
-        pairs.append(("Denoising strength", s.strength))
-    if s.clip_skip:
-        pairs.append(("Clip skip", s.clip_skip + 1))
-    pairs.append(("Version", f"latent-diffusion {__version__}"))
-    negative = f"\nNegative prompt: {s.negative_prompt}" if s.negative_prompt else ""
-    return f"{s.prompt}{negative}\n" + ", ".join(f"{key}: {value}" for key, value in pairs)
-
-
 def info(records: list[GenerationSettings], request: A1111Request, interrupted: bool) -> dict[str, Any]:
     """The `info` object A1111 returns (as a JSON string) for the images made, from their own PNG records."""
     first = records[0] if records else None
@@ -200,7 +184,7 @@ def info(records: list[GenerationSettings], request: A1111Request, interrupted: 
         "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1,
         "seed_resize_from_h": -1, "denoising_strength": first.strength if first else None,
         "extra_generation_params": {"Schedule type": schedule_label(first.sigma_schedule)} if first else {},
-        "index_of_first_image": 0, "infotexts": [infotext(r) for r in records], "styles": [],
+        "index_of_first_image": 0, "infotexts": [format_infotext(r) for r in records], "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": (first.clip_skip or 0) + 1 if first else 1,
         "is_using_inpainting_conditioning": False, "version": "latent-diffusion", "interrupted": interrupted,
         "notes": request.notes}

@@ -49,9 +49,9 @@ def check_single_file(path: PathLike, argument: str) -> Path:
     file = Path(os.fspath(path)).expanduser()
     if file.suffix in PICKLE_SUFFIXES:
         raise ValueError(f"{argument} {str(path)!r} is a pickle ({file.suffix}); {PICKLE_HINT}")
-    if not file.is_file():
+    if not file.exists():
         raise ValueError(f"{argument} {str(path)!r} does not exist")
-    if file.suffix != ".safetensors":
+    if not file.is_file() or file.suffix != ".safetensors":
         raise ValueError(f"{argument} {str(path)!r} is a file but not a .safetensors checkpoint; give a diffusers "
                          "folder (model_index.json, unet/, vae/, ...) or a single .safetensors file")
     check_safetensors_file(file, f"{argument} {str(path)!r}:")
