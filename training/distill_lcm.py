@@ -32,7 +32,6 @@ from typing import Optional
 import torch
 from accelerate.logging import get_logger
 
-from latent_diffusion.checks import NonFiniteError
 from latent_diffusion.diffusion.gaussian import predictions_from_output, q_sample
 from latent_diffusion.diffusion.samplers.lcm import boundary_scalings
 from latent_diffusion.tensors import gather, randn
@@ -305,16 +304,8 @@ def append_card_section(out: str, args, step: int, grids: dict[int, str]) -> Non
 
 
 def cli(argv: Optional[list[str]] = None) -> int:
-    """main() as a command: a bad flag, data or model prints one line and exits 2, a diverged run 1."""
-    try:
-        main(argv)
-    except ValueError as error:
-        print(f"distill_lcm.py: error: {error}", file=sys.stderr)
-        return 2
-    except NonFiniteError as error:
-        print(f"distill_lcm.py: error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    """main() as a command: one line and status 2 for a bad flag, data or model; 1 for a failed run."""
+    return base.run_as_command(main, "distill_lcm.py", argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from functools import cached_property, partial
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from accelerate import Accelerator
@@ -665,22 +665,28 @@ def write_card(settings: TrainingSettings, pipe, step: int) -> Optional[str]:
 
 
 def cli(argv: Optional[list[str]] = None) -> int:
-    """main() as a command: a usage error (bad flag, data or model) prints one line and exits 2, a diverged run 1."""
+    """main() as a command (see `run_as_command`)."""
+    return run_as_command(main, "train_text2img.py", argv)
+
+
+def run_as_command(main_fn: Callable, name: str, argv: Optional[list[str]] = None) -> int:
+    """A training script's main() as a command: a usage error (bad flag, data or model) prints one line and
+    exits 2, a diverged or failed run 1, a clean stop its signal's status."""
     try:
-        main(argv)
+        main_fn(argv)
     except ValueError as error:
-        print(f"train_text2img.py: error: {error}", file=sys.stderr)
+        print(f"{name}: error: {error}", file=sys.stderr)
         return 2
     except TrainingStopped as stopped:
-        print(f"train_text2img.py: {stopped}", file=sys.stderr)
+        print(f"{name}: {stopped}", file=sys.stderr)
         return stopped.status
     except KeyboardInterrupt:  # before the training loop (loading, caching) or a second Ctrl-C
-        print("train_text2img.py: interrupted; checkpoints already written are whole", file=sys.stderr)
+        print(f"{name}: interrupted; checkpoints already written are whole", file=sys.stderr)
         return 130
     except (NonFiniteError, OSError, RuntimeError, ImportError) as error:  # the run failed, not its arguments
         if os.environ.get("LATENT_DIFFUSION_TRACEBACK"):
             raise
-        print(f"train_text2img.py: error: {one_line(error)}", file=sys.stderr)
+        print(f"{name}: error: {one_line(error)}", file=sys.stderr)
         return 1
     return 0
 
