@@ -123,6 +123,7 @@ def test_consistency_parametrisation_and_teacher_step():
     (["--w_min", "9", "--w_max", "3"], "--w_min 9.0 must be <= --w_max 3.0"),
     (["--num_ddim_timesteps", "0"], "--num_ddim_timesteps must be in"),
     (["--loss_type", "l1"], "--loss_type"),
+    (["--masked_loss"], "--masked_loss is not part of consistency distillation"),
 ])
 def test_bad_flags_name_the_flag(sd_folder, data_dir, tmp_path, capsys, extra, message):
     from latent_diffusion.training.distill_lcm import parse_distill_args

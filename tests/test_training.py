@@ -110,7 +110,10 @@ def test_resume_is_exact(sd_folder, data_dir, cache_dir, tmp_path, cached):
     for name in straight:
         torch.testing.assert_close(split[name], straight[name], atol=1e-6, rtol=0)
     state = json.loads((tmp_path / "split" / "checkpoint-4" / "training_state.json").read_text())
+    order = state.pop("data_order")
     assert state == {"global_step": 4, "epoch": 1, "step_in_epoch": 1}
+    assert order == {"seed": order["seed"], "rows": 7, "train_batch_size": 2, "gradient_accumulation_steps": 1,
+                     "num_processes": 1, "bucketed": False}
 
 
 def test_unet_from_config_and_accumulation(sd_folder, data_dir, cache_dir, tmp_path):

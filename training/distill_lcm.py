@@ -79,6 +79,8 @@ def parse_distill_args(argv: Optional[list[str]] = None):
     args.use_ema = True
     problems = check_args(args)
     problems += [f"--{f} must be >= 0" for f in ("w_min", "huber_c") if not getattr(args, f) >= 0]
+    problems += [f"--{f} is not part of consistency distillation (it weighs the denoising loss)"
+                 for f in ("masked_loss", "with_prior_preservation", "reg_data_dir") if getattr(args, f)]
     if not args.w_min <= args.w_max:
         problems.append(f"--w_min {args.w_min} must be <= --w_max {args.w_max}")
     if not 1 <= args.num_ddim_timesteps <= 1000:

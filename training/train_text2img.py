@@ -505,11 +505,12 @@ def denoising_loss(unet, z0: torch.Tensor, cond: Conditioning, loss_fn: Denoisin
     """Algorithm 1 of DDPM in latent space (`DenoisingLoss`), with the UNet called on z_t, t and the conditioning;
     with per-sample `weights` (B,) (prior preservation) the mean of w_i · l_i, as kohya weighs them; with
     `mask` (B, 1, H, W) (--masked_loss) each latent pixel's error weighted by the mask's mean over its area."""
+    options = {}  # only what is used: a loss without masks or weights (LCM distillation's) takes none
     if mask is not None:
-        mask = latent_mask(mask.to(z0.device, torch.float32), tuple(z0.shape[-2:]))
+        options["weight_map"] = latent_mask(mask.to(z0.device, torch.float32), tuple(z0.shape[-2:]))
     if weights is None:
-        return loss_fn(partial(unet_prediction, unet), z0, cond, generator, weight_map=mask)
-    per_sample = loss_fn(partial(unet_prediction, unet), z0, cond, generator, reduce=False, weight_map=mask)  # (B,)
+        return loss_fn(partial(unet_prediction, unet), z0, cond, generator, **options)
+    per_sample = loss_fn(partial(unet_prediction, unet), z0, cond, generator, reduce=False, **options)  # (B,)
     return (per_sample * weights.to(per_sample)).mean()
 
 

@@ -228,12 +228,10 @@ def check_generate_args(args: argparse.Namespace) -> None:
     from latent_diffusion.diffusion.samplers import SAMPLER_NAMES
     from latent_diffusion.limits import MAX_IMAGES_PER_CALL, check_prompt_length
 
-    check_prompt_length("prompt", [args.prompt])
-    check_prompt_length("--negative-prompt", [args.negative_prompt or ""])
-
     if args.prompt is None:
         raise ValueError("prompt: give a prompt, or --from-png PNG to take it from an image")
-    check_int("--n", args.n, 1)
+    check_prompt_length("prompt", [args.prompt])
+    check_prompt_length("--negative-prompt", [args.negative_prompt or ""])
     check_int("--n", args.n, 1, MAX_IMAGES_PER_CALL)
     check_finite("--guidance-rescale", args.guidance_rescale, 0, 1)
     check_finite("--eta", args.eta, 0)
