@@ -74,7 +74,7 @@ class GenerationSettings:
     def pictures(self) -> tuple[Any, Any]:
         """(image, mask) as the pipeline takes them: paths opened, pictures as they are; FileNotFoundError
         naming the argument for a missing file."""
-        return _open_picture("image", self.image), _open_picture("mask", self.mask)
+        return open_picture("image", self.image), open_picture("mask", self.mask)
 
     # ----- to and from PNG metadata -----------------------------------------------------------------------
 
@@ -180,7 +180,7 @@ def _is_path(value: Any) -> bool:
     return isinstance(value, (str, os.PathLike))
 
 
-def _open_picture(argument: str, value: Any) -> Any:
+def open_picture(argument: str, value: Any) -> Any:
     """A path opened as a PIL image (copied, so the file is closed); anything else as it is."""
     if not _is_path(value):
         return value

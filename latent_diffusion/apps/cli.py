@@ -149,7 +149,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         _settings_from_png(args)
     check_generate_args(args)  # before the model loads: a typo fails in milliseconds
     settings = generation_settings(args)
-    call = settings.pipeline_kwargs()  # opens --image / --mask before the model loads, too
+    call = opened_pictures(settings, args).pipeline_kwargs()  # --image / --mask read before the model loads, too
     call.update(control_call_kwargs(args))
     dtype = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
     pipe = _load_pipeline(args, **dtype, **control_loading_kwargs(args))
@@ -162,6 +162,13 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     records = settings.resolved(pipe).for_images(images)
     return [save_png(image, path, png_text(record))
             for image, path, record in zip(images, output_paths(args.output, args.n), records)]
+
+
+def opened_pictures(settings, args: argparse.Namespace):
+    """`settings` with --image / --mask read as pictures, so that an unreadable file's error names the flag."""
+    from latent_diffusion.settings import open_picture
+
+    return settings.replace(image=open_picture("--image", args.image), mask=open_picture("--mask", args.mask))
 
 
 # generate's flags (argparse dests) that are settings, and the GenerationSettings field of those named otherwise
@@ -232,6 +239,7 @@ def check_generate_args(args: argparse.Namespace) -> None:
         raise ValueError("prompt: give a prompt, or --from-png PNG to take it from an image")
     check_prompt_length("prompt", [args.prompt])
     check_prompt_length("--negative-prompt", [args.negative_prompt or ""])
+    check_int("--n", args.n, 1)
     check_int("--n", args.n, 1, MAX_IMAGES_PER_CALL)
     check_finite("--guidance-rescale", args.guidance_rescale, 0, 1)
     check_finite("--eta", args.eta, 0)

@@ -61,7 +61,7 @@ def format_infotext(settings: GenerationSettings) -> str:
     if model is not None and model.is_file():
         fields["Model hash"] = short_hash(model)
     fields["Model"] = model.stem if model is not None and model.is_file() else (settings.model or "embedded")
-    if settings.image is not None and settings.strength is not None:
+    if settings.strength is not None:  # set only for img2img / inpainting (records read back hold no image)
         fields["Denoising strength"] = _number(settings.strength)
     if settings.clip_skip:
         fields["Clip skip"] = str(settings.clip_skip + 1)
