@@ -82,3 +82,19 @@ def one_line(error: BaseException) -> str:
     if len(lines) > 1 and lines[0].endswith(":"):  # "Error(s) in loading state_dict for X:" + the first reason
         return f"{lines[0]} {lines[1]}"[:500]
     return lines[0][:500] if lines else type(error).__name__
+
+
+def check_device(name: str, value: str):
+    """A torch device this machine has (cpu, cuda, cuda:N, mps, ...); returns the torch.device."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must be a torch device such as cpu, cuda, cuda:1 or mps, got {value!r}") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{name} {value!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         f"that this torch ({torch.__version__}) can use")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name} {value!r}: MPS is not available on this machine")
+    return device

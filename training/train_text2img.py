@@ -58,6 +58,7 @@ from latent_diffusion.training.ema import EMA
 from latent_diffusion.training import bucketing, folders, lora, validation_loss
 from latent_diffusion.training.captions import caption_rewriter
 from latent_diffusion.training.masked_loss import latent_mask, masked_samples
+from latent_diffusion.training.launch_checks import check_fsdp_is_active
 from latent_diffusion.training.lora_run import save_lora_run
 from latent_diffusion.training.lora_weights import register_checkpoint_hooks
 from latent_diffusion.training.sdxl import (SizedCaptionImageDataset, batch_conditioning, check_sdxl_parts, context_dim,
@@ -108,6 +109,7 @@ def make_accelerator(settings: TrainingSettings) -> Accelerator:
         project_config=project,
         step_scheduler_with_optimizer=False,
     )
+    check_fsdp_is_active(accelerator.distributed_type)  # accelerate drops --use_fsdp on CPU without a word
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if opt.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True

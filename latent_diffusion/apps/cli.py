@@ -155,7 +155,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     pipe = _load_pipeline(args, **dtype, **control_loading_kwargs(args))
     if args.lora:
         _apply_loras(pipe, args.lora)
-    pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe.to(device_of(args))
     pipe.set_progress_bar_config(disable=args.quiet)
     _check_call_memory(pipe, args, call.get("image"))
     images = pipe(**call).images
@@ -262,6 +262,18 @@ def check_generate_args(args: argparse.Namespace) -> None:
         check_model_path(args.model, "--model")
     check_int("--seed", args.seed, 0, 2 ** 64 - args.n)  # image k uses seed + k: all must be valid torch seeds
     check_output_path(args.output)
+    device_of(args)  # a device this machine lacks fails before the model loads
+
+
+def device_of(args: argparse.Namespace) -> str:
+    """--device, checked (ValueError naming it), or cuda when available, else cpu."""
+    import torch
+
+    from latent_diffusion.checks import check_device
+
+    if args.device is not None:
+        return str(check_device("--device", args.device))
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_output_path(output: str) -> None:
@@ -334,11 +346,9 @@ def run_eval(args: argparse.Namespace) -> list[Path]:
 
 
 def _run_eval(args: argparse.Namespace) -> list[Path]:
-    import torch
-
     from latent_diffusion.evaluation import report
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_of(args)
     measures = lambda: report.QualityMeasures(args.reference, args.clip, args.fid_weights, device,  # noqa: E731
                                               names={"reference": "--reference", "clip": "--clip"})
     if args.report_only:
@@ -439,8 +449,6 @@ def _api_settings(args: argparse.Namespace) -> dict:
 
 
 def run_serve(args: argparse.Namespace) -> list[Path]:
-    import torch
-
     from latent_diffusion.apps.webui import SERVE_LIMITS, serve
     from latent_diffusion.checks import check_int
     from latent_diffusion.pipelines import LatentDiffusionPipeline
@@ -454,7 +462,7 @@ def run_serve(args: argparse.Namespace) -> list[Path]:
         raise SystemExit("latent-diffusion serve: the web UI needs gradio: pip install -e '.[ui]'") from None
     pipe = _load_pipeline(args)
     loras = _load_loras(pipe, args.lora)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_of(args)
     pipe.to(device)
     extra = [(path, LatentDiffusionPipeline.from_pretrained(path).to(device)) for path in args.extra_model]
     serve(pipe, args.model, host=args.host, port=args.port, share=args.share, max_queue=args.max_queue,

@@ -105,6 +105,8 @@ async def json_payload(request) -> dict:
         payload = json.loads(body or b"{}")
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise RequestError(None, "the body is not JSON") from None
+    except RecursionError:  # arrays or objects nested thousands deep: a hostile body, not a request
+        raise RequestError(None, "the body's JSON is nested too deeply") from None
     if not isinstance(payload, dict):
         raise RequestError(None, "the body must be a JSON object")
     return payload

@@ -47,6 +47,7 @@ from latent_diffusion.settings import EMBEDDED_MODEL, GenerationSettings
 logger = logging.getLogger(__name__)
 RANDOM_SEED = -1  # the seed field's "random" choice
 MAX_SEED = 2**31 - 1  # random seeds are drawn from [0, MAX_SEED]
+TORCH_MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes at most this
 MAX_IMAGES = 8  # per request
 MAX_LORA_SCALE = 2.0  # the page's LoRA strength slider: 0 is the base model, 1 each adapter at its --lora scale
 EXAMPLE_PROMPT = "a red circle above a blue square"
@@ -170,8 +171,9 @@ def resolve_seed(seed: Optional[int]) -> int:
     """The seed a request uses: a fresh random one for -1 (or None), else the given one, checked."""
     if seed is None or seed == RANDOM_SEED:
         return random.SystemRandom().randint(0, MAX_SEED)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, or {RANDOM_SEED} for a random seed, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= TORCH_MAX_SEED:
+        raise ValueError(f"seed must be an integer >= 0 and <= {TORCH_MAX_SEED}, or {RANDOM_SEED} for a random seed, "
+                         f"got {seed!r}")
     return seed
 
 

@@ -7,6 +7,7 @@ never a pickle), so it costs milliseconds even for large models.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -35,6 +36,11 @@ def check_model_path(path: Union[str, os.PathLike], argument: str = ARGUMENT,
     if not text.strip():
         raise ValueError(f"{argument} must be a diffusers folder or a Hub id, got {text!r}")
     folder = Path(text).expanduser()
+    try:
+        folder.stat()
+    except OSError as error:  # ENAMETOOLONG, EACCES, ELOOP, ...: Path.exists() lets some of these out
+        if error.errno != errno.ENOENT:
+            raise ValueError(f"{argument} {text[:200]!r} cannot be opened ({error.strerror})") from None
     if not folder.exists():
         if looks_like_local_path(text):
             raise ValueError(f"{argument} {text!r} does not exist (give a diffusers folder or a Hub id)")
