@@ -149,7 +149,7 @@ def _lycoris_state(source, weight_name: Optional[str]) -> tuple[Optional[dict], 
     if isinstance(source, dict):
         keys = source
     else:
-        path = Path(os.fspath(source)) / weight_name if weight_name else Path(os.fspath(source))
+        path = Path(os.fspath(source)) / weight_name if weight_name else _weights_file(Path(os.fspath(source)))
         if not path.is_file() or path.suffix != SAFE_SUFFIX:
             return None, None
         from safetensors import safe_open
@@ -164,6 +164,15 @@ def _lycoris_state(source, weight_name: Optional[str]) -> tuple[Optional[dict], 
 
         source = load_file(str(path))
     return (source, None) if lycoris else (None, source)
+
+
+def _weights_file(path: Path) -> Path:
+    """A folder's adapter file as diffusers picks it: pytorch_lora_weights.safetensors, else its one .safetensors."""
+    if not path.is_dir():
+        return path
+    found = sorted(path.glob(f"*{SAFE_SUFFIX}"))
+    named = path / "pytorch_lora_weights.safetensors"
+    return named if named.is_file() else found[0] if len(found) == 1 else path
 
 
 class LoraSpecError(ValueError):

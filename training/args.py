@@ -141,14 +141,19 @@ def add_output_args(g) -> None:
 
 def add_lora_args(g) -> None:
     from latent_diffusion.training.lora import DEFAULT_UNET_TARGETS
+    from latent_diffusion.training.network_types import NETWORK_TYPES
 
     g.add_argument("--lora_rank", type=int, default=None,
                    help="train peft LoRA adapters of this rank instead of the whole UNet (the UNet stays frozen)")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA scale numerator α (default: the rank)")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch's input")
-    g.add_argument("--lora_save_format", default="diffusers", choices=("diffusers", "kohya"),
+    g.add_argument("--lora_save_format", default=None, choices=("diffusers", "kohya"),
                    help="layout of OUT/pytorch_lora_weights.safetensors: diffusers', or kohya's (lora_unet_*/lora_te_* "
-                        "with alpha) that AUTOMATIC1111/Forge and ComfyUI load; both load here and in diffusers")
+                        "with alpha) that AUTOMATIC1111/Forge and ComfyUI load (default: diffusers' for lora/dora, "
+                        "kohya's LyCORIS keys for loha/lokr)")
+    g.add_argument("--network_type", default="lora", choices=NETWORK_TYPES,
+                   help="adapter kind (training/network_types.py): lora, dora (weight-decomposed LoRA), loha "
+                        "(Hadamard product), lokr (Kronecker product); rank, alpha and targets as for lora")
     g.add_argument("--lora_target_modules", default=",".join(DEFAULT_UNET_TARGETS),
                    help="comma-separated UNet module names to adapt (default: %(default)s)")
     g.add_argument("--train_text_encoder_lora", action="store_true",
@@ -220,7 +225,9 @@ def check_args(args: argparse.Namespace) -> list[str]:
 
 def check_lora_args(args: argparse.Namespace) -> list[str]:
     """Problems with the LoRA flags, each naming its flag."""
-    problems = []
+    from latent_diffusion.training.network_types import check_network_args
+
+    problems = check_network_args(args.network_type, args.lora_rank, args.lora_dropout, args.lora_save_format)
     if args.lora_rank is None:
         if args.train_text_encoder_lora:
             problems.append("--train_text_encoder_lora needs --lora_rank")

@@ -10,7 +10,8 @@ step, so that combination needs `--no_cache` (refused by the flag checks).
 
 The run's settings arrive as a `LoraSettings` (training/settings.py, α already
 resolved); the adapters' checkpoints and output file are `lora_weights.py`,
-the end of a LoRA run (card, upload) `lora_run.py`.
+the end of a LoRA run (card, upload) `lora_run.py`. `--network_type` picks LoRA, DoRA, LoHa or LoKr
+adapters (training/network_types.py); everything here works the same for all four.
 """
 from __future__ import annotations
 
@@ -23,11 +24,10 @@ TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP / T5-s
 
 
 def lora_config(lora: LoraSettings, targets):
-    """The peft LoraConfig of the run; B starts at zero ("gaussian" init of A), so step 0 is the base model."""
-    from peft import LoraConfig
+    """The peft config of the run's --network_type (training/network_types.py); step 0 is the base model."""
+    from latent_diffusion.training.network_types import adapter_config
 
-    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      init_lora_weights="gaussian", target_modules=list(targets))
+    return adapter_config(lora.network_type, lora.rank, lora.alpha, lora.dropout, targets)
 
 
 def add_adapters(lora: LoraSettings, unet, text_encoder) -> None:

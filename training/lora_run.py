@@ -17,12 +17,12 @@ from latent_diffusion.training.settings import TrainingSettings
 
 GRID = "validation_grid.png"
 UPLOADED = (LORA_WEIGHTS, "README.md", GRID)
-CARD_FLAGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "train_text_encoder_lora",
+CARD_FLAGS = ("network_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "train_text_encoder_lora",
               "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
               "max_train_steps", "mixed_precision", "use_ema", "snr_gamma", "seed")
 CARD_BODY = """# LoRA adapter for {base}
 
-A LoRA adapter (rank {rank}, alpha {alpha}) for the UNet
+A {network} adapter (rank {rank}, alpha {alpha}) for the UNet
 {text_encoder}of `{base}`, trained with
 latent_diffusion's `training/train_text2img.py`. The file `{weights}` is in {layout} format;
 the base model is not included.
@@ -62,7 +62,8 @@ def write_lora_card(output_dir: str, settings: TrainingSettings, *, hyperparamet
     if grid is not None and os.path.abspath(grid) != os.path.abspath(os.path.join(output_dir, GRID)):
         shutil.copyfile(grid, os.path.join(output_dir, GRID))
     body = CARD_BODY.format(
-        base=base, rank=lora.rank, alpha=lora.alpha, weights=LORA_WEIGHTS,
+        base=base, network={"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}[lora.network_type],
+        rank=lora.rank, alpha=lora.alpha, weights=LORA_WEIGHTS,
         layout="kohya's (AUTOMATIC1111, ComfyUI)" if lora.save_format == "kohya" else "diffusers'",
         text_encoder="and the text encoder " if lora.train_text_encoder else "",
         prompt=(prompts or ["a red circle above a blue square"])[0],
@@ -86,7 +87,8 @@ def save_lora_run(settings: TrainingSettings, accelerator, models, unet, ema, st
     if ema is not None:  # training is over: the adapter keeps the averaged weights
         ema.copy_to(trained)
     path = save_lora_weights(out.output_dir, trained, models.text_encoder if settings.text_encoder_trains else None,
-                             save_format=settings.lora.save_format, alpha=settings.lora.alpha)
+                             save_format=settings.lora.save_format, alpha=settings.lora.alpha,
+                             network_type=settings.lora.network_type)
     grid, metrics = None, {}
     if val.validation_prompts:
         grid, metrics = run_validation(

@@ -6,8 +6,10 @@ with `set_peft_model_state_dict`, so resuming is exact) beside the optimizer
 and RNG state. The run's output file is `OUT/pytorch_lora_weights.safetensors`
 in diffusers' layout (`get_peft_model_state_dict` → `convert_state_dict_to_diffusers`,
 written by `StableDiffusionPipeline.save_lora_weights` with the LoraConfig as
-metadata, so an α different from the rank survives), or with `--lora_save_format kohya`
-in kohya's layout (`lora_unet_*` / `lora_te_*` with a per-module `.alpha`).
+metadata, so an α different from the rank survives; DoRA's magnitudes as
+`lora_magnitude_vector`), or with `--lora_save_format kohya` (always for LoHa / LoKr)
+in kohya / LyCORIS' layout (`lora_unet_*` / `lora_te_*` with a per-module `.alpha`,
+training/network_types.py).
 """
 from __future__ import annotations
 
@@ -79,17 +81,6 @@ def lora_layers(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
 
-def kohya_lora_state(unet, text_encoder=None, alpha: Optional[float] = None) -> dict[str, torch.Tensor]:
-    """The adapters in kohya's layout (formats/lora_keys.py), every module's `.alpha` the run's α."""
-    from latent_diffusion.formats.lora_keys import diffusers_to_kohya
-
-    state = {f"unet.{key}": value for key, value in lora_layers(unet).items()}
-    if text_encoder is not None:  # kohya names keep CLIP's text_model. (transformers >= 5.6 drops it)
-        state.update({f"text_encoder.{key if key.startswith('text_model.') else 'text_model.' + key}": value
-                      for key, value in lora_layers(text_encoder).items()})
-    return diffusers_to_kohya(state, alphas=None if alpha is None else {"unet": alpha, "text_encoder": alpha})
-
-
 def adapter_metadata(module) -> dict:
     """The adapter's LoraConfig as a dict, stored in the safetensors header (rank, alpha, targets)."""
     config = module.peft_config["default"].to_dict()
@@ -97,14 +88,17 @@ def adapter_metadata(module) -> dict:
 
 
 def save_lora_weights(output_dir: str, unet, text_encoder=None, save_format: str = "diffusers",
-                      alpha: Optional[float] = None) -> str:
-    """Write OUT/pytorch_lora_weights.safetensors (diffusers' layout and metadata, or kohya's); return its path."""
+                      alpha: Optional[float] = None, network_type: str = "lora") -> str:
+    """Write OUT/pytorch_lora_weights.safetensors (diffusers' layout and metadata, or kohya / LyCORIS'); return
+    its path. `network_type` (training/network_types.py) says which adapter the modules hold."""
     from diffusers import StableDiffusionPipeline
 
+    from latent_diffusion.training.network_types import DIFFUSERS_LAYOUT, kohya_network_state
+
     te = text_encoder if text_encoder is not None and getattr(text_encoder, "peft_config", None) else None
-    if save_format == "kohya":
+    if save_format == "kohya" or network_type not in DIFFUSERS_LAYOUT:
         path = os.path.join(output_dir, LORA_WEIGHTS)
-        _save_tensors(kohya_lora_state(unet, te, alpha), path)
+        _save_tensors(kohya_network_state({"unet": unet, "text_encoder": te}, network_type, alpha), path)
         return path
     StableDiffusionPipeline.save_lora_weights(
         output_dir, unet_lora_layers=lora_layers(unet), unet_lora_adapter_metadata=adapter_metadata(unet),

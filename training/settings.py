@@ -126,6 +126,7 @@ class LoraSettings:
     target_modules: tuple[str, ...]
     train_text_encoder: bool  # the text encoder trains too: captions are encoded with gradients every step
     save_format: str = "diffusers"  # --lora_save_format: "diffusers" or "kohya" (AUTOMATIC1111, ComfyUI)
+    network_type: str = "lora"  # --network_type: lora, dora, loha or lokr (training/network_types.py)
 
 
 def target_modules(spec: str) -> tuple[str, ...]:
@@ -134,12 +135,16 @@ def target_modules(spec: str) -> tuple[str, ...]:
 
 
 def lora_settings(args: argparse.Namespace) -> Optional[LoraSettings]:
+    from latent_diffusion.training.network_types import default_save_format
+
     if args.lora_rank is None:
         return None
+    network_type = getattr(args, "network_type", "lora")
     return LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha or args.lora_rank, dropout=args.lora_dropout,
                         target_modules=target_modules(args.lora_target_modules),
                         train_text_encoder=args.train_text_encoder_lora,
-                        save_format=getattr(args, "lora_save_format", "diffusers"))
+                        save_format=getattr(args, "lora_save_format", None) or default_save_format(network_type),
+                        network_type=network_type)
 
 
 @dataclass(frozen=True)
