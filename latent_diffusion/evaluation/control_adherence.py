@@ -105,6 +105,7 @@ def without_controlnet(pipe):
     components = {k: v for k, v in pipe.components.items() if k != "controlnet"}
     plain = type(pipe)(**components)
     plain.generation_defaults = dict(pipe.generation_defaults)
+    plain.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return plain
 
 
