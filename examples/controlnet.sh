@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Draw a Shapes outline, generate the same prompt with and without a ControlNet, and write the side-by-side grid.
-# Usage: examples/controlnet.sh CONTROLNET_FOLDER [MODEL] [OUT_DIR]
-# CONTROLNET_FOLDER: a diffusers ControlNet folder for MODEL (default: the embedded Shapes model); no outline
-# ControlNet is shipped yet (docs/controlnet.md), so train or bring one.
+# Usage: examples/controlnet.sh [CONTROLNET] [MODEL] [OUT_DIR]
+# CONTROLNET: a diffusers ControlNet folder for MODEL, default "default-outline", the Shapes outline ControlNet
+# shipped for the embedded model (MODEL's default; docs/controlnet.md).
 set -euo pipefail
-controlnet=${1:?usage: examples/controlnet.sh CONTROLNET_FOLDER [MODEL] [OUT_DIR]}
+controlnet=${1:-default-outline}
 model=${2:-}
 out=${3:-controlnet-example}
 mkdir -p "$out"

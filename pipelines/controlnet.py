@@ -33,6 +33,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.models import MultiControlNetModel
 
 from latent_diffusion.checks import check_finite
+from latent_diffusion.formats.assets import resolve_controlnet_name
 from latent_diffusion.formats.model_files import check_weights_folder, looks_like_local_path
 from latent_diffusion.vae import vae_scale_factor
 
@@ -62,8 +63,9 @@ def load_controlnet(controlnet: ControlNetInput, **kwargs: Any) -> Union[Control
 
 
 def _load_folder(path: Union[str, os.PathLike], **kwargs: Any) -> ControlNetModel:
-    """A diffusers ControlNet folder (config.json + safetensors weights) or Hub id, checked before loading."""
-    text = os.fspath(path)
+    """A diffusers ControlNet folder (config.json + safetensors weights), Hub id or shipped name ("default-outline",
+    `formats.assets.DEFAULT_CONTROLNETS`), checked before loading."""
+    text = resolve_controlnet_name(os.fspath(path))
     folder = os.path.expanduser(text)
     if os.path.isdir(folder):
         if not os.path.isfile(os.path.join(folder, "config.json")):

@@ -26,11 +26,14 @@ def batch_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, res
 
 
 def batch_conditioning(batch: dict, context: torch.Tensor, resolution: int, device) -> Conditioning:
-    """The UNet's conditioning for a cached batch: the context, and for SDXL its pooled text and size ids."""
+    """The UNet's conditioning for a batch: the context, for SDXL its pooled text and size ids, and for ControlNet
+    training the control images."""
     cond = Conditioning(context.to(device, torch.float32))
     if "pooled_embeds" in batch:
         cond.text_embeds = batch["pooled_embeds"].to(device, torch.float32)  # (B, P)
         cond.time_ids = batch_time_ids(batch["original_size"], batch["crop_top_left"], resolution).to(device)
+    if "control_pixels" in batch:  # ControlNet training (training/train_controlnet.py)
+        cond.control = batch["control_pixels"].to(device, torch.float32)  # (B, 3, H, W) in [0, 1]
     return cond
 
 

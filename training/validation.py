@@ -76,14 +76,18 @@ def image_grid(images: Sequence[Image.Image], columns: int | None = None) -> Ima
 @torch.no_grad()
 def run_validation(pipeline, prompts: Sequence[str], *, step: int, output_dir: str, seed: int,
                    num_inference_steps: int, guidance_scale: float, resolution: int,
-                   metric_names: Sequence[str] = (), trackers=()) -> tuple[str, dict]:
-    """Sample one image per prompt (seeded), save `validation/step-N.png`, log to trackers; return (path, metrics)."""
+                   metric_names: Sequence[str] = (), trackers=(), call_kwargs: Sequence[dict] = ()) -> tuple[str, dict]:
+    """Sample one image per prompt (seeded), save `validation/step-N.png`, log to trackers; return (path, metrics).
+
+    `call_kwargs`: per prompt, extra keywords for the pipeline call (a ControlNet's `control_image`)."""
     pipeline.set_progress_bar_config(disable=True)
     images = []
     for i, prompt in enumerate(prompts):  # one generator per prompt: the grid does not depend on the prompt count
         generator = torch.Generator().manual_seed(seed + i)
+        extra = call_kwargs[i] if call_kwargs else {}
         images += pipeline(prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                           generator=generator, height=resolution, width=resolution, output_type="pil").images
+                           generator=generator, height=resolution, width=resolution, output_type="pil",
+                           **extra).images
     grid = image_grid(images)
     folder = os.path.join(output_dir, "validation")
     os.makedirs(folder, exist_ok=True)

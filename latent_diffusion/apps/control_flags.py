@@ -14,7 +14,8 @@ from latent_diffusion.control_images import PREPROCESSORS
 
 def add_control_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--controlnet", action="append", default=[], metavar="PATH",
-                        help="diffusers ControlNet folder or Hub id; repeat for several (one --control-image each)")
+                        help="diffusers ControlNet folder, Hub id, or 'default-outline' (the embedded model's Shapes "
+                             "outline ControlNet); repeat for several (one --control-image each)")
     parser.add_argument("--control-image", action="append", default=[], metavar="PATH",
                         help="control image for the matching --controlnet (its size is the default output size)")
     parser.add_argument("--control-scale", action="append", type=float, default=[], metavar="SCALE",

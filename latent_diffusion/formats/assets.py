@@ -7,6 +7,9 @@ from pathlib import Path
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"  # latent_diffusion/default_model
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # required where model_index.json names them
+# ControlNets shipped for the embedded default, by the name `controlnet=` / `--controlnet` accepts; one subfolder
+# per kind of control image (latent_diffusion/default_controlnet/outline/: Shapes outlines)
+DEFAULT_CONTROLNETS = {"default-outline": Path(__file__).resolve().parents[1] / "default_controlnet" / "outline"}
 
 
 def default_model_path() -> Path:
@@ -17,6 +20,16 @@ def default_model_path() -> Path:
             "`from_pretrained(path)` / `--model PATH`"
         )
     return DEFAULT_MODEL_DIR
+
+
+def resolve_controlnet_name(name: str) -> str:
+    """A shipped ControlNet's folder for its name ("default-outline"), else `name` unchanged."""
+    if name not in DEFAULT_CONTROLNETS:
+        return name
+    folder = DEFAULT_CONTROLNETS[name]
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"controlnet {name!r}: this install has no {folder}; give a ControlNet folder")
+    return str(folder)
 
 
 def missing_components(folder: Path) -> list[str]:

@@ -48,6 +48,7 @@ from latent_diffusion.shapes.world import check_size, check_split, render, sampl
 FEATURES = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
 CONDITIONING_COLUMN = "conditioning_image"  # diffusers' train_controlnet.py default column name
 METADATA_FILE = "metadata.jsonl"
+OUTLINE_FOLDER = "conditioning"  # export_imagefolder(outline=True): the outline control images
 
 
 def _check_count(num_examples, name: str = "num_examples", allow_none: bool = False) -> Optional[int]:
@@ -139,6 +140,9 @@ def _prepare_folder(out_dir: Path, overwrite: bool) -> None:
     for path in existing:
         if path.name == METADATA_FILE or (path.suffix == ".png" and path.stem.isdigit()):
             path.unlink()
+        elif path.name == OUTLINE_FOLDER and path.is_dir():
+            for image in path.glob("*.png"):
+                image.unlink()
 
 
 def export_imagefolder(
@@ -149,10 +153,13 @@ def export_imagefolder(
     split: str = "train",
     drop_optional: bool = True,
     overwrite: bool = False,
+    outline: bool = False,
 ) -> Path:
     """Write `num_examples` PNGs and metadata.jsonl ({"file_name", "text"}) into out_dir, with a progress bar; return it.
 
     The folder loads with `datasets.load_dataset("imagefolder", data_dir=out_dir)` (columns "image", "text").
+    With `outline`, each scene's outline control image goes to out_dir/conditioning/ and metadata.jsonl names it
+    in "conditioning_image_file_name", which imagefolder reads as a "conditioning_image" image column.
     metadata.jsonl is written last, through a temporary file, so a folder that has one is complete.
     """
     num_examples, size, seed = _check_count(num_examples), check_size(size), _check_seed(seed)
@@ -161,10 +168,16 @@ def export_imagefolder(
     _prepare_folder(out_dir, overwrite)
     width = max(6, len(str(max(num_examples - 1, 0))))
     lines = []
+    if outline:
+        (out_dir / OUTLINE_FOLDER).mkdir(exist_ok=True)
     for index in tqdm(range(num_examples), desc=f"Shapes {split} {size}px", unit="img"):
-        example = shapes_example(index, size, seed, split, drop_optional)
+        example = shapes_example(index, size, seed, split, drop_optional, outline)
         file_name = f"{index:0{width}d}.png"
         example["image"].save(out_dir / file_name)
-        lines.append(json.dumps({"file_name": file_name, "text": example["text"]}))
+        row = {"file_name": file_name, "text": example["text"]}
+        if outline:
+            row[f"{CONDITIONING_COLUMN}_file_name"] = f"{OUTLINE_FOLDER}/{file_name}"
+            example[CONDITIONING_COLUMN].save(out_dir / row[f"{CONDITIONING_COLUMN}_file_name"])
+        lines.append(json.dumps(row))
     write_text_atomic(out_dir / METADATA_FILE, "".join(line + "\n" for line in lines))
     return out_dir

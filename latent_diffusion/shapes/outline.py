@@ -52,13 +52,14 @@ class OutlineJudgement:
     correct: bool
     reasons: list[str]
     objects: tuple[DetectedObject, ...]
+    matched: int = 0  # outlined objects matched by exactly one generated object of their shape, place and colour
 
 
 def judge_outline(image: ImageLike, scene: Scene, tolerance: float = OUTLINE_TOLERANCE) -> OutlineJudgement:
     """Each of the scene's objects matched by exactly one generated object of its shape within `tolerance` of its
     centre and in its colour; no other object drawn."""
     objects = detect_objects(image).objects
-    reasons, used = [], set()
+    reasons, used, matched = [], set(), 0
     for want in scene.objects:
         near = [i for i, got in enumerate(objects) if got.shape == want.shape
                 and max(abs(got.cx - want.cx), abs(got.cy - want.cy)) <= tolerance]
@@ -69,5 +70,7 @@ def judge_outline(image: ImageLike, scene: Scene, tolerance: float = OUTLINE_TOL
         if objects[near[0]].colour != want.colour:
             reasons.append(f"the {want.shape} at ({want.cx:.2f}, {want.cy:.2f}) is {objects[near[0]].colour}, "
                            f"want {want.colour}")
+        else:
+            matched += 1
     reasons += [f"extra object: {got.describe()}" for i, got in enumerate(objects) if i not in used]
-    return OutlineJudgement(not reasons, reasons, objects)
+    return OutlineJudgement(not reasons, reasons, objects, matched)

@@ -43,6 +43,7 @@ class Conditioning:
     context: torch.Tensor  # (B, L, D) encoder_hidden_states
     text_embeds: Optional[torch.Tensor] = None  # (B, P) pooled text projection (SDXL)
     time_ids: Optional[torch.Tensor] = None  # (B, 6) micro-conditioning (SDXL)
+    control: Optional[torch.Tensor] = None  # (B, 3, H, W) ControlNet control images in [0, 1] (ControlNet training)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -56,7 +57,8 @@ class Conditioning:
 
     def map(self, fn) -> "Conditioning":
         """A copy with `fn` applied to every tensor present."""
-        return Conditioning(*(None if t is None else fn(t) for t in (self.context, self.text_embeds, self.time_ids)))
+        values = (getattr(self, f.name) for f in dataclasses.fields(Conditioning))
+        return Conditioning(*(None if t is None else fn(t) for t in values))
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "Conditioning":
         return self.map(lambda t: t.to(device=device, dtype=dtype))
