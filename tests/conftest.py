@@ -63,3 +63,13 @@ def sd_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sd_folder_v(tmp_path_factory):
     return save_sd_folder(tmp_path_factory.mktemp("tiny-sd-v"), prediction_type="v_prediction")
+
+
+def run_script_main(main, argv):
+    """A training script's main(argv) in this process, with a fresh accelerate state (it is a process singleton)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return main(argv)
+

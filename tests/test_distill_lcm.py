@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from test_data import make_imagefolder
 from test_lcm_tcd import generate, load_ours, load_theirs
+from conftest import run_script_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "distill_lcm.py"
@@ -33,13 +34,9 @@ def flags(sd_folder, data_dir, output_dir, *extra):
 
 def distill(sd_folder, data_dir, output_dir, *extra):
     """The distillation script's main() in this process (a fresh accelerate state each time)."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from latent_diffusion.training.distill_lcm import main
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    main(flags(sd_folder, data_dir, output_dir, *extra))
+    run_script_main(main, flags(sd_folder, data_dir, output_dir, *extra))
 
 
 @pytest.mark.slow

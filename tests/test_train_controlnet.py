@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import run_script_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "train_controlnet.py"
@@ -31,13 +32,9 @@ def flags(sd_folder, data_dir, output_dir, *extra):
 
 def train(sd_folder, data_dir, output_dir, *extra):
     """The script's main() in this process (a fresh accelerate state each time)."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from latent_diffusion.training.train_controlnet import main
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    main(flags(sd_folder, data_dir, output_dir, *extra))
+    run_script_main(main, flags(sd_folder, data_dir, output_dir, *extra))
 
 
 def generate(pipe, control_image=None) -> np.ndarray:
