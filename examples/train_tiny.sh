@@ -4,6 +4,8 @@
 # Expected result: $work/sample.png is NOISE (coloured static). Twenty steps from a random UNet prove that data,
 # training, checkpoints, EMA, validation and saving work end to end; they do not teach shapes. For an image you
 # can recognise, generate with the embedded default (latent-diffusion generate "a red circle" -o out.png).
+# Checked by tests/test_example_outcomes.py::test_train_tiny_example_ends_as_its_header_says (5 min on a loaded
+# 2-core CPU: `time bash examples/train_tiny.sh /tmp/tt`).
 set -euo pipefail
 work=${1:-tiny-run}
 python examples/make_tiny_model.py "$work/base"

@@ -1,5 +1,6 @@
 """The benchmarks' code paths on the CPU with tiny sizes: benchmarks/gpu_suite.py in --dry-run mode, bench_train_step.py."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-PEERS = ROOT.parent / "shared" / "peers"  # outside the repository: present only beside the project's own checkout
+# Outside the repository: present only beside the project's own checkout. LATENT_DIFFUSION_PEERS points elsewhere
+# (test_out_of_repository_tests_skip_with_a_reason points it at an empty folder).
+PEERS = Path(os.environ.get("LATENT_DIFFUSION_PEERS", ROOT.parent / "shared" / "peers"))
 PEER_FILES = [PEERS / "run_peer.py", PEERS / "diffusers" / "train_text_to_image.py"]
 needs_peers = pytest.mark.skipif(not all(p.is_file() for p in PEER_FILES),
                                  reason=f"needs the diffusers peer outside the repository ({PEERS}/run_peer.py)")
@@ -58,6 +61,17 @@ def test_gpu_suite_dry_run_inference(tmp_path):
 def test_gpu_suite_dry_run_with_training_against_the_peer(tmp_path):
     results = dry_run(tmp_path)
     check_parts(results, INFERENCE + ["training"])
+
+
+def test_out_of_repository_tests_skip_with_a_reason(tmp_path):
+    """Issue 31: a clone without ../shared/peers skips the peer test, naming what it needs, instead of failing."""
+    env = {**os.environ, "LATENT_DIFFUSION_PEERS": str(tmp_path / "absent")}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                           f"{Path(__file__)}::test_gpu_suite_dry_run_with_training_against_the_peer"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "SKIPPED [1]" in done.stdout and "needs the diffusers peer outside the repository" in done.stdout
+    assert str(tmp_path / "absent") in done.stdout
 
 
 def test_bench_train_step_times_each_option_and_rejects_unknown_ones():

@@ -64,3 +64,20 @@ def test_pipeline_warns_once_in_one_line(sd_folder, caplog, monkeypatch):
     said = [r.getMessage() for r in caplog.records if r.name == "latent_diffusion.text.vocabulary"]
     assert len(said) == 1 and "\n" not in said[0]
     assert said[0].startswith(f"size {big[0]}x{big[1]} differs from the {native[0]}x{native[1]}")
+
+
+def test_a_lora_on_the_default_may_teach_new_words(tmp_path):
+    """examples/train_lora.sh teaches the default "cobalt": with a LoRA active, only the tokenizer's unknown
+    token counts, so the word is not reported as ignored; the size warning stays."""
+    from latent_diffusion.formats.assets import default_model_path
+    from latent_diffusion.pipelines import LatentDiffusionPipeline
+    from test_lora_loading import make_lora
+
+    pipe = LatentDiffusionPipeline.from_pretrained()
+    assert request_warnings(pipe, ["a cobalt circle"], 64, 64)  # the base does not know it
+    pipe.load_lora_weights(make_lora(default_model_path(), tmp_path))
+    assert request_warnings(pipe, ["a cobalt circle"], 64, 64) == []
+    (line,) = request_warnings(pipe, ["a cobalt circle"], 128, 64)
+    assert line.startswith("size 128x64 differs")
+    pipe.unload_lora_weights()
+    assert request_warnings(pipe, ["a cobalt circle"], 64, 64)  # no adapter: the Shapes vocabulary again

@@ -2,7 +2,8 @@
 
 "Unknown" words are those the tokenizer can only encode as its unknown token, and, for the embedded Shapes
 model (whose every training caption comes from `latent_diffusion.shapes`), any word outside the Shapes
-vocabulary. The trained size is the UNet's `sample_size` times the VAE factor. Each distinct warning is
+vocabulary, unless a LoRA is active: an adapter can teach the model new words (examples/train_lora.sh teaches
+"cobalt"), so then only the tokenizer's verdict counts. The trained size is the UNet's `sample_size` times the VAE factor. Each distinct warning is
 logged once per process, as one line.
 """
 from __future__ import annotations
@@ -53,9 +54,15 @@ def is_embedded_default(pipe) -> bool:
     return bool(name) and Path(name).resolve() == Path(default_model_path()).resolve()
 
 
+def has_active_adapters(pipe) -> bool:
+    """Whether a LoRA (or other peft adapter) is active on the pipeline."""
+    active = getattr(pipe, "get_active_adapters", None)
+    return bool(active()) if callable(active) else False
+
+
 def request_warnings(pipe, prompts: Sequence[str], height: int, width: int) -> list[str]:
     """The one-line warnings for this request: unknown prompt words, a size unlike the trained one."""
-    vocabulary = shapes_vocabulary() if is_embedded_default(pipe) else None
+    vocabulary = shapes_vocabulary() if is_embedded_default(pipe) and not has_active_adapters(pipe) else None
     lines = []
     unknown = unknown_words(prompts, pipe.tokenizer, vocabulary)
     if unknown:
