@@ -151,6 +151,9 @@ def test_page_shows_control_inputs_only_with_a_controlnet(control_studio, sd_fol
     assert by_label(demo, gr.Slider, "Control weight").value == 0.8  # serve --control-scale
     for label in ("Starting control step", "Ending control step"):
         by_label(demo, gr.Slider, label)
+    params = {p["parameter_name"]: p for p in demo.get_api_info()["named_endpoints"]["/generate"]["parameters"]}
+    assert all(params[k]["parameter_has_default"] for k in ("control_image", "control_preprocess", "control_scale",
+                                                            "control_start", "control_end", "guess_mode"))
     plain = build_app(Studio(LatentDiffusionPipeline.from_pretrained(str(sd_folder)), None, tmp_path))
     assert not [b for b in plain.blocks.values() if "Control" in str(getattr(b, "label", ""))]
     # the page's own generate: the control inputs reach the pipeline (canny of a square: its outline)
@@ -282,6 +285,25 @@ def test_webuiapi_controlnet_units_lists_and_errors(control_server, nets):
     [same] = studio.generate(PROMPT, "", "ddim", 3, 4.0, 7, 32, 32, 1, image=init, strength=0.6, controls=[
         ControlUnit(nets[0], image=init, preprocess="canny", thresholds=(50.0, 150.0))])
     assert np.array_equal(pixels(edited.image), pixels(same))
+
+
+def test_page_api_takes_the_control_image(control_server, nets, tmp_path):
+    """gradio_client's /generate with control_image (a file) gives the Studio's image for the same unit."""
+    from gradio_client import Client, handle_file
+
+    port, studio = control_server
+    control = tmp_path / "edges.png"
+    edges(2).save(control)
+    page = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    [made] = page.predict(prompt=PROMPT, sampler="ddim", steps=3, guidance=4.0, seed=7, width=32, height=32,
+                          control_image=handle_file(str(control)), control_scale=0.5, control_end=0.7,
+                          api_name="/generate")
+    [expected] = studio.generate(PROMPT, "", "ddim", 3, 4.0, 7, 32, 32, 1,
+                                 controls=[ControlUnit(nets[0], image=edges(2), scale=0.5, end=0.7)])
+    assert np.array_equal(pixels(made), pixels(expected))
+    [plain] = page.predict(prompt=PROMPT, sampler="ddim", steps=3, guidance=4.0, seed=7, width=32, height=32,
+                           api_name="/generate")
+    assert "controlnet" not in read_png_metadata(plain) and np.abs(pixels(plain) - pixels(made)).max() > 3
 
 
 @pytest.mark.parametrize("unit, status, named", [

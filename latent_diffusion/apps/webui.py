@@ -338,6 +338,17 @@ def _page_generate(gr, studio: Studio, offered: tuple[str, ...]) -> Callable:
         except ValueError as error:
             raise refusal(gr, error) from None
 
+    return with_control_parameters(generate, len(studio.controlnets))
+
+
+def with_control_parameters(generate: Callable, num_nets: int) -> Callable:
+    """`generate` with its **control named in its signature, each defaulting to None, so that Gradio's API marks
+    the ControlNet inputs optional (a Gradio input without a default is required)."""
+    signature = inspect.signature(generate)
+    named = [inspect.Parameter(control_key(name, k), inspect.Parameter.KEYWORD_ONLY, default=None)
+             for k in range(num_nets) for name in CONTROL_INPUTS]
+    kept = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    generate.__signature__ = signature.replace(parameters=kept + named)
     return generate
 
 
