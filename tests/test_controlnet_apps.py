@@ -200,7 +200,9 @@ def test_from_png_reads_the_controlnet_back(sd_folder, nets, tmp_path, capsys):
     edges(4).save(control)
     made = tmp_path / "made.png"
     assert main(["generate", PROMPT, "-o", str(made), "--model", str(sd_folder), "--controlnet", nets[0],
-                 "--control-image", str(control), "--control-scale", "0.6", "--control-end", "0.8", *CLI_ARGS]) == 0
+                 "--control-image", str(control), "--control-scale", "0.6", "--control-end", "0.8", "--guess-mode",
+                 *CLI_ARGS]) == 0
+    assert read_png_metadata(made)["guess_mode"] == "true"
     again = tmp_path / "again.png"
     assert main(["generate", "--from-png", str(made), "-o", str(again), "--quiet"]) == 0  # the recorded path
     assert again.read_bytes() == made.read_bytes()
