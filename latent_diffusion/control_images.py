@@ -5,7 +5,7 @@ black, as an RGB image. Thresholds default to 100 and 200, the values of the Con
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import PIL.Image
@@ -32,7 +32,11 @@ PREPROCESSORS: dict[str, Callable[[PIL.Image.Image], PIL.Image.Image]] = {"none"
                                                                            "canny": canny}
 
 
-def preprocess_control_image(name: str, image: PIL.Image.Image) -> PIL.Image.Image:
-    """`image` through the preprocessor `name` ("none" keeps it, "canny": its edge map)."""
+def preprocess_control_image(name: str, image: PIL.Image.Image,
+                             thresholds: Optional[tuple[float, float]] = None) -> PIL.Image.Image:
+    """`image` through the preprocessor `name` ("none" keeps it, "canny": its edge map, with Canny's
+    (low, high) `thresholds`, None: CANNY_LOW and CANNY_HIGH)."""
     check_choice("preprocess", name, tuple(PREPROCESSORS))
+    if name == "canny" and thresholds is not None:
+        return canny(image, *thresholds)
     return PREPROCESSORS[name](image)

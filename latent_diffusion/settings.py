@@ -12,7 +12,9 @@ takes for them: the model's `generation_defaults` (its generation_config.json, e
 PNG keys (as `latent-diffusion generate` has always written them): prompt, negative_prompt, seed,
 sampler, [sigma_schedule], steps, guidance, guidance_rescale, eta, height, width, model ("embedded
 default" for the embedded model), [lora: PATH[:SCALE] of each adapter, space-separated], [clip_skip],
-[prompt_syntax: "plain"; absent means "a1111"], versions; with an input image also [image: its path], strength, [mask: its path].
+[prompt_syntax: "plain"; absent means "a1111"], versions; with an input image also [image: its path], strength, [mask: its path];
+with ControlNets also controlnet (a JSON list, one object per net: model, scale, start, end, preprocess,
+[thresholds], [image: its path]) and [guess_mode: "true"].
 """
 from __future__ import annotations
 
@@ -29,13 +31,61 @@ REQUIRED_PNG_KEYS = ("prompt", "seed", "sampler", "steps", "guidance", "height",
 
 
 @dataclasses.dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet of a generation: the net (by the name it was loaded with: a folder, Hub id or
+    "default-outline"), its control image, its preprocessor, its weight and the fraction of the steps it acts in.
+
+    `image`: a path (opened when the pipeline's arguments are made, and recorded) or a picture (PIL, array,
+    tensor; not recorded); None in a record read back from a PNG, which holds no control image.
+    `thresholds`: Canny's (low, high) for `preprocess` "canny" (None: the preprocessor's defaults).
+    """
+
+    model: str
+    image: Any = None
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    preprocess: str = "none"
+    thresholds: Optional[tuple[float, float]] = None
+
+    def replace(self, **changes: Any) -> "ControlUnit":
+        return dataclasses.replace(self, **changes)
+
+    def picture(self, argument: str = "control_image") -> Any:
+        """The control image as the ControlNet reads it: opened (errors name `argument`), then preprocessed."""
+        from latent_diffusion.control_images import preprocess_control_image
+
+        image = open_picture(argument, self.image)
+        if self.preprocess == "none" and not hasattr(image, "convert"):
+            return image  # arrays and tensors go to the pipeline as they are
+        return preprocess_control_image(self.preprocess, image, self.thresholds)
+
+    def record(self) -> dict[str, Any]:
+        """This unit as our PNG's `controlnet` list records it (the image only when it is a path)."""
+        entry = {"model": self.model, "scale": self.scale, "start": self.start, "end": self.end,
+                 "preprocess": self.preprocess}
+        if self.thresholds is not None:
+            entry["thresholds"] = list(self.thresholds)
+        return {**entry, "image": str(self.image)} if _is_path(self.image) else entry
+
+    @classmethod
+    def from_record(cls, entry: dict[str, Any]) -> "ControlUnit":
+        thresholds = entry.get("thresholds")
+        return cls(model=str(entry["model"]), image=entry.get("image"), scale=float(entry.get("scale", 1.0)),
+                   start=float(entry.get("start", 0.0)), end=float(entry.get("end", 1.0)),
+                   preprocess=str(entry.get("preprocess", "none")),
+                   thresholds=None if thresholds is None else (float(thresholds[0]), float(thresholds[1])))
+
+
+@dataclasses.dataclass(frozen=True)
 class GenerationSettings:
     """The settings of one request: `n` images of `prompt` with seeds seed, seed + 1, ..., seed + n - 1.
 
     `image` / `mask` (img2img / inpainting): a path (opened when the pipeline's arguments are made, and
     recorded in the PNG) or a picture the pipeline takes (PIL, array, tensor; not recorded). `loras`:
     the PATH[:SCALE] spec of each adapter the pipeline has loaded (recorded only: loading is the app's).
-    `model`: the name the PNG records, None for the embedded default model.
+    `model`: the name the PNG records, None for the embedded default model. `controls`: one `ControlUnit`
+    per ControlNet the pipeline has loaded, in its order; `guess_mode` is the pipeline's (for all of them).
     """
 
     prompt: str
@@ -57,6 +107,8 @@ class GenerationSettings:
     loras: tuple[str, ...] = ()
     model: Optional[str] = None
     prompt_syntax: str = "a1111"
+    controls: tuple[ControlUnit, ...] = ()
+    guess_mode: bool = False
 
     def replace(self, **changes: Any) -> "GenerationSettings":
         return dataclasses.replace(self, **changes)
@@ -116,7 +168,13 @@ class GenerationSettings:
         if self.prompt_syntax != "a1111":
             meta["prompt_syntax"] = self.prompt_syntax
         meta["versions"] = json.dumps(library_versions())
-        return {**meta, **self._image_input_metadata()}
+        return {**meta, **self._image_input_metadata(), **self._control_metadata()}
+
+    def _control_metadata(self) -> dict[str, str]:
+        if not self.controls:
+            return {}
+        meta = {"controlnet": json.dumps([unit.record() for unit in self.controls])}
+        return {**meta, "guess_mode": "true"} if self.guess_mode else meta
 
     def _image_input_metadata(self) -> dict[str, str]:
         if self.image is None:
@@ -142,8 +200,10 @@ class GenerationSettings:
                    sigma_schedule=get("sigma_schedule"), eta=number("eta", float, 0.0), seed=number("seed", int),
                    height=number("height", int), width=number("width", int), clip_skip=number("clip_skip", int),
                    image=get("image"), mask=get("mask"), strength=number("strength", float),
-                   prompt_syntax=get("prompt_syntax", "a1111"), loras=tuple(get("lora", "").split()), model=None if get("model", EMBEDDED_MODEL) == EMBEDDED_MODEL
-                   else metadata["model"])
+                   prompt_syntax=get("prompt_syntax", "a1111"), loras=tuple(get("lora", "").split()),
+                   model=None if get("model", EMBEDDED_MODEL) == EMBEDDED_MODEL else metadata["model"],
+                   controls=tuple(ControlUnit.from_record(entry) for entry in json.loads(get("controlnet", "[]"))),
+                   guess_mode=get("guess_mode") == "true")
 
 
 def batch_pipeline_kwargs(requests: Sequence[GenerationSettings]) -> dict[str, Any]:
@@ -157,7 +217,8 @@ def batch_pipeline_kwargs(requests: Sequence[GenerationSettings]) -> dict[str, A
     first = requests[0]
 
     def shared(r: GenerationSettings) -> GenerationSettings:  # pictures by identity: tensors have no truth value
-        return r.replace(prompt="", negative_prompt=None, seed=0, n=1, image=id(r.image), mask=id(r.mask))
+        return r.replace(prompt="", negative_prompt=None, seed=0, n=1, image=id(r.image), mask=id(r.mask),
+                         controls=tuple(unit.replace(image=id(unit.image)) for unit in r.controls))
 
     if any(shared(r) != shared(first) for r in requests[1:]):
         raise ValueError("requests: one pipeline call takes requests that differ only in prompt, negative prompt "
@@ -173,7 +234,20 @@ def batch_pipeline_kwargs(requests: Sequence[GenerationSettings]) -> dict[str, A
         sampler=first.sampler, sigma_schedule=first.sigma_schedule, eta=first.eta,
         height=first.height, width=first.width, clip_skip=first.clip_skip,
         generator=[torch.Generator().manual_seed(seed) for r in requests for seed in r.seeds],
-        **{name: value for name, value in optional.items() if value is not None})
+        **{name: value for name, value in optional.items() if value is not None}, **control_kwargs(first))
+
+
+def control_kwargs(settings: GenerationSettings) -> dict[str, Any]:
+    """The pipeline's ControlNet arguments ({} without controls): one value per net, or the value for one net."""
+    units = settings.controls
+    if not units:
+        return {}
+    one = lambda values: values[0] if len(values) == 1 else list(values)  # noqa: E731
+    kwargs = {"control_image": one([unit.picture() for unit in units]),
+              "controlnet_conditioning_scale": one([unit.scale for unit in units]),
+              "control_guidance_start": one([unit.start for unit in units]),
+              "control_guidance_end": one([unit.end for unit in units])}
+    return {**kwargs, "guess_mode": True} if settings.guess_mode else kwargs
 
 
 def _is_path(value: Any) -> bool:

@@ -80,6 +80,31 @@ def test_two_steps_give_a_controlnet_folder_that_changes_the_image(sd_folder, da
     assert np.abs(generate(controlled, control) - generate(plain)).max() > 2 / 255
 
 
+def test_sdxl_two_steps_give_a_controlnet_for_the_sdxl_model(sdxl_folder, data_dir, tmp_path):
+    """On a tiny SDXL model: 2 steps (with a validation grid) → an SDXL ControlNet folder (text_time added
+    embeddings, trained off zero) that diffusers' SDXL ControlNet pipeline and ours load, and that changes the image."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+    from PIL import Image
+
+    from latent_diffusion.pipelines import LatentDiffusionPipeline
+
+    out = tmp_path / "out"
+    outline = str(Path(data_dir) / "conditioning" / "000000.png")
+    train(sdxl_folder, data_dir, out, "--max_train_steps", 2, "--checkpointing_steps", 2, "--validation_prompts",
+          "a red circle", "--validation_image", outline, "--validation_steps", 2, "--num_validation_inference_steps", 2)
+    net = ControlNetModel.from_pretrained(str(out))
+    assert net.config.addition_embed_type == "text_time" and net.controlnet_mid_block.weight.abs().max() > 0
+    assert (out / "validation" / "step-000002.png").is_file()
+    control = Image.open(outline).convert("RGB")
+    plain = LatentDiffusionPipeline.from_pretrained(str(sdxl_folder))
+    controlled = LatentDiffusionPipeline.from_pretrained(str(sdxl_folder), controlnet=str(out))
+    assert np.abs(generate(controlled, control) - generate(plain)).max() > 2 / 255
+    theirs = StableDiffusionXLControlNetPipeline.from_pretrained(str(sdxl_folder), controlnet=net)
+    theirs.set_progress_bar_config(disable=True)
+    image = theirs("a red circle", image=control, num_inference_steps=2, height=32, width=32, output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+
+
 def test_base_model_stays_frozen(sd_folder, data_dir, tmp_path):
     """Training moves the ControlNet's zero convolutions off zero and leaves the UNet as it was."""
     from diffusers import ControlNetModel, UNet2DConditionModel

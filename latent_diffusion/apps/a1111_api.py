@@ -6,9 +6,11 @@ denoising_strength, init_images and mask as base64, inpainting_mask_invert, over
 sd_model_checkpoint and CLIP_stop_at_last_layers) and answer {"images": [base64 PNG], "parameters",
 "info": a JSON string with A1111's keys and the infotext}. Fields A1111 has and this server does not use
 (hires fix, restore_faces, scripts, subseeds...) are accepted and ignored; subseeds get a note in `info`.
-Iteration i of n_iter makes batch_size images with seeds seed + i·batch_size + k, as A1111 does.
+sd-webui-controlnet's units (`alwayson_scripts.controlnet.args`) drive the server's ControlNets
+(`a1111_controlnet`). Iteration i of n_iter makes batch_size images with seeds seed + i·batch_size + k, as A1111 does.
 GET /samplers, /schedulers, /sd-models, /loras, /options, /progress, /scripts; POST /options
-(sd_model_checkpoint: switch among the models the server was started with) and /interrupt.
+(sd_model_checkpoint: switch among the models the server was started with) and /interrupt; GET
+/controlnet/model_list and /controlnet/module_list.
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from latent_diffusion.apps import a1111_controlnet
 from latent_diffusion.apps.http_api import ApiServer, field, json_payload, records_of, renamed, with_errors
 from latent_diffusion.apps.limits import Interrupted, RequestError, decode_base64, decode_image
-from latent_diffusion.formats.infotext import format_infotext
+from latent_diffusion.formats.infotext import control_unit_text, format_infotext
 from latent_diffusion.settings import EMBEDDED_MODEL, GenerationSettings
 
 # A1111 sampler name -> (our sampler, A1111's aliases). "DPM++ 2M SDE" is diffusers' sde-dpmsolver++ (ours: dpm++_sde).
@@ -106,13 +109,16 @@ def parse_request(payload: dict, server: ApiServer, pictures: dict[str, Any]) ->
                     width=size[0], height=size[1], clip_skip=clip_skip, **pictures)
     if sampler == "ddim":  # A1111's eta is DDIM's η here; the other samplers of this server have none
         settings["eta"] = field(payload, "eta", float, 0.0)
+    controls, control_notes = a1111_controlnet.request_controls(payload, studio, pictures.get("image"),
+                                                                server.limits.max_pixels)
+    settings.update(controls)
     from latent_diffusion.apps.webui import resolve_seed
 
     try:
         seed = resolve_seed(field(payload, "seed", int, -1))
     except ValueError as error:
         raise renamed(error, FIELDS) from None
-    return A1111Request(model, batch_size, n_iter, seed, settings, _notes(payload))
+    return A1111Request(model, batch_size, n_iter, seed, settings, _notes(payload) + control_notes)
 
 
 def _output_size(payload: dict, image, defaults: dict) -> tuple[int, int]:
@@ -183,11 +189,19 @@ def info(records: list[GenerationSettings], request: A1111Request, interrupted: 
         "face_restoration_model": None, "sd_model_name": first.model or EMBEDDED_MODEL if first else None,
         "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1,
         "seed_resize_from_h": -1, "denoising_strength": first.strength if first else None,
-        "extra_generation_params": {"Schedule type": schedule_label(first.sigma_schedule)} if first else {},
+        "extra_generation_params": _extra_params(first),
         "index_of_first_image": 0, "infotexts": [format_infotext(r) for r in records], "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": (first.clip_skip or 0) + 1 if first else 1,
         "is_using_inpainting_conditioning": False, "version": "latent-diffusion", "interrupted": interrupted,
         "notes": request.notes}
+
+
+def _extra_params(first: Optional[GenerationSettings]) -> dict[str, Any]:
+    """A1111's extra_generation_params: the schedule type and, as sd-webui-controlnet adds them, the units."""
+    if first is None:
+        return {}
+    units = {f"ControlNet {k}": control_unit_text(unit, first.guess_mode) for k, unit in enumerate(first.controls)}
+    return {"Schedule type": schedule_label(first.sigma_schedule), **units}
 
 
 def answer(payload: dict, paths: list[Path], request: A1111Request, interrupted: bool) -> dict[str, Any]:
@@ -214,6 +228,9 @@ def add_routes(router, server: ApiServer) -> None:
                          ("GET", "progress"), ("POST", "interrupt"), ("GET", "scripts")):
         endpoint = endpoints[f"{method.lower()}_{path.replace('-', '_')}"]
         router.add_api_route(f"/sdapi/v1/{path}", with_errors(endpoint, error_body), methods=[method])
+    for path, make in (("model_list", lambda: a1111_controlnet.model_list(server)),
+                       ("module_list", a1111_controlnet.module_list)):
+        router.add_api_route(f"/controlnet/{path}", with_errors(_constant(make), error_body), methods=["GET"])
 
 
 def _endpoints(server: ApiServer) -> dict[str, Any]:
@@ -241,7 +258,7 @@ def _endpoints(server: ApiServer) -> dict[str, Any]:
             "get_sd_models": _constant(lambda: sd_models(server)), "get_loras": _constant(lambda: loras(server)),
             "get_options": _constant(lambda: options(server)), "post_options": post_options,
             "get_progress": _constant(lambda: server.board.progress()), "post_interrupt": post_interrupt,
-            "get_scripts": _constant(lambda: {"txt2img": [], "img2img": []})}
+            "get_scripts": _constant(lambda: scripts(server))}
 
 
 def _constant(make):
@@ -249,6 +266,12 @@ def _constant(make):
         return make()
 
     return endpoint
+
+
+def scripts(server: ApiServer) -> dict[str, list[str]]:
+    """The always-on scripts A1111 would list: "controlnet" when the current model has ControlNets."""
+    names = ["controlnet"] if server.studio("sd_model_checkpoint").controlnets else []
+    return {"txt2img": names, "img2img": list(names)}
 
 
 def samplers() -> list[dict[str, Any]]:

@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from latent_diffusion.apps.control_flags import add_control_flags, check_control_flags, control_call_kwargs, control_loading_kwargs
+from latent_diffusion.apps.control_flags import (add_control_flags, add_serve_control_flags, check_control_flags,
+                                                 check_serve_control_flags, control_loading_kwargs, control_units,
+                                                 controls_from_png)
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -150,7 +152,6 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     check_generate_args(args)  # before the model loads: a typo fails in milliseconds
     settings = generation_settings(args)
     call = opened_pictures(settings, args).pipeline_kwargs()  # --image / --mask read before the model loads, too
-    call.update(control_call_kwargs(args))
     dtype = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
     pipe = _load_pipeline(args, **dtype, **control_loading_kwargs(args))
     if args.lora:
@@ -165,16 +166,19 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
 
 
 def opened_pictures(settings, args: argparse.Namespace):
-    """`settings` with --image / --mask read as pictures, so that an unreadable file's error names the flag."""
+    """`settings` with --image / --mask / --control-image read as pictures, so that an unreadable file's error
+    names the flag."""
     from latent_diffusion.settings import open_picture
 
-    return settings.replace(image=open_picture("--image", args.image), mask=open_picture("--mask", args.mask))
+    controls = tuple(unit.replace(image=open_picture("--control-image", unit.image)) for unit in settings.controls)
+    return settings.replace(image=open_picture("--image", args.image), mask=open_picture("--mask", args.mask),
+                            controls=controls)
 
 
 # generate's flags (argparse dests) that are settings, and the GenerationSettings field of those named otherwise
 GENERATE_SETTING_FLAGS = ("prompt", "negative_prompt", "steps", "guidance", "guidance_rescale", "sampler",
                           "sigma_schedule", "eta", "seed", "height", "width", "n", "clip_skip", "image", "mask",
-                          "strength", "lora", "model", "prompt_syntax")
+                          "strength", "lora", "model", "prompt_syntax", "guess_mode")
 SETTING_OF_FLAG = {"lora": "loras"}
 
 
@@ -204,6 +208,7 @@ def _settings_from_png(args: argparse.Namespace) -> None:
         if dest not in getattr(args, "given", ()):
             value = getattr(recorded, SETTING_OF_FLAG.get(dest, dest))
             setattr(args, dest, list(value) if dest == "lora" else value)
+    controls_from_png(args, recorded, args.from_png)
 
 
 def generation_settings(args: argparse.Namespace):
@@ -215,7 +220,7 @@ def generation_settings(args: argparse.Namespace):
         guidance_rescale=args.guidance_rescale, sampler=args.sampler, sigma_schedule=args.sigma_schedule,
         eta=args.eta, seed=args.seed, height=args.height, width=args.width, n=args.n, clip_skip=args.clip_skip,
         image=args.image, mask=args.mask, strength=args.strength, loras=tuple(args.lora), model=args.model,
-        prompt_syntax=args.prompt_syntax)
+        prompt_syntax=args.prompt_syntax, controls=control_units(args), guess_mode=args.guess_mode)
 
 
 def _check_image_flags(args: argparse.Namespace) -> None:
@@ -417,6 +422,7 @@ def _add_serve(commands) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA adapter loaded for every request (as in generate; repeatable); the page gets a "
                         "LoRA strength slider that multiplies the scales")
+    add_serve_control_flags(p)
     _add_api_flags(p)
     _add_single_file_flags(p)
     p.set_defaults(run=run_serve)
@@ -456,19 +462,27 @@ def run_serve(args: argparse.Namespace) -> list[Path]:
     for name, limits in SERVE_LIMITS.items():  # before the model loads; errors name the flag
         check_int(f"--{name.replace('_', '-')}", getattr(args, name), *limits)
     api_settings = _api_settings(args)
+    check_serve_control_flags(args)
     try:
         import gradio  # noqa: F401  (the optional ui extra)
     except ImportError:
         raise SystemExit("latent-diffusion serve: the web UI needs gradio: pip install -e '.[ui]'") from None
-    pipe = _load_pipeline(args)
+    pipe = _load_pipeline(args, **control_loading_kwargs(args))
     loras = _load_loras(pipe, args.lora)
     device = device_of(args)
     pipe.to(device)
     extra = [(path, LatentDiffusionPipeline.from_pretrained(path).to(device)) for path in args.extra_model]
     serve(pipe, args.model, host=args.host, port=args.port, share=args.share, max_queue=args.max_queue,
           output_dir=args.output_dir, example=not args.no_example, loras=loras, extra_models=extra,
-          embeddings=args.loaded_embeddings, **api_settings)
+          embeddings=args.loaded_embeddings, controlnets=_served_controlnets(args), **api_settings)
     return []
+
+
+def _served_controlnets(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """(name, default weight) of each serve --controlnet, for the page and the A1111 API."""
+    scales = args.control_scale or [1.0]
+    scales = scales * len(args.controlnet) if len(scales) == 1 else scales
+    return list(zip(args.controlnet, scales))
 
 
 def _load_loras(pipe, specs: Sequence[str]) -> list[tuple[str, str, float]]:

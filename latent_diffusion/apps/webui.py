@@ -12,7 +12,10 @@ download (the same files, with the same metadata, that `latent-diffusion
 generate` writes: `pngmeta`) and "reuse settings", which reads an uploaded
 PNG's metadata back into the form. Where the pipeline's `__call__` takes
 `image`, `strength` or `mask_image` (img2img, inpainting), the page shows
-inputs for them and the API takes them.
+inputs for them and the API takes them. When the server has ControlNets
+(`serve --controlnet`), the page has, for each, a control image, its
+preprocessor (none, canny), weight and step window, and a guess-mode box;
+a request without a control image runs the model without ControlNets.
 
 Every request passes Gradio's queue (at most `max_queue` waiting, more are
 refused) and one lock: the pipeline, which is not thread-safe, serves one
@@ -42,7 +45,7 @@ from latent_diffusion.checks import check_finite, check_int
 from latent_diffusion.diffusion.sdedit import IMG2IMG_STRENGTH
 from latent_diffusion.formats.infotext import png_text
 from latent_diffusion.formats.pngmeta import read_png_metadata, save_png
-from latent_diffusion.settings import EMBEDDED_MODEL, GenerationSettings
+from latent_diffusion.settings import EMBEDDED_MODEL, ControlUnit, GenerationSettings
 
 logger = logging.getLogger(__name__)
 RANDOM_SEED = -1  # the seed field's "random" choice
@@ -55,6 +58,10 @@ EXAMPLE_PROMPT = "a red circle above a blue square"
 PAGE_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance"}
 # Optional pipeline inputs the page offers when the pipeline's __call__ accepts them.
 IMAGE_INPUTS = ("image", "strength", "mask_image")
+# The page's and the API's inputs for ControlNet k: these names for the first, "<name>_k" for the others.
+CONTROL_INPUTS = {"control_image": "image", "control_preprocess": "preprocess", "control_scale": "scale",
+                  "control_start": "start", "control_end": "end"}
+MAX_CONTROL_SCALE = 2.0  # the weight slider's end, as sd-webui-controlnet's
 
 
 class Studio:
@@ -64,11 +71,14 @@ class Studio:
     `loras`: (adapter name, path, scale) of the LoRA adapters already loaded into `pipe` (the CLI's
     `serve --lora PATH[:SCALE]`); a request's `lora_scale` multiplies every adapter's scale.
     `embeddings`: (path, token) of the embeddings loaded into `pipe`, listed on the page.
+    `controlnets`: (name, default weight) of the ControlNets loaded into `pipe`, in its order (`serve --controlnet`).
     """
 
     def __init__(self, pipe, model: Optional[str], out_dir: Union[str, os.PathLike],
-                 loras: Sequence[tuple[str, str, float]] = (), embeddings: Sequence[tuple[str, str]] = ()):
+                 loras: Sequence[tuple[str, str, float]] = (), embeddings: Sequence[tuple[str, str]] = (),
+                 controlnets: Sequence[tuple[str, float]] = ()):
         self.pipe = pipe
+        self.controlnets = list(controlnets)
         self.model = model
         self.loras = list(loras)
         self.embeddings = list(embeddings)  # (path, token) of textual-inversion embeddings loaded into pipe
@@ -106,6 +116,8 @@ class Studio:
         prompt_syntax: Optional[str] = None,
         sigma_schedule: Optional[str] = None,
         eta: float = 0.0,
+        controls: Sequence[ControlUnit] = (),
+        guess_mode: bool = False,
         **image_inputs: Any,
     ) -> list[Path]:
         """PNGs of `num_images` images with seeds seed, seed + 1, ... (as `generate --n`); seed -1 or None draws one.
@@ -114,8 +126,10 @@ class Studio:
         steps. `lora_scale` (None: 1) multiplies the loaded adapters' scales; `clip_skip` (None or 0: off) is
         the pipeline's, as are `sigma_schedule` and `eta` (the HTTP APIs' schedulers), and so is `prompt_syntax`
         (None: "a1111"). `image_inputs` (image,
-        strength, mask_image) go to the pipeline as they are; None ones are left out. ValueError, naming
-        the argument, for bad settings. The request is a `GenerationSettings`, as the CLI's.
+        strength, mask_image) go to the pipeline as they are; None ones are left out. `controls`: a
+        `ControlUnit` for some or all of the served ControlNets, named by `controlnets`' names (none: the
+        model without ControlNets). ValueError, naming the argument, for bad settings. The request is a
+        `GenerationSettings`, as the CLI's.
         """
         unknown = sorted(set(image_inputs) - set(IMAGE_INPUTS))
         if unknown:
@@ -130,13 +144,33 @@ class Studio:
             width=width, n=n,
             clip_skip=clip_skip or None,  # the page's 0 means off
             image=image_inputs.get("image"), mask=image_inputs.get("mask_image"), strength=image_inputs.get("strength"),
-            loras=tuple(self._lora_specs(factor)), model=self.model, prompt_syntax=prompt_syntax or "a1111")
+            loras=tuple(self._lora_specs(factor)), model=self.model, prompt_syntax=prompt_syntax or "a1111",
+            controls=tuple(controls), guess_mode=bool(guess_mode) and bool(controls))
+        call, pipe = self._control_call(settings)
         with self._lock:
             self._set_lora_factor(factor)
-            images = self.pipe(**settings.pipeline_kwargs(), **self._step_callback(steps, on_step)).images
+            images = pipe(**call.pipeline_kwargs(), **self._step_callback(steps, on_step)).images
             records = settings.resolved(self.pipe).for_images(images)
             return [save_png(image, self._next_path(record.seed), png_text(record))
                     for image, record in zip(images, records)]
+
+    def _control_call(self, settings: GenerationSettings) -> tuple[GenerationSettings, Any]:
+        """(the settings the pipeline runs, the pipeline): without controls, the model without its ControlNets;
+        with some, every served ControlNet in order, those not asked for at weight 0 on the first unit's image."""
+        names = [name for name, _ in self.controlnets]
+        given = {}
+        for unit in settings.controls:
+            if unit.model not in names:
+                raise ValueError(f"controls: {unit.model!r} is not a ControlNet of this server; it has "
+                                 f"{', '.join(names) or 'none (serve it with --controlnet)'}")
+            if unit.model in given:
+                raise ValueError(f"controls: ControlNet {unit.model!r} is given twice")
+            check_finite("control_scale", unit.scale, 0.0)  # the pipeline takes negative weights; the page does not
+            given[unit.model] = unit
+        if not given:
+            return settings, without_controlnets(self.pipe) if names else self.pipe
+        filler = ControlUnit("", image=settings.controls[0].image, scale=0.0)  # its residuals are multiplied by 0
+        return settings.replace(controls=tuple(given.get(name, filler.replace(model=name)) for name in names)), self.pipe
 
     def _lora_specs(self, factor: float) -> list[str]:
         """PATH[:SCALE] of each adapter as the PNG records it: the --lora spec's form when the factor is 1."""
@@ -165,6 +199,13 @@ class Studio:
             return {}
 
         return {"callback_on_step_end": callback}
+
+
+def without_controlnets(pipe):
+    """`pipe`'s components without its ControlNets (sharing the weights), for requests without a control image."""
+    from latent_diffusion.evaluation.control_adherence import without_controlnet
+
+    return without_controlnet(pipe)
 
 
 def resolve_seed(seed: Optional[int]) -> int:
@@ -250,6 +291,7 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
                 run = fields["run"]
                 with gr.Accordion("Image to image / inpainting", open=False):
                     image_inputs = _image_inputs(gr, studio.optional_inputs())
+                control_inputs = _control_inputs(gr, studio.controlnets)
                 reuse = gr.File(label="Reuse settings: drop a PNG made here or by `latent-diffusion generate`",
                                 file_types=[".png"], type="filepath")
             with gr.Column(scale=3):
@@ -261,7 +303,7 @@ def build_app(studio: Studio, max_queue: Optional[int] = 16, example: Optional[l
         form = [fields[name] for name in FORM_FIELDS]
         generate = _page_generate(gr, studio, tuple(image_inputs))
         gr.on([run.click, fields["prompt"].submit], generate, inputs=form + [fields["num_images"]],
-              inputs_kwargs={**extra_inputs, **image_inputs}, outputs=files, api_name="generate", concurrency_limit=1
+              inputs_kwargs={**extra_inputs, **image_inputs, **control_inputs}, outputs=files, api_name="generate", concurrency_limit=1
               ).success(_show, inputs=files, outputs=[gallery, used], api_visibility="private")
         fields["random_seed"].click(lambda: RANDOM_SEED, outputs=fields["seed"], api_visibility="private")
         reuse.upload(_reuse_settings(gr), inputs=reuse, outputs=form, api_name="reuse_settings")
@@ -273,11 +315,11 @@ def _page_generate(gr, studio: Studio, offered: tuple[str, ...]) -> Callable:
 
     def generate(prompt, negative_prompt, sampler, steps, guidance, seed, width, height, num_images=1,
                  progress=gr.Progress(), image=None, strength=None, mask_image=None, lora_scale=None,
-                 clip_skip=None, prompt_syntax=None):
+                 clip_skip=None, prompt_syntax=None, guess_mode=None, **control):
         """Generate images; returns the PNG file(s), each with its settings in its metadata.
 
         The image inputs, clip skip and the LoRA strength are explicit keywords defaulting to None, so the
-        API marks them optional.
+        API marks them optional. `control`: the ControlNet inputs (CONTROL_INPUTS, "_k" for net k > 0).
         """
         given = {"image": image, "strength": strength, "mask_image": mask_image}
         image_inputs = {name: given[name] for name in offered}  # only those the pipeline takes
@@ -290,12 +332,49 @@ def _page_generate(gr, studio: Studio, offered: tuple[str, ...]) -> Callable:
                                     1 if num_images is None else int(num_images),
                                     on_step=lambda done, total: progress((done, total), desc="denoising"),
                                     lora_scale=lora_scale, clip_skip=clip_skip, prompt_syntax=prompt_syntax,
+                                    controls=page_controls(studio.controlnets, control), guess_mode=bool(guess_mode),
                                     **image_inputs)
             return [str(path) for path in paths]
         except ValueError as error:
             raise refusal(gr, error) from None
 
+    return with_control_parameters(generate, len(studio.controlnets))
+
+
+def with_control_parameters(generate: Callable, num_nets: int) -> Callable:
+    """`generate` with its **control named in its signature, each defaulting to None, so that Gradio's API marks
+    the ControlNet inputs optional (a Gradio input without a default is required)."""
+    signature = inspect.signature(generate)
+    named = [inspect.Parameter(control_key(name, k), inspect.Parameter.KEYWORD_ONLY, default=None)
+             for k in range(num_nets) for name in CONTROL_INPUTS]
+    kept = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    generate.__signature__ = signature.replace(parameters=kept + named)
     return generate
+
+
+def page_controls(controlnets: Sequence[tuple[str, float]], values: dict[str, Any]) -> list[ControlUnit]:
+    """The page's ControlNet inputs as ControlUnits: one for each served net given a control image.
+
+    `values` holds CONTROL_INPUTS' names for the first net and "<name>_k" for net k; unset ones take the
+    unit's defaults (the served weight). ValueError naming an input the server does not have.
+    """
+    keys = {control_key(name, k) for k in range(len(controlnets)) for name in CONTROL_INPUTS}
+    unknown = sorted(set(values) - keys)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not a setting of this server (its ControlNet inputs: "
+                         f"{', '.join(sorted(keys)) or 'none; serve it with --controlnet'})")
+    units = []
+    for k, (model, weight) in enumerate(controlnets):
+        given = {field: values.get(control_key(name, k)) for name, field in CONTROL_INPUTS.items()}
+        if given["image"] is not None:
+            defaults = {"scale": weight, "start": 0.0, "end": 1.0, "preprocess": "none"}
+            units.append(ControlUnit(model, **{f: defaults[f] if v is None else v for f, v in given.items()
+                                              if f != "image"}, image=given["image"]))
+    return units
+
+
+def control_key(name: str, index: int) -> str:
+    return name if index == 0 else f"{name}_{index}"
 
 
 def _show(paths):
@@ -376,6 +455,30 @@ def _image_inputs(gr, accepted: tuple[str, ...]) -> dict[str, Any]:
     return components
 
 
+def _control_inputs(gr, controlnets: Sequence[tuple[str, float]]) -> dict[str, Any]:
+    """For each served ControlNet, a section with its control image, preprocessor, weight and step window
+    (keyed as `page_controls` reads them), and one guess-mode box; nothing without ControlNets."""
+    from latent_diffusion.control_images import PREPROCESSORS
+
+    components = {}
+    for k, (name, weight) in enumerate(controlnets):
+        with gr.Accordion(f"ControlNet: {name}", open=k == 0):
+            components[control_key("control_image", k)] = gr.Image(
+                label=f"Control image ({name}); empty: not used", type="pil", sources=["upload", "clipboard"])
+            components[control_key("control_preprocess", k)] = gr.Radio(
+                label="Preprocess (canny: the image's edges)", choices=list(PREPROCESSORS), value="none")
+            components[control_key("control_scale", k)] = gr.Slider(
+                label="Control weight", minimum=0.0, maximum=MAX_CONTROL_SCALE, value=weight, step=0.05)
+            with gr.Row():
+                components[control_key("control_start", k)] = gr.Slider(
+                    label="Starting control step", minimum=0.0, maximum=1.0, value=0.0, step=0.05)
+                components[control_key("control_end", k)] = gr.Slider(
+                    label="Ending control step", minimum=0.0, maximum=1.0, value=1.0, step=0.05)
+    if controlnets:
+        components["guess_mode"] = gr.Checkbox(label="Guess mode (ControlNet is more important)", value=False)
+    return components
+
+
 SERVE_LIMITS = {"port": (1, 65535), "max_queue": (1, None)}  # serve()'s integer settings: (minimum, maximum)
 
 
@@ -401,6 +504,7 @@ def serve(
     auth: Optional[tuple[str, str]] = None,
     extra_models: Sequence[tuple[str, Any]] = (),
     embeddings: Sequence[tuple[str, str]] = (),
+    controlnets: Sequence[tuple[str, float]] = (),
 ):
     """Serve `pipe` at http://host:port/; returns the launched app (at once when `block` is False).
 
@@ -410,12 +514,14 @@ def serve(
     A1111's and OpenAI's HTTP APIs (`http_api`): `limits` (max_steps, max_pixels, max_images; None or
     missing: sized for the model) bound each request, `api_key` guards them, `auth` (user, password)
     guards the page, and `extra_models` (name, pipeline) are models those APIs can switch to.
+    `controlnets`: (name, default weight) of the ControlNets loaded into `pipe`: the page gets their inputs,
+    the A1111 API takes sd-webui-controlnet units naming them.
     """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no usage pings
     check_serve_settings(port, max_queue)
     out_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="latent-diffusion-serve-"))
     pipe.set_progress_bar_config(disable=True)  # the page has its own progress bar
-    studio = Studio(pipe, model, out_dir, loras, embeddings)
+    studio = Studio(pipe, model, out_dir, loras, embeddings, controlnets)
     shown = studio.generate(EXAMPLE_PROMPT, seed=0) if example else None
     demo = build_app(studio, max_queue, shown)
     from latent_diffusion.apps.http_api import mount_kwargs

@@ -11,8 +11,13 @@ pairs separated by ", ", a value holding ",", ":" or a newline written as a JSON
 Keys in A1111's order: Steps, Sampler, Schedule type, CFG scale, Seed, Size (width x height), Model hash
 (first 10 hex of the weights file's SHA-256, when the model is one file), Model, Denoising strength
 (img2img), Clip skip (A1111 counts the last layer as 1: ours + 1; only above 1), Eta DDIM, Lora hashes
-(`name: first 12 hex of the SHA-256` of each adapter file). Our own PNG keys stay alongside; reading a PNG
-prefers them.
+(`name: first 12 hex of the SHA-256` of each adapter file), then one `ControlNet i` per ControlNet, its value the
+unit as the sd-webui-controlnet extension writes it (a quoted list of `Key: value` pairs: Module, Model, Weight,
+Resize Mode, Processor Res, Threshold A, Threshold B, Guidance Start, Guidance End, Pixel Perfect, Control Mode):
+
+    ..., ControlNet 0: "Module: canny, Model: default-outline, Weight: 0.8, Resize Mode: Just Resize, ..."
+
+Our own PNG keys stay alongside; reading a PNG prefers them.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from latent_diffusion.settings import GenerationSettings
+from latent_diffusion.control_images import CANNY_HIGH, CANNY_LOW
+from latent_diffusion.settings import ControlUnit, GenerationSettings
 
 PARAMETERS_KEY = "parameters"  # the PNG text chunk A1111 writes and reads
 # Our sampler names and A1111's (also ComfyUI's `sampler_name`); docs/samplers.md's A1111 column is this table.
@@ -30,6 +36,9 @@ A1111_SAMPLERS = {"dpm++": "DPM++ 2M", "dpm++_sde": "DPM++ 2M SDE", "unipc": "Un
                   "euler_a": "Euler a", "heun": "Heun", "ddim": "DDIM", "ddpm": "DDPM", "lcm": "LCM", "tcd": "TCD"}
 A1111_SCHEDULES = {None: "Automatic", "default": "Automatic", "karras": "Karras", "exponential": "Exponential"}
 MODEL_HASH_LENGTH, LORA_HASH_LENGTH = 10, 12  # A1111's short checkpoint hash and its network short hash
+# sd-webui-controlnet's control modes: ours is diffusers' guess mode ("ControlNet is more important") or not.
+CONTROL_MODES = {False: "Balanced", True: "ControlNet is more important"}
+_CONTROL_KEY = re.compile(r"ControlNet (\d+)$")
 _PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # Key: value, value maybe quoted
 
 
@@ -70,11 +79,49 @@ def format_infotext(settings: GenerationSettings) -> str:
     hashes = _lora_hashes(settings.loras)
     if hashes:
         fields["Lora hashes"] = hashes
+    for index, unit in enumerate(settings.controls):
+        fields[f"ControlNet {index}"] = control_unit_text(unit, settings.guess_mode)
     lines = [settings.prompt]
     if settings.negative_prompt:
         lines.append(f"Negative prompt: {settings.negative_prompt}")
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields.items()))
     return "\n".join(lines)
+
+
+def control_model_name(model: str) -> str:
+    """The name a ControlNet goes by in infotext and the A1111 API: a local folder's name, else the name given."""
+    path = Path(model).expanduser()
+    return path.name if path.is_dir() and path.name else model
+
+
+def control_unit_text(unit: ControlUnit, guess_mode: bool) -> str:
+    """One ControlNet unit as sd-webui-controlnet writes it into infotext (control images are stretched to the
+    output size: its "Just Resize"; preprocessors run at the image's own resolution: Processor Res -1)."""
+    low, high = (unit.thresholds or (CANNY_LOW, CANNY_HIGH)) if unit.preprocess == "canny" else (-1, -1)
+    values = {"Module": unit.preprocess, "Model": control_model_name(unit.model), "Weight": float(unit.scale),
+              "Resize Mode": "Just Resize", "Processor Res": -1, "Threshold A": float(low),
+              "Threshold B": float(high), "Guidance Start": float(unit.start), "Guidance End": float(unit.end),
+              "Pixel Perfect": False, "Control Mode": CONTROL_MODES[bool(guess_mode)]}
+    return ", ".join(f"{key}: {value}" for key, value in values.items())
+
+
+def controls_from_infotext(values: dict[str, str]) -> tuple[tuple[ControlUnit, ...], bool]:
+    """(units, guess mode) of the `ControlNet i` entries; ValueError (argument `png`) for a module we lack."""
+    from latent_diffusion.control_images import PREPROCESSORS
+
+    units, guess = [], False
+    for key in sorted((k for k in values if _CONTROL_KEY.match(k)), key=lambda k: int(_CONTROL_KEY.match(k)[1])):
+        unit = dict(part.split(": ", 1) for part in values[key].split(", ") if ": " in part)
+        module = unit.get("Module", "none")
+        if module not in PREPROCESSORS:
+            raise ValueError(f"png: {key}'s module {module!r} has no counterpart here (known: {', '.join(PREPROCESSORS)})")
+        low, high = float(unit.get("Threshold A", -1)), float(unit.get("Threshold B", -1))
+        thresholds = (low, high) if module == "canny" and 0 <= low < high else None
+        units.append(ControlUnit(model=re.sub(r" \[\w+\]$", "", unit.get("Model", "None")),
+                                 scale=float(unit.get("Weight", 1.0)), start=float(unit.get("Guidance Start", 0.0)),
+                                 end=float(unit.get("Guidance End", 1.0)), preprocess=module, thresholds=thresholds))
+        guess = guess or unit.get("Control Mode") == CONTROL_MODES[True]
+    return tuple(units), guess
 
 
 def _lora_hashes(loras) -> str:
@@ -112,12 +159,13 @@ def settings_from_infotext(text: str) -> GenerationSettings:
     sampler, schedule = _our_sampler(values.get("Sampler", "DPM++ 2M"), values.get("Schedule type", "Automatic"))
     width, height = (int(side) for side in values.get("Size", "").split("x")) if "Size" in values else (None, None)
     strength = float(values["Denoising strength"]) if "Denoising strength" in values else None
+    controls, guess_mode = controls_from_infotext(values)
     return GenerationSettings(
         prompt=prompt, negative_prompt=negative or None, steps=int(values["Steps"]),
         guidance=float(values["CFG scale"]) if "CFG scale" in values else None, sampler=sampler,
         sigma_schedule=schedule, eta=float(values.get("Eta DDIM", 0.0)), seed=int(values["Seed"]),
         height=height, width=width, clip_skip=int(values["Clip skip"]) - 1 if int(values.get("Clip skip", 1)) > 1
-        else None, strength=strength)
+        else None, strength=strength, controls=controls, guess_mode=guess_mode)
 
 
 def _our_sampler(sampler: str, schedule: str) -> tuple[str, Optional[str]]:
