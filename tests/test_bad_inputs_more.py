@@ -79,6 +79,8 @@ HOSTILE_GENERATE_CASES = [
     (["--clip-skip", "1000"], "clip_skip must be an integer from 1 to 2"),
     (["--clip-skip", "-1"], "clip_skip must be an integer from 1 to 2"),
     (["--seed", "99999999999999999999999"], "--seed must be an integer >= 0 and <= 18446744073709551615"),
+    (["--seed", str(2 ** 64 - 1), "--n", "2"],  # image k uses seed + k: the second would be 2^64
+     "--seed must be an integer >= 0 and <= 18446744073709551614, got 18446744073709551615"),
 ]
 
 
@@ -89,6 +91,20 @@ def test_generate_hostile_inputs(sd_folder, hostile, capsys, flags, message):
     last = err.strip().splitlines()[-1]
     assert last.startswith("latent-diffusion generate: error: ") and message in last and "Traceback" not in err
     assert not (hostile / "x.png").exists()
+
+
+@pytest.mark.parametrize("output", ["/proc/x.png", "/proc/self/x.png"])
+def test_generate_output_where_no_file_can_be_created_names_the_flag(sd_folder, tmp_path, capsys, output):
+    """/proc passes os.access for root; a file made and removed there up front says no, before the model loads."""
+    assert generate("--steps", "1", model=sd_folder, output=output) == 2
+    err = capsys.readouterr().err
+    folder = os.path.dirname(output)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"latent-diffusion generate: error: -o/--output {output!r}: folder {folder!r} is not "
+                           "writable"), err
+    if output == "/proc/x.png":  # os.access says yes here; the file made up front says no
+        assert last.endswith("(no file can be created there: No such file or directory)")
+    assert "Traceback" not in err
 
 
 def test_generate_refuses_a_cuda_device_this_machine_lacks(sd_folder, tmp_path, capsys):
@@ -142,6 +158,8 @@ def studio(sd_folder, tmp_path_factory):
 @pytest.mark.parametrize("settings, named", [
     ({"seed": 2 ** 64}, "seed must be an integer >= 0 and <= 18446744073709551615"),
     ({"seed": "7"}, "seed must be an integer >= 0"),
+    ({"seed": 2 ** 64 - 1, "num_images": 2},  # image k uses seed + k: the second image's seed would overflow
+     "seed must be an integer >= 0 and <= 18446744073709551614 (image k of 2 uses seed + k)"),
     ({"num_images": 1000}, "num_images must be an integer >= 1 and <= 8"),
     ({"lora_scale": 0.5}, "lora_scale: no LoRA adapter is loaded"),
     ({"prompt_syntax": "comfy"}, "prompt_syntax must be one of"),
@@ -193,6 +211,10 @@ HOSTILE_API_CASES = [
     ("/sdapi/v1/txt2img", txt2img(negative_prompt="x" * 20000), "negative_prompt: must be at most 10000 characters"),
     ("/sdapi/v1/txt2img", txt2img(seed=2 ** 64), "seed: must be an integer >= 0 and <= 18446744073709551615"),
     ("/sdapi/v1/txt2img", txt2img(seed=1.5), "seed: must be int, got 1.5"),
+    ("/sdapi/v1/txt2img", txt2img(seed=2 ** 64 - 1, batch_size=2),  # seed + k overflows for the second image
+     "seed: must be an integer >= 0 and <= 18446744073709551614 (image k of 2 uses seed + k)"),
+    ("/sdapi/v1/txt2img", txt2img(seed=2 ** 64 - 2, batch_size=2, n_iter=2),  # iteration 1's seeds: seed + 2, + 3
+     "seed: must be an integer >= 0 and <= 18446744073709551612 (image k of 4 uses seed + k)"),
     ("/sdapi/v1/txt2img", txt2img(cfg_scale="inf"), "cfg_scale: must be float, got 'inf'"),
     ("/sdapi/v1/txt2img", txt2img(prompt=["a", "b"]), "prompt: must be str"),
     ("/sdapi/v1/txt2img", txt2img(eta=float("nan")), "eta: must be a finite number >= 0, got nan"),
@@ -210,6 +232,8 @@ HOSTILE_API_CASES = [
     ("/v1/images/generations", {"prompt": "x", "size": "0x0"}, "size: height must be a positive multiple of"),
     ("/v1/images/generations", {"prompt": "x", "size": "100000x100000"}, "size: must be WIDTHxHEIGHT"),
     ("/v1/images/generations", {"prompt": "x", "n": 0}, "n: must be >= 1, got 0"),
+    ("/v1/images/generations", {"prompt": "x", "n": 3, "seed": 2 ** 64 - 2},
+     "seed: must be an integer >= 0 and <= 18446744073709551613 (image k of 3 uses seed + k)"),
     ("/v1/images/generations", {"prompt": "x" * 1_000_000}, "prompt: must be at most 10000 characters"),
     ("/v1/images/generations", {"prompt": 5}, "prompt: must be str, got 5"),
     ("/v1/images/generations", {"prompt": "x", "steps": 0}, "steps: num_inference_steps must be an integer >= 1"),

@@ -142,6 +142,7 @@ def _load_embedding(pipe, spec: str) -> tuple[str, str]:
 def run_generate(args: argparse.Namespace) -> list[Path]:
     import torch
 
+    from latent_diffusion.checks import one_line
     from latent_diffusion.formats.infotext import png_text
     from latent_diffusion.formats.pngmeta import save_png
 
@@ -160,8 +161,11 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     _check_call_memory(pipe, args, call.get("image"))
     images = pipe(**call).images
     records = settings.resolved(pipe).for_images(images)
-    return [save_png(image, path, png_text(record))
-            for image, path, record in zip(images, output_paths(args.output, args.n), records)]
+    try:
+        return [save_png(image, path, png_text(record))
+                for image, path, record in zip(images, output_paths(args.output, args.n), records)]
+    except OSError as error:  # checked up front, but a disk can fill or a folder vanish meanwhile: name the flag
+        raise OSError(f"-o/--output {args.output!r}: could not write the image: {one_line(error)}") from None
 
 
 def opened_pictures(settings, args: argparse.Namespace):
@@ -286,8 +290,14 @@ def check_output_path(output: str) -> None:
     if path.suffix and path.suffix.lower() != ".png":
         raise ValueError(f"-o/--output {output!r}: images are written as PNG (with the settings in its text "
                          f"chunks); give a name ending in .png, not {path.suffix!r}")
+    from latent_diffusion.formats.atomic import cannot_create_files_in
+
     if not os.access(folder, os.W_OK):
         raise ValueError(f"-o/--output {output!r}: folder {str(folder)!r} is not writable")
+    reason = cannot_create_files_in(str(folder))  # os.access says yes to root in /proc: make and remove a file
+    if reason:
+        raise ValueError(f"-o/--output {output!r}: folder {str(folder)!r} is not writable (no file can be "
+                         f"created there: {reason})")
 
 
 def output_paths(output: str, n: int) -> list[Path]:
