@@ -31,11 +31,16 @@ SIZE_CASES = [
     (["--train_batch_size", "100000"], "--train_batch_size 100000 needs about "),
     (["--validation_prompts", "x" * 20000], "--validation_prompts must be at most 10000 characters, got 20000"),
     (["--validation_prompts", *["a red circle"] * 257], "--validation_prompts: at most 256 prompts, got 257"),
+    (["--seed", str(2 ** 64)], "--seed must be an integer >= 0 and <= 18446744073709551615, got 18446744073709551616"),
+    (["--seed", str(2 ** 64 - 1), "--validation_prompts", "a", "b"],  # prompt i samples with seed + i
+     "--seed must be an integer >= 0 and <= 18446744073709551614, got 18446744073709551615"),
+    (["--dataloader_num_workers", "100000"], "--dataloader_num_workers must be at most "),
 ]
 
 
 @pytest.mark.parametrize("flags, message", SIZE_CASES, ids=["resolution-8192", "batch-100000", "prompt-20000-chars",
-                                                             "257-prompts"])
+                                                             "257-prompts", "seed-2^64", "seed-plus-prompt",
+                                                             "100000-workers"])
 def test_sizes_that_cannot_fit_are_refused_before_work_starts(sd_folder, data_dir, tmp_path, capsys, budget,  # noqa: F811
                                                               flags, message):
     before, start = peak_rss_gib(), time.monotonic()

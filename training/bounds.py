@@ -12,10 +12,12 @@ VAE decoder (the encoder mirrors it), not a second formula:
     peak ≈ max(batch · UNet forward · TRAIN_BACKWARD,  batch · VAE encode,  one validation call) + batch's pixels
 
 TRAIN_BACKWARD: autograd keeps the forward's activations for the backward pass and the backward adds their
-gradients. Measured on CPU with the tiny UNet (`latent_diffusion/tiny.py`), forward + backward at latent
-128² and 256², batch 1: peak resident growth 4.5× and 3.7× the forward estimate (the forward alone: 1.5× and
-0.7×). With `--gradient_checkpointing` only the block being recomputed keeps its activations, so the factor
-is 1. Like limits.py's, it guards against runs that cannot fit; it is not a byte-exact prediction.
+gradients. Measured on the 2-core CPU box with the tiny UNet (`latent_diffusion/tiny.py`), batch 1, by
+`python benchmarks/bench_train_memory.py`: forward + backward at latent 128² and 256² grew the peak resident
+memory 3.64× and 3.67× the forward estimate (the forward alone: 0.89× and 0.45×). It was not measured on a GPU
+nor with SD-sized UNets. With `--gradient_checkpointing` only the block being recomputed keeps its
+activations, so the factor is 1. Like limits.py's, it guards against runs that cannot fit; it is not a
+byte-exact prediction.
 """
 from __future__ import annotations
 
@@ -33,9 +35,10 @@ from latent_diffusion.limits import (GIB, MAX_IMAGES_PER_CALL, check_model_confi
                                      estimate_call_memory, memory_budget, unet_activation_elements,
                                      vae_decode_elements)
 
-TRAIN_BACKWARD = 4  # forward activations kept for the backward plus their gradients (3.7–4.5× measured, see above)
+TRAIN_BACKWARD = 4  # forward activations kept for the backward plus their gradients (3.6–3.7× measured, see above)
 MAX_VALIDATION_PROMPTS = MAX_IMAGES_PER_CALL  # one grid of images; more is a file pasted by mistake
 MAX_CONFIG_BYTES = 1 << 20  # a UNet config is a few KB of JSON
+TORCH_MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed takes at most this
 
 
 # ----------------------------------------------------------------------------- flags (parse time)
@@ -87,8 +90,14 @@ def build_unet(path: str):
         raise ValueError(f"--unet_config {path!r}: diffusers cannot build a UNet from it ({first})") from None
 
 
+def max_workers() -> int:
+    """The most data-loader worker processes a run may start: each is a whole Python process."""
+    return max(64, 2 * (os.cpu_count() or 1))
+
+
 def flag_problems(args) -> list[str]:
-    """Problems of --output_dir, --unet_config and --validation_prompts (parse time: no model, no data)."""
+    """Problems of --output_dir, --unet_config, --seed, --dataloader_num_workers and --validation_prompts (parse
+    time: no model, no data)."""
     problems = output_dir_problems(args.output_dir)
     if args.unet_config is not None:
         try:
@@ -96,6 +105,12 @@ def flag_problems(args) -> list[str]:
         except ValueError as error:
             problems.append(str(error))
     prompts = args.validation_prompts or []
+    highest_seed = TORCH_MAX_SEED - max(len(prompts) - 1, 0)  # validation prompt i samples with seed + i
+    if not 0 <= args.seed <= highest_seed:  # torch.manual_seed raises an overflow deep in the run otherwise
+        problems.append(f"--seed must be an integer >= 0 and <= {highest_seed}, got {args.seed}")
+    if args.dataloader_num_workers > max_workers():
+        problems.append(f"--dataloader_num_workers must be at most {max_workers()} (twice this machine's "
+                        f"{os.cpu_count()} CPUs, or 64), got {args.dataloader_num_workers}")
     if len(prompts) > MAX_VALIDATION_PROMPTS:
         problems.append(f"--validation_prompts: at most {MAX_VALIDATION_PROMPTS} prompts, got {len(prompts)}")
     try:
