@@ -155,3 +155,24 @@ def test_output_write_errors_name_the_flag():
             open("/proc/out/.unet.tmp-1", "w")
     assert str(error.value).startswith("--output_dir '/proc/out': could not write the run's output: No such file")
     assert ".unet.tmp-1" in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("error, line", [
+    (KeyError("unet"), "train_text2img.py: error: KeyError: 'unet'"),
+    (TypeError("bad operand\nsecond line"), "train_text2img.py: error: TypeError: bad operand"),
+    (MemoryError(), "train_text2img.py: error: MemoryError"),
+    (OSError(28, "No space left on device", "/out/x"), "train_text2img.py: error: No space left on device: /out/x"),
+])
+def test_any_failure_of_a_training_script_is_one_line_status_1(capsys, monkeypatch, error, line):
+    """Not only the expected failures: an exception of any type is one line, never a traceback."""
+    from latent_diffusion.training.train_text2img import run_as_command
+
+    def failing(argv):
+        raise error
+
+    monkeypatch.delenv("LATENT_DIFFUSION_TRACEBACK", raising=False)
+    assert run_as_command(failing, "train_text2img.py", []) == 1
+    assert capsys.readouterr().err.strip() == line
+    monkeypatch.setenv("LATENT_DIFFUSION_TRACEBACK", "1")
+    with pytest.raises(type(error)):
+        run_as_command(failing, "train_text2img.py", [])

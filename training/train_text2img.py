@@ -676,7 +676,8 @@ def cli(argv: Optional[list[str]] = None) -> int:
 
 def run_as_command(main_fn: Callable, name: str, argv: Optional[list[str]] = None) -> int:
     """A training script's main() as a command: a usage error (bad flag, data or model) prints one line and
-    exits 2, a diverged or failed run 1, a clean stop its signal's status."""
+    exits 2, a diverged or failed run 1 (any other exception too, as `ErrorType: first line`; set
+    LATENT_DIFFUSION_TRACEBACK=1 for the traceback), a clean stop its signal's status."""
     try:
         main_fn(argv)
     except ValueError as error:
@@ -688,10 +689,12 @@ def run_as_command(main_fn: Callable, name: str, argv: Optional[list[str]] = Non
     except KeyboardInterrupt:  # before the training loop (loading, caching) or a second Ctrl-C
         print(f"{name}: interrupted; checkpoints already written are whole", file=sys.stderr)
         return 130
-    except (NonFiniteError, OSError, RuntimeError, ImportError) as error:  # the run failed, not its arguments
+    except Exception as error:  # the run failed, not its arguments: one line (the traceback on request)
         if os.environ.get("LATENT_DIFFUSION_TRACEBACK"):
             raise
-        print(f"{name}: error: {one_line(error)}", file=sys.stderr)
+        text, kind = one_line(error), type(error).__name__
+        expected = isinstance(error, (NonFiniteError, OSError, RuntimeError, ImportError)) or text == kind
+        print(f"{name}: error: {text if expected else f'{kind}: {text}'}", file=sys.stderr)
         return 1
     return 0
 
