@@ -278,3 +278,22 @@ def test_api_flood_against_a_full_queue_is_429_and_the_server_keeps_serving(serv
     assert sorted(status for status, _ in answers) == [200] + [429] * 39
     status, answer = served.request("POST", "/sdapi/v1/txt2img", txt2img(seed=1))
     assert status == 200 and len(answer["images"]) == 1
+
+
+def test_api_request_of_the_largest_allowed_size_finishes_and_one_more_is_refused(served):
+    """At the server's limits (LIMITS: 12 steps, 48×48, 4 images) with the highest seed that still fits, a request
+    finishes within the time bound, every image with its own seed up to 2^64 − 1; one over each limit is a 400."""
+    import json
+
+    from test_http_api import LIMITS
+
+    largest = txt2img(steps=LIMITS["max_steps"], width=48, height=48, batch_size=2, n_iter=2, seed=2 ** 64 - 4)
+    start = time.monotonic()
+    status, answer = served.request("POST", "/sdapi/v1/txt2img", largest, timeout=120)
+    assert status == 200 and len(answer["images"]) == LIMITS["max_images"], answer
+    assert time.monotonic() - start < 120
+    assert json.loads(answer["info"])["all_seeds"] == [2 ** 64 - 4 + k for k in range(4)]
+    for over, field in ((dict(steps=LIMITS["max_steps"] + 1), "steps"), (dict(width=52), "width"),
+                        (dict(batch_size=5, n_iter=1), "batch_size"), (dict(seed=2 ** 64 - 3), "seed")):
+        status, answer = served.request("POST", "/sdapi/v1/txt2img", {**largest, **over})
+        assert status == 400 and answer["detail"].startswith(f"{field}: "), (over, answer)
