@@ -35,12 +35,15 @@ SIZE_CASES = [
     (["--seed", str(2 ** 64 - 1), "--validation_prompts", "a", "b"],  # prompt i samples with seed + i
      "--seed must be an integer >= 0 and <= 18446744073709551614, got 18446744073709551615"),
     (["--dataloader_num_workers", "100000"], "--dataloader_num_workers must be at most "),
+    (["--lora_rank", "100000000"], "--lora_rank must be at most 64 for this UNet (4 × its widest 16 channels)"),
+    (["--validation_prompts", "a red circle", "--num_validation_inference_steps", "5000"],
+     "--num_validation_inference_steps must be at most 1000 (the scheduler's num_train_timesteps), got 5000"),
 ]
 
 
 @pytest.mark.parametrize("flags, message", SIZE_CASES, ids=["resolution-8192", "batch-100000", "prompt-20000-chars",
                                                              "257-prompts", "seed-2^64", "seed-plus-prompt",
-                                                             "100000-workers"])
+                                                             "100000-workers", "lora-rank-1e8", "validation-steps"])
 def test_sizes_that_cannot_fit_are_refused_before_work_starts(sd_folder, data_dir, tmp_path, capsys, budget,  # noqa: F811
                                                               flags, message):
     before, start = peak_rss_gib(), time.monotonic()

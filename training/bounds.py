@@ -167,3 +167,19 @@ def check_step_memory(settings, unet_config: Any, vae_config: Any, vae_factor: i
                          f"the {budget / GIB:.3g} GiB available; use a smaller --resolution or --train_batch_size "
                          "(or --gradient_checkpointing)")
     return need
+
+
+def check_model_dependent_flags(settings, unet_config: Any, scheduler_config: Any) -> None:
+    """ValueError naming the flag for values only the loaded model can judge, before they cost memory or a
+    whole run: a --lora_rank above 4 × the UNet's widest channels (no adapted layer, the 4×-wide feed-forward
+    included, is wider: a higher rank adds parameters, not capacity) and --num_validation_inference_steps
+    above the scheduler's training timesteps (the pipeline would refuse them at the first validation)."""
+    widest = 4 * max(int(c) for c in unet_config.block_out_channels)
+    if settings.lora is not None and settings.lora.rank > widest:
+        raise ValueError(f"--lora_rank must be at most {widest} for this UNet (4 × its widest "
+                         f"{widest // 4} channels), got {settings.lora.rank}")
+    timesteps = getattr(scheduler_config, "num_train_timesteps", None)
+    steps = settings.validation.num_validation_inference_steps
+    if settings.validation.validation_prompts and timesteps and steps > timesteps:
+        raise ValueError(f"--num_validation_inference_steps must be at most {timesteps} (the scheduler's "
+                         f"num_train_timesteps), got {steps}")

@@ -58,7 +58,8 @@ from latent_diffusion.training.ema import EMA
 from latent_diffusion.training import bucketing, folders, lora, validation_loss
 from latent_diffusion.training.captions import caption_rewriter
 from latent_diffusion.training.masked_loss import latent_mask, masked_samples
-from latent_diffusion.training.bounds import build_unet, check_step_memory, naming_output_dir
+from latent_diffusion.training.bounds import (build_unet, check_model_dependent_flags, check_step_memory,
+                                             naming_output_dir)
 from latent_diffusion.training.launch_checks import check_fsdp_is_active
 from latent_diffusion.training.lora_run import save_lora_run
 from latent_diffusion.training.lora_weights import register_checkpoint_hooks
@@ -168,6 +169,7 @@ def load_models(settings: TrainingSettings, accelerator: Accelerator) -> Models:
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     check_step_memory(settings, unet.config, vae.config, vae_scale_factor(vae), weight_dtype, accelerator.device)
+    check_model_dependent_flags(settings, unet.config, scheduler.config)  # --lora_rank, validation steps
     for frozen in (vae, text_encoder) + ((text_encoder_2,) if text_encoder_2 is not None else ()):
         frozen.requires_grad_(False)
         frozen.eval()
