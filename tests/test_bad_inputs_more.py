@@ -107,6 +107,19 @@ def test_generate_output_where_no_file_can_be_created_names_the_flag(sd_folder, 
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--num-prompts", "1000000000"], "--num-prompts must be an integer >= 1 and <= 100000, got 1000000000"),
+    (["--seeds", "1000000000"], "--seeds must be an integer >= 1 and <= 10000, got 1000000000"),
+    (["--batch-size", "100000"], "--batch-size must be an integer >= 1 and <= 256, got 100000"),
+])
+def test_eval_counts_are_bounded_before_their_lists_are_built(sd_folder, tmp_path, capsys, flags, message):
+    from latent_diffusion.apps.cli import main as cli_main
+
+    assert cli_main(["eval", "--model", str(sd_folder), "--out", str(tmp_path / "eval"), "--quiet", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"latent-diffusion eval: error: {message}" and "Traceback" not in err
+
+
 def test_generate_refuses_a_cuda_device_this_machine_lacks(sd_folder, tmp_path, capsys):
     if torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")

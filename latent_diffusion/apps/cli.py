@@ -378,16 +378,22 @@ def _run_eval(args: argparse.Namespace) -> list[Path]:
     return report.run_evaluation(pipe, run, measures, progress=not args.quiet)[:2]
 
 
+MAX_EVAL_PROMPTS = 100_000  # eval's prompt list and seed list are built whole before the first image
+MAX_EVAL_SEEDS = 10_000
+
+
 def check_eval_args(args: argparse.Namespace) -> None:
     """ValueError naming the flag for eval values no model could take (sampler names: the settings check them)."""
     from latent_diffusion.checks import MAX_IMAGE_SIDE, check_finite, check_int
+    from latent_diffusion.limits import MAX_IMAGES_PER_CALL
 
     for scale in args.guidance or []:
         check_finite("--guidance", scale, 0)
     for steps in args.steps or []:
         check_int("--steps", steps, 1)
-    for flag in ("num_prompts", "seeds", "batch_size"):
+    for flag, most in (("num_prompts", MAX_EVAL_PROMPTS), ("seeds", MAX_EVAL_SEEDS), ("batch_size", MAX_IMAGES_PER_CALL)):
         check_int(f"--{flag.replace('_', '-')}", getattr(args, flag), 1)
+        check_int(f"--{flag.replace('_', '-')}", getattr(args, flag), 1, most)  # lists built before the model loads
     if args.size is not None:
         check_int("--size", args.size, 1, MAX_IMAGE_SIDE)
     if args.model is not None:
