@@ -79,6 +79,8 @@ HOSTILE_GENERATE_CASES = [
     (["--clip-skip", "1000"], "clip_skip must be an integer from 1 to 2"),
     (["--clip-skip", "-1"], "clip_skip must be an integer from 1 to 2"),
     (["--seed", "99999999999999999999999"], "--seed must be an integer >= 0 and <= 18446744073709551615"),
+    (["--seed", str(2 ** 64 - 1), "--n", "2"],  # image k uses seed + k: the second would be 2^64
+     "--seed must be an integer >= 0 and <= 18446744073709551614, got 18446744073709551615"),
 ]
 
 
@@ -89,6 +91,33 @@ def test_generate_hostile_inputs(sd_folder, hostile, capsys, flags, message):
     last = err.strip().splitlines()[-1]
     assert last.startswith("latent-diffusion generate: error: ") and message in last and "Traceback" not in err
     assert not (hostile / "x.png").exists()
+
+
+@pytest.mark.parametrize("output", ["/proc/x.png", "/proc/self/x.png"])
+def test_generate_output_where_no_file_can_be_created_names_the_flag(sd_folder, tmp_path, capsys, output):
+    """/proc passes os.access for root; a file made and removed there up front says no, before the model loads."""
+    assert generate("--steps", "1", model=sd_folder, output=output) == 2
+    err = capsys.readouterr().err
+    folder = os.path.dirname(output)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"latent-diffusion generate: error: -o/--output {output!r}: folder {folder!r} is not "
+                           "writable"), err
+    if output == "/proc/x.png":  # os.access says yes here; the file made up front says no
+        assert last.endswith("(no file can be created there: No such file or directory)")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-prompts", "1000000000"], "--num-prompts must be an integer >= 1 and <= 100000, got 1000000000"),
+    (["--seeds", "1000000000"], "--seeds must be an integer >= 1 and <= 10000, got 1000000000"),
+    (["--batch-size", "100000"], "--batch-size must be an integer >= 1 and <= 256, got 100000"),
+])
+def test_eval_counts_are_bounded_before_their_lists_are_built(sd_folder, tmp_path, capsys, flags, message):
+    from latent_diffusion.apps.cli import main as cli_main
+
+    assert cli_main(["eval", "--model", str(sd_folder), "--out", str(tmp_path / "eval"), "--quiet", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"latent-diffusion eval: error: {message}" and "Traceback" not in err
 
 
 def test_generate_refuses_a_cuda_device_this_machine_lacks(sd_folder, tmp_path, capsys):
@@ -142,6 +171,8 @@ def studio(sd_folder, tmp_path_factory):
 @pytest.mark.parametrize("settings, named", [
     ({"seed": 2 ** 64}, "seed must be an integer >= 0 and <= 18446744073709551615"),
     ({"seed": "7"}, "seed must be an integer >= 0"),
+    ({"seed": 2 ** 64 - 1, "num_images": 2},  # image k uses seed + k: the second image's seed would overflow
+     "seed must be an integer >= 0 and <= 18446744073709551614 (image k of 2 uses seed + k)"),
     ({"num_images": 1000}, "num_images must be an integer >= 1 and <= 8"),
     ({"lora_scale": 0.5}, "lora_scale: no LoRA adapter is loaded"),
     ({"prompt_syntax": "comfy"}, "prompt_syntax must be one of"),
@@ -193,6 +224,10 @@ HOSTILE_API_CASES = [
     ("/sdapi/v1/txt2img", txt2img(negative_prompt="x" * 20000), "negative_prompt: must be at most 10000 characters"),
     ("/sdapi/v1/txt2img", txt2img(seed=2 ** 64), "seed: must be an integer >= 0 and <= 18446744073709551615"),
     ("/sdapi/v1/txt2img", txt2img(seed=1.5), "seed: must be int, got 1.5"),
+    ("/sdapi/v1/txt2img", txt2img(seed=2 ** 64 - 1, batch_size=2),  # seed + k overflows for the second image
+     "seed: must be an integer >= 0 and <= 18446744073709551614 (image k of 2 uses seed + k)"),
+    ("/sdapi/v1/txt2img", txt2img(seed=2 ** 64 - 2, batch_size=2, n_iter=2),  # iteration 1's seeds: seed + 2, + 3
+     "seed: must be an integer >= 0 and <= 18446744073709551612 (image k of 4 uses seed + k)"),
     ("/sdapi/v1/txt2img", txt2img(cfg_scale="inf"), "cfg_scale: must be float, got 'inf'"),
     ("/sdapi/v1/txt2img", txt2img(prompt=["a", "b"]), "prompt: must be str"),
     ("/sdapi/v1/txt2img", txt2img(eta=float("nan")), "eta: must be a finite number >= 0, got nan"),
@@ -210,6 +245,8 @@ HOSTILE_API_CASES = [
     ("/v1/images/generations", {"prompt": "x", "size": "0x0"}, "size: height must be a positive multiple of"),
     ("/v1/images/generations", {"prompt": "x", "size": "100000x100000"}, "size: must be WIDTHxHEIGHT"),
     ("/v1/images/generations", {"prompt": "x", "n": 0}, "n: must be >= 1, got 0"),
+    ("/v1/images/generations", {"prompt": "x", "n": 3, "seed": 2 ** 64 - 2},
+     "seed: must be an integer >= 0 and <= 18446744073709551613 (image k of 3 uses seed + k)"),
     ("/v1/images/generations", {"prompt": "x" * 1_000_000}, "prompt: must be at most 10000 characters"),
     ("/v1/images/generations", {"prompt": 5}, "prompt: must be str, got 5"),
     ("/v1/images/generations", {"prompt": "x", "steps": 0}, "steps: num_inference_steps must be an integer >= 1"),
@@ -254,3 +291,22 @@ def test_api_flood_against_a_full_queue_is_429_and_the_server_keeps_serving(serv
     assert sorted(status for status, _ in answers) == [200] + [429] * 39
     status, answer = served.request("POST", "/sdapi/v1/txt2img", txt2img(seed=1))
     assert status == 200 and len(answer["images"]) == 1
+
+
+def test_api_request_of_the_largest_allowed_size_finishes_and_one_more_is_refused(served):
+    """At the server's limits (LIMITS: 12 steps, 48×48, 4 images) with the highest seed that still fits, a request
+    finishes within the time bound, every image with its own seed up to 2^64 − 1; one over each limit is a 400."""
+    import json
+
+    from test_http_api import LIMITS
+
+    largest = txt2img(steps=LIMITS["max_steps"], width=48, height=48, batch_size=2, n_iter=2, seed=2 ** 64 - 4)
+    start = time.monotonic()
+    status, answer = served.request("POST", "/sdapi/v1/txt2img", largest, timeout=120)
+    assert status == 200 and len(answer["images"]) == LIMITS["max_images"], answer
+    assert time.monotonic() - start < 120
+    assert json.loads(answer["info"])["all_seeds"] == [2 ** 64 - 4 + k for k in range(4)]
+    for over, field in ((dict(steps=LIMITS["max_steps"] + 1), "steps"), (dict(width=52), "width"),
+                        (dict(batch_size=5, n_iter=1), "batch_size"), (dict(seed=2 ** 64 - 3), "seed")):
+        status, answer = served.request("POST", "/sdapi/v1/txt2img", {**largest, **over})
+        assert status == 400 and answer["detail"].startswith(f"{field}: "), (over, answer)

@@ -60,7 +60,8 @@ def test_a_write_failure_is_one_line_status_1(sd_folder, tmp_path, capsys, monke
 
     monkeypatch.setattr(pngmeta, "save_png", full)
     assert generate(sd_folder, tmp_path) == 1
-    assert last_line(capsys) == f"latent-diffusion generate: error: No space left on device: {tmp_path / 'x.png'}"
+    assert last_line(capsys) == (f"latent-diffusion generate: error: -o/--output {str(tmp_path / 'x.png')!r}: could not "
+                                 f"write the image: No space left on device: {tmp_path / 'x.png'}")
 
 
 def test_an_unexpected_error_is_one_line_status_1(sd_folder, tmp_path, capsys, monkeypatch):

@@ -178,8 +178,9 @@ def check_args(args: argparse.Namespace) -> list[str]:
         problems.append("give exactly one of --dataset_name, --train_data_dir or --instance_data_dir")
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         problems.append(f"--train_data_dir {args.train_data_dir!r} is not a folder")
-    if args.unet_config is not None and not os.path.isfile(args.unet_config):
-        problems.append(f"--unet_config {args.unet_config!r} is not a file")
+    from latent_diffusion.training.bounds import flag_problems
+
+    problems += flag_problems(args)  # --output_dir writable, --unet_config a JSON object, validation prompts bounded
     for flag in ("train_batch_size", "gradient_accumulation_steps", "resolution", "checkpointing_steps",
                  "validation_steps", "num_train_epochs", "num_validation_inference_steps"):
         if getattr(args, flag) < 1:

@@ -58,6 +58,8 @@ from latent_diffusion.training.ema import EMA
 from latent_diffusion.training import bucketing, folders, lora, validation_loss
 from latent_diffusion.training.captions import caption_rewriter
 from latent_diffusion.training.masked_loss import latent_mask, masked_samples
+from latent_diffusion.training.bounds import (build_unet, check_model_dependent_flags, check_step_memory,
+                                             naming_output_dir)
 from latent_diffusion.training.launch_checks import check_fsdp_is_active
 from latent_diffusion.training.lora_run import save_lora_run
 from latent_diffusion.training.lora_weights import register_checkpoint_hooks
@@ -115,7 +117,8 @@ def make_accelerator(settings: TrainingSettings) -> Accelerator:
         torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(opt.seed)
     if accelerator.is_main_process:
-        os.makedirs(out.output_dir, exist_ok=True)
+        with naming_output_dir(out.output_dir):
+            os.makedirs(out.output_dir, exist_ok=True)
     return accelerator
 
 
@@ -150,15 +153,13 @@ class Trainee:
 
 def load_models(settings: TrainingSettings, accelerator: Accelerator) -> Models:
     """Components from --pretrained_model_name_or_path; a fresh UNet from --unet_config if given."""
-    from diffusers import UNet2DConditionModel
-
     model_cfg, data_cfg, speed = settings.model, settings.data, settings.speed
     parts = load_components(model_cfg.pretrained_model_name_or_path, revision=model_cfg.revision,
                             variant=model_cfg.variant, cache_dir=data_cfg.cache_dir,
                             skip=("unet",) if model_cfg.unet_config else (),
                             single_file_config=model_cfg.single_file_config)
     if model_cfg.unet_config is not None:
-        parts["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_cfg.unet_config))
+        parts["unet"] = build_unet(model_cfg.unet_config)  # errors name --unet_config
     unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
     scheduler = parts["scheduler"]
     if model_cfg.prediction_type is not None:  # the saved scheduler carries the trained prediction type
@@ -167,6 +168,8 @@ def load_models(settings: TrainingSettings, accelerator: Accelerator) -> Models:
     check_model_fits(settings, unet, vae, text_encoder, text_encoder_2)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    check_step_memory(settings, unet.config, vae.config, vae_scale_factor(vae), weight_dtype, accelerator.device)
+    check_model_dependent_flags(settings, unet.config, scheduler.config)  # --lora_rank, validation steps
     for frozen in (vae, text_encoder) + ((text_encoder_2,) if text_encoder_2 is not None else ()):
         frozen.requires_grad_(False)
         frozen.eval()
@@ -628,9 +631,10 @@ def save_pipeline(settings: TrainingSettings, accelerator: Accelerator, models: 
                                 torch.float32, text_encoder_2, models.tokenizer_2,
                                 models.force_zeros_for_empty_prompt), final_unet)
     pipe.generation_defaults = output_generation_defaults(model_cfg.pretrained_model_name_or_path, out.generation_defaults)
-    pipe.save_pretrained(out.output_dir)
-    if out.save_single_file:  # one file for AUTOMATIC1111 / ComfyUI / kohya (formats/single_file.py)
-        pipe.save_single_file(os.path.join(out.output_dir, SINGLE_FILE))
+    with naming_output_dir(out.output_dir):  # a write error names the flag, not a temporary file
+        pipe.save_pretrained(out.output_dir)
+        if out.save_single_file:  # one file for AUTOMATIC1111 / ComfyUI / kohya (formats/single_file.py)
+            pipe.save_single_file(os.path.join(out.output_dir, SINGLE_FILE))
     grid = write_card(settings, pipe, step)
     logger.info(f"saved the pipeline to {out.output_dir}" + (f" (validation grid {grid})" if grid else ""))
     if out.push_to_hub:
@@ -674,7 +678,8 @@ def cli(argv: Optional[list[str]] = None) -> int:
 
 def run_as_command(main_fn: Callable, name: str, argv: Optional[list[str]] = None) -> int:
     """A training script's main() as a command: a usage error (bad flag, data or model) prints one line and
-    exits 2, a diverged or failed run 1, a clean stop its signal's status."""
+    exits 2, a diverged or failed run 1 (any other exception too, as `ErrorType: first line`; set
+    LATENT_DIFFUSION_TRACEBACK=1 for the traceback), a clean stop its signal's status."""
     try:
         main_fn(argv)
     except ValueError as error:
@@ -686,10 +691,12 @@ def run_as_command(main_fn: Callable, name: str, argv: Optional[list[str]] = Non
     except KeyboardInterrupt:  # before the training loop (loading, caching) or a second Ctrl-C
         print(f"{name}: interrupted; checkpoints already written are whole", file=sys.stderr)
         return 130
-    except (NonFiniteError, OSError, RuntimeError, ImportError) as error:  # the run failed, not its arguments
+    except Exception as error:  # the run failed, not its arguments: one line (the traceback on request)
         if os.environ.get("LATENT_DIFFUSION_TRACEBACK"):
             raise
-        print(f"{name}: error: {one_line(error)}", file=sys.stderr)
+        text, kind = one_line(error), type(error).__name__
+        expected = isinstance(error, (NonFiniteError, OSError, RuntimeError, ImportError)) or text == kind
+        print(f"{name}: error: {text if expected else f'{kind}: {text}'}", file=sys.stderr)
         return 1
     return 0
 

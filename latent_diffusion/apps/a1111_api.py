@@ -115,7 +115,7 @@ def parse_request(payload: dict, server: ApiServer, pictures: dict[str, Any]) ->
     from latent_diffusion.apps.webui import resolve_seed
 
     try:
-        seed = resolve_seed(field(payload, "seed", int, -1))
+        seed = resolve_seed(field(payload, "seed", int, -1), batch_size * n_iter)  # seed + k for every image
     except ValueError as error:
         raise renamed(error, FIELDS) from None
     return A1111Request(model, batch_size, n_iter, seed, settings, _notes(payload) + control_notes)

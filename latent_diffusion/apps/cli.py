@@ -144,6 +144,7 @@ def _load_embedding(pipe, spec: str) -> tuple[str, str]:
 def run_generate(args: argparse.Namespace) -> list[Path]:
     import torch
 
+    from latent_diffusion.checks import one_line
     from latent_diffusion.formats.infotext import png_text
     from latent_diffusion.formats.pngmeta import save_png
 
@@ -161,8 +162,11 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     _check_call_memory(pipe, args, call.get("image"))
     images = pipe(**call).images
     records = settings.resolved(pipe).for_images(images)
-    return [save_png(image, path, png_text(record))
-            for image, path, record in zip(images, output_paths(args.output, args.n), records)]
+    try:
+        return [save_png(image, path, png_text(record))
+                for image, path, record in zip(images, output_paths(args.output, args.n), records)]
+    except OSError as error:  # checked up front, but a disk can fill or a folder vanish meanwhile: name the flag
+        raise OSError(f"-o/--output {args.output!r}: could not write the image: {one_line(error)}") from None
 
 
 def opened_pictures(settings, args: argparse.Namespace):
@@ -291,8 +295,14 @@ def check_output_path(output: str) -> None:
     if path.suffix and path.suffix.lower() != ".png":
         raise ValueError(f"-o/--output {output!r}: images are written as PNG (with the settings in its text "
                          f"chunks); give a name ending in .png, not {path.suffix!r}")
+    from latent_diffusion.formats.atomic import cannot_create_files_in
+
     if not os.access(folder, os.W_OK):
         raise ValueError(f"-o/--output {output!r}: folder {str(folder)!r} is not writable")
+    reason = cannot_create_files_in(str(folder))  # os.access says yes to root in /proc: make and remove a file
+    if reason:
+        raise ValueError(f"-o/--output {output!r}: folder {str(folder)!r} is not writable (no file can be "
+                         f"created there: {reason})")
 
 
 def output_paths(output: str, n: int) -> list[Path]:
@@ -373,16 +383,22 @@ def _run_eval(args: argparse.Namespace) -> list[Path]:
     return report.run_evaluation(pipe, run, measures, progress=not args.quiet)[:2]
 
 
+MAX_EVAL_PROMPTS = 100_000  # eval's prompt list and seed list are built whole before the first image
+MAX_EVAL_SEEDS = 10_000
+
+
 def check_eval_args(args: argparse.Namespace) -> None:
     """ValueError naming the flag for eval values no model could take (sampler names: the settings check them)."""
     from latent_diffusion.checks import MAX_IMAGE_SIDE, check_finite, check_int
+    from latent_diffusion.limits import MAX_IMAGES_PER_CALL
 
     for scale in args.guidance or []:
         check_finite("--guidance", scale, 0)
     for steps in args.steps or []:
         check_int("--steps", steps, 1)
-    for flag in ("num_prompts", "seeds", "batch_size"):
+    for flag, most in (("num_prompts", MAX_EVAL_PROMPTS), ("seeds", MAX_EVAL_SEEDS), ("batch_size", MAX_IMAGES_PER_CALL)):
         check_int(f"--{flag.replace('_', '-')}", getattr(args, flag), 1)
+        check_int(f"--{flag.replace('_', '-')}", getattr(args, flag), 1, most)  # lists built before the model loads
     if args.size is not None:
         check_int("--size", args.size, 1, MAX_IMAGE_SIDE)
     if args.model is not None:

@@ -54,8 +54,15 @@ def parse_request(fields: dict, server: ApiServer) -> dict[str, Any]:
     prompt = field(fields, "prompt", str)
     if not prompt:
         raise RequestError("prompt", "is required")
+    from latent_diffusion.apps.webui import resolve_seed
+
+    seed = field(fields, "seed", int, -1)
+    try:
+        resolve_seed(seed, n)  # before the queue: image k uses seed + k, so seed + n - 1 must fit too
+    except ValueError as error:
+        raise renamed(error, FIELDS) from None
     return dict(studio=studio, response_format=response_format, prompt=prompt, num_images=n, width=width,
-                height=height, steps=steps, seed=field(fields, "seed", int, -1),
+                height=height, steps=steps, seed=seed,
                 negative_prompt=field(fields, "negative_prompt", str))
 
 

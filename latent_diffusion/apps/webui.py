@@ -140,7 +140,7 @@ class Studio:
             raise ValueError("lora_scale: no LoRA adapter is loaded (serve the pipeline with `loras`)")
         settings = GenerationSettings(
             prompt=prompt, negative_prompt=negative_prompt or None, steps=steps, guidance=guidance,
-            sampler=sampler or None, sigma_schedule=sigma_schedule, eta=eta, seed=resolve_seed(seed), height=height,
+            sampler=sampler or None, sigma_schedule=sigma_schedule, eta=eta, seed=resolve_seed(seed, n), height=height,
             width=width, n=n,
             clip_skip=clip_skip or None,  # the page's 0 means off
             image=image_inputs.get("image"), mask=image_inputs.get("mask_image"), strength=image_inputs.get("strength"),
@@ -208,12 +208,15 @@ def without_controlnets(pipe):
     return without_controlnet(pipe)
 
 
-def resolve_seed(seed: Optional[int]) -> int:
-    """The seed a request uses: a fresh random one for -1 (or None), else the given one, checked."""
+def resolve_seed(seed: Optional[int], images: int = 1) -> int:
+    """The seed a request of `images` images uses: a fresh random one for -1 (or None), else the given one,
+    checked so that the last image's seed (seed + images - 1) is still one torch takes."""
     if seed is None or seed == RANDOM_SEED:
         return random.SystemRandom().randint(0, MAX_SEED)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= TORCH_MAX_SEED:
-        raise ValueError(f"seed must be an integer >= 0 and <= {TORCH_MAX_SEED}, or {RANDOM_SEED} for a random seed, "
+    highest = TORCH_MAX_SEED - (images - 1)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= highest:
+        why = f" (image k of {images} uses seed + k)" if images > 1 else ""
+        raise ValueError(f"seed must be an integer >= 0 and <= {highest}{why}, or {RANDOM_SEED} for a random seed, "
                          f"got {seed!r}")
     return seed
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -59,3 +60,16 @@ def atomic_folder(path: PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cannot_create_files_in(folder: str) -> Optional[str]:
+    """None when a file can be created in `folder` (a temporary file is made and removed), else the reason.
+
+    os.access is not enough: root may "write" anywhere, and /proc or a read-only mount says yes to it."""
+    try:
+        handle, name = tempfile.mkstemp(dir=folder, prefix=".write-check-")
+    except OSError as error:
+        return error.strerror or str(error)
+    os.close(handle)
+    os.unlink(name)
+    return None
