@@ -125,9 +125,16 @@ def encode_captions(tokenizer, text_encoder, captions: Sequence[str]) -> torch.T
 @torch.no_grad()
 def encode_caption_tensors(tokenizer, text_encoder, captions: Sequence[str], tokenizer_2=None,
                            text_encoder_2=None) -> dict[str, torch.Tensor]:
-    """{"text_embeds": (B, L, D)}, plus "pooled_embeds" (B, P) for SDXL (both encoders, as the pipeline encodes)."""
+    """`caption_tensors` without gradients (frozen encoders: the cache and the on-the-fly path)."""
+    return caption_tensors(tokenizer, text_encoder, captions, tokenizer_2, text_encoder_2)
+
+
+def caption_tensors(tokenizer, text_encoder, captions: Sequence[str], tokenizer_2=None,
+                    text_encoder_2=None) -> dict[str, torch.Tensor]:
+    """{"text_embeds": (B, L, D)}, plus "pooled_embeds" (B, P) for SDXL (both encoders, as the pipeline encodes);
+    with gradients when the encoders train (--train_text_encoder, --train_text_encoder_lora)."""
     if text_encoder_2 is None:
-        return {"text_embeds": encode_captions(tokenizer, text_encoder, captions)}
+        return {"text_embeds": encode_prompts(tokenizer, text_encoder, list(captions), num_chunks=1)}
     cond = SDXLConditioner(tokenizer, text_encoder, tokenizer_2, text_encoder_2).encode_texts(list(captions),
                                                                                               num_chunks=1)
     return {"text_embeds": cond.context, "pooled_embeds": cond.text_embeds}
