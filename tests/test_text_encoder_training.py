@@ -62,6 +62,19 @@ def test_full_text_encoder_trains_saves_and_loads(sd_folder, data_dir, tmp_path)
     assert np.abs(generate(again, guidance_scale=3.0) - a).max() <= 2 / 255  # the file is float16
 
 
+def test_mixed_precision_trains_a_float32_encoder_and_validates_with_it(sd_folder, data_dir, tmp_path):  # noqa: F811
+    """bf16 with gradient checkpointing: the encoder trains in float32 (the frozen VAE is cast), is saved in
+    float32, and the validation images are drawn during training."""
+    out = tmp_path / "out"
+    train(sd_folder, data_dir, out, "--train_text_encoder", "--text_encoder_lr", "5e-2", "--no_cache",
+          "--max_train_steps", 2, "--checkpointing_steps", 2, "--mixed_precision", "bf16", "--gradient_checkpointing",
+          "--validation_prompts", "a cat", "--validation_steps", 2, "--num_validation_inference_steps", 1)
+    te = folder_weights(out, "text_encoder")
+    assert {t.dtype for t in te.values()} == {torch.float32}
+    assert changed(folder_weights(sd_folder, "text_encoder"), te)
+    assert (out / "validation" / "step-000002.png").is_file()
+
+
 def test_text_encoder_lr_is_its_own_parameter_group(sd_folder, data_dir, tmp_path):  # noqa: F811
     """One AdamW step moves each weight by about its group's learning rate: 1e-12 for the encoder, 1e-3 (the
     run's --learning_rate) for the UNet."""
@@ -109,7 +122,8 @@ def test_sdxl_full_text_encoders_train_and_load(sdxl_folder, sdxl_data_dir, tmp_
     for component in ("text_encoder", "text_encoder_2", "unet"):  # kohya's --train_text_encoder trains both
         assert changed(folder_weights(sdxl_folder, component), folder_weights(out, component)), component
     assert {"text_encoder.safetensors", "text_encoder_2.safetensors"} <= set(os.listdir(out / "checkpoint-2"))
-    theirs, ours = StableDiffusionXLPipeline.from_pretrained(str(out)), LatentDiffusionPipeline.from_pretrained(str(out))
+    theirs = StableDiffusionXLPipeline.from_pretrained(str(out))
+    ours = LatentDiffusionPipeline.from_pretrained(str(out))
     base = LatentDiffusionPipeline.from_pretrained(str(sdxl_folder))
     with_base = LatentDiffusionPipeline(**{**ours.components, "text_encoder": base.text_encoder,
                                            "text_encoder_2": base.text_encoder_2})

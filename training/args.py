@@ -159,7 +159,8 @@ def add_lora_args(g) -> None:
     g.add_argument("--lora_target_modules", default=",".join(DEFAULT_UNET_TARGETS),
                    help="comma-separated UNet module names to adapt (default: %(default)s)")
     g.add_argument("--train_text_encoder_lora", action="store_true",
-                   help="also add LoRA adapters to the text encoder's attention (SDXL: both encoders; needs --no_cache)")
+                   help="also add LoRA adapters to the text encoder's attention (SDXL: both encoders; "
+                        "needs --no_cache)")
 
 
 def add_text_encoder_args(g) -> None:

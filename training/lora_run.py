@@ -18,7 +18,7 @@ from latent_diffusion.training.settings import TrainingSettings
 GRID = "validation_grid.png"
 UPLOADED = (LORA_WEIGHTS, "README.md", GRID)
 CARD_FLAGS = ("network_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "train_text_encoder_lora",
-              "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
+              "text_encoder_lr", "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
               "max_train_steps", "mixed_precision", "use_ema", "snr_gamma", "seed")
 CARD_BODY = """# LoRA adapter for {base}
 
