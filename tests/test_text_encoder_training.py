@@ -241,3 +241,27 @@ def test_two_processes_train_the_same_text_encoder(sd_folder, data_dir, tmp_path
     final = [log[-1].split() for log in logs]
     assert final[0][0] == "weights" and final[0][2] == "text_encoder" and final[0] == final[1]
     assert changed(folder_weights(sd_folder, "text_encoder"), folder_weights(tmp_path / "out", "text_encoder"))
+
+
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+def test_push_to_hub_uploads_the_trained_encoder(sd_folder, data_dir, tmp_path, monkeypatch):  # noqa: F811
+    """--push_to_hub and --push_checkpoints_to_hub, to a local stand-in Hub: the folder's trained encoder and the
+    checkpoint's encoder file go up."""
+    from huggingface_hub import constants
+    from hub_server import FakeHub
+
+    repo = "someone/trained-text-encoder"
+    with FakeHub() as fake:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest's offline mode blocks local calls too
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+        monkeypatch.setattr(constants, "ENDPOINT", fake.url)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        train(sd_folder, data_dir, tmp_path / "out", "--train_text_encoder", "--no_cache", "--max_train_steps", 1,
+              "--checkpointing_steps", 1, "--push_to_hub", "--push_checkpoints_to_hub", "--hub_model_id", repo,
+              "--hub_token", "hf_fake")
+        pushed = fake.files(repo)
+        assert fake.unhandled == [] and fake.errors == []
+    local = (tmp_path / "out" / "text_encoder" / "model.safetensors").read_bytes()
+    assert pushed["text_encoder/model.safetensors"] == local
+    assert "checkpoints/step-1/text_encoder.safetensors" in pushed
+    assert changed(folder_weights(sd_folder, "text_encoder"), folder_weights(tmp_path / "out", "text_encoder"))
