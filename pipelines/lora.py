@@ -124,12 +124,19 @@ class LatentDiffusionLoraMixin(StableDiffusionLoraLoaderMixin):
         self._adapters_changed()
 
     def fuse_lora(self, *args, **kwargs):
+        if not args and "components" not in kwargs:  # by default every adapted component, SDXL's text_encoder_2 too
+            kwargs["components"] = self._present_lora_components()
         super().fuse_lora(*args, **kwargs)
         self._adapters_changed()
 
     def unfuse_lora(self, *args, **kwargs):
+        if not args and "components" not in kwargs:
+            kwargs["components"] = self._present_lora_components()
         super().unfuse_lora(*args, **kwargs)
         self._adapters_changed()
+
+    def _present_lora_components(self) -> list[str]:
+        return [name for name in self._lora_loadable_modules if getattr(self, name, None) is not None]
 
     def unload_lora_weights(self, *args, **kwargs):
         super().unload_lora_weights(*args, **kwargs)
