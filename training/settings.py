@@ -150,8 +150,8 @@ def lora_settings(args: argparse.Namespace) -> Optional[LoraSettings]:
 @dataclass(frozen=True)
 class TextEncoderSettings:
     """The text encoder(s) train (training/text_encoders.py): in full (`--train_text_encoder`) or their LoRA
-    adapters (`--train_text_encoder_lora`); SDXL: both encoders. `learning_rate` is resolved (`--text_encoder_lr`,
-    default the run's learning rate, after `--scale_lr`, as diffusers' DreamBooth scripts do)."""
+    adapters (`--train_text_encoder_lora`); SDXL: both encoders. `learning_rate` is `--text_encoder_lr`; None means
+    the UNet's learning rate after `--scale_lr`, as diffusers' DreamBooth scripts do (text_encoders.learning_rate)."""
 
     full: bool
     learning_rate: Optional[float]  # None: the UNet's (scaled) learning rate

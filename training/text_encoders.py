@@ -9,8 +9,8 @@ step, so captions are encoded with gradients every step (`--no_cache`; the cache
 
 The encoders are not wrapped in DDP (our encoding code reads `.device` and calls them directly): their gradients
 are averaged across processes before clipping and the optimizer step (`average_gradients`, from the training
-step), so every process keeps the same weights. FSDP and
-DeepSpeed shard what accelerate prepared and would leave the encoders out: that combination is refused. In full
+step), so every process keeps the same weights. FSDP and DeepSpeed shard what accelerate prepared and would
+leave the encoders out: that combination is refused. In full
 mode, checkpoints get `text_encoder.safetensors` (SDXL: and `text_encoder_2.safetensors`) from accelerate's save
 hook, read back by its load hook, so resuming is exact; the output folder holds the trained encoders.
 """
