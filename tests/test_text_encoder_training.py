@@ -91,11 +91,13 @@ def test_text_encoder_lr_is_its_own_parameter_group(sd_folder, data_dir, tmp_pat
     assert "| text_encoder_lr | 1e-12 |" in (out / "README.md").read_text()
 
 
-def test_full_text_encoder_resume_is_exact(sd_folder, data_dir, tmp_path):  # noqa: F811
-    """4 steps straight == 2 steps, stop, resume 2 more (mid-epoch, EMA on): the UNet, its EMA and the encoder."""
-    flags = ["--train_text_encoder", "--text_encoder_lr", "1e-2", "--no_cache", "--use_ema", "--random_flip",
+@pytest.mark.parametrize("cached", [True, False], ids=["cached_latents", "no_cache"])
+def test_full_text_encoder_resume_is_exact(sd_folder, data_dir, tmp_path, cached):  # noqa: F811
+    """4 steps straight == 2 steps, stop, resume 2 more (mid-epoch, EMA on): the UNet, its EMA and the encoder;
+    with cached latents (captions encoded every step) and without the cache."""
+    flags = ["--train_text_encoder", "--text_encoder_lr", "1e-2", "--use_ema", "--random_flip",
              "--caption_dropout", "0.3", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "3",
-             "--checkpointing_steps", 2]
+             "--checkpointing_steps", 2, "--cache_dir", tmp_path / "cache"] + ([] if cached else ["--no_cache"])
     train(sd_folder, data_dir, tmp_path / "straight", "--max_train_steps", 4, *flags)
     train(sd_folder, data_dir, tmp_path / "split", "--max_train_steps", 2, *flags)
     train(sd_folder, data_dir, tmp_path / "split", "--max_train_steps", 4, "--resume_from_checkpoint", "latest", *flags)
@@ -117,8 +119,8 @@ def test_sdxl_full_text_encoders_train_and_load(sdxl_folder, sdxl_data_dir, tmp_
     from latent_diffusion.pipelines import LatentDiffusionPipeline
 
     out = tmp_path / "out"
-    train(sdxl_folder, sdxl_data_dir, out, "--train_text_encoder", "--text_encoder_lr", "5e-2", "--no_cache",
-          "--max_train_steps", 2, "--checkpointing_steps", 2)
+    train(sdxl_folder, sdxl_data_dir, out, "--train_text_encoder", "--text_encoder_lr", "5e-2",  # latents cached
+          "--max_train_steps", 2, "--checkpointing_steps", 2, "--cache_dir", tmp_path / "cache")
     for component in ("text_encoder", "text_encoder_2", "unet"):  # kohya's --train_text_encoder trains both
         assert changed(folder_weights(sdxl_folder, component), folder_weights(out, component)), component
     assert {"text_encoder.safetensors", "text_encoder_2.safetensors"} <= set(os.listdir(out / "checkpoint-2"))
@@ -140,8 +142,9 @@ def test_sdxl_text_encoder_lora_trains_saves_and_loads(sdxl_folder, sdxl_data_di
     from latent_diffusion.pipelines import LatentDiffusionPipeline
 
     out = tmp_path / "out"
+    caching = ["--no_cache"] if layout == "diffusers" else ["--cache_dir", tmp_path / "cache"]  # both data paths
     train(sdxl_folder, sdxl_data_dir, out, "--lora_rank", "4", "--learning_rate", "5e-2", "--train_text_encoder_lora",
-          "--no_cache", "--lora_save_format", layout, "--max_train_steps", 3, "--checkpointing_steps", 3)
+          *caching, "--lora_save_format", layout, "--max_train_steps", 3, "--checkpointing_steps", 3)
     for name in ("lora_text_encoder.safetensors", "lora_text_encoder_2.safetensors"):
         checkpoint = load_file(str(out / "checkpoint-3" / name))
         assert checkpoint and all("lora" in k for k in checkpoint)
@@ -170,8 +173,6 @@ def test_sdxl_text_encoder_lora_trains_saves_and_loads(sdxl_folder, sdxl_data_di
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--train_text_encoder"], "--train_text_encoder trains the text encoder, so its embeddings cannot be cached: "
-                               "add --no_cache"),
     (["--train_text_encoder", "--no_cache", "--lora_rank", "4"], "--train_text_encoder fine-tunes the whole text "
                                                                   "encoder and --lora_rank trains adapters only"),
     (["--text_encoder_lr", "1e-5"], "--text_encoder_lr needs --train_text_encoder or --train_text_encoder_lora"),
@@ -269,3 +270,30 @@ def test_push_to_hub_uploads_the_trained_encoder(sd_folder, data_dir, tmp_path, 
     assert pushed["text_encoder/model.safetensors"] == local
     assert "checkpoints/step-1/text_encoder.safetensors" in pushed
     assert changed(folder_weights(sd_folder, "text_encoder"), folder_weights(tmp_path / "out", "text_encoder"))
+
+
+def test_cached_latents_carry_the_caption_variant_the_cache_would_have_embedded(tmp_path):
+    """CaptionedCachedSamples: the same latents, flips and caption draws as CachedSamples, as text (so a training
+    encoder encodes it); a dropped caption is ""."""
+    from latent_diffusion.tiny import tiny_components
+    from latent_diffusion.training.cache import CachedSamples, CaptionedCachedSamples, build_or_load_cache
+    from latent_diffusion.training.data import ImageTransform, load_caption_dataset
+
+    parts = tiny_components()
+    variants = ["a red circle", "a blue square", "a cat on a sofa"]
+    dataset = load_caption_dataset(train_data_dir=str(make_imagefolder(tmp_path / "d", 3)))
+    dataset = dataset.remove_columns("text").add_column("text", [variants] * len(dataset))  # 3 variants per row
+    cache, _ = build_or_load_cache(str(tmp_path / "c"), "k", dataset, vae=parts["vae"],
+                                   text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+                                   transform=ImageTransform(32, center_crop=True, random_flip=True),
+                                   image_column="image", caption_column="text", batch_size=2)
+    items = [(row, epoch) for row in range(3) for epoch in range(6)]
+    captions = {row: variants for row in range(3)}
+    embedded = CachedSamples(cache, random_flip=True, caption_dropout=0.3).__getitems__(items)
+    text = CaptionedCachedSamples(cache, captions, random_flip=True, caption_dropout=0.3).__getitems__(items)
+    assert "text_embeds" not in text and torch.equal(text["latent_mean"], embedded["latent_mean"])
+    offsets = cache.caption_offsets.tolist()
+    for (row, _), caption, embed in zip(items, text["caption"], embedded["text_embeds"]):
+        expected = cache.empty_embed if caption == "" else cache.text_embeds[offsets[row] + variants.index(caption)]
+        assert torch.equal(embed, expected)
+    assert "" in text["caption"] and len(set(text["caption"]) - {""}) > 1

@@ -159,13 +159,14 @@ def add_lora_args(g) -> None:
     g.add_argument("--lora_target_modules", default=",".join(DEFAULT_UNET_TARGETS),
                    help="comma-separated UNet module names to adapt (default: %(default)s)")
     g.add_argument("--train_text_encoder_lora", action="store_true",
-                   help="also add LoRA adapters to the text encoder's attention (SDXL: both encoders; "
-                        "needs --no_cache)")
+                   help="also add LoRA adapters to the text encoder's attention (SDXL: both encoders; latents "
+                        "may stay cached, captions are encoded every step)")
 
 
 def add_text_encoder_args(g) -> None:
     g.add_argument("--train_text_encoder", action="store_true",
-                   help="fine-tune the whole text encoder (SDXL: both) with the UNet; needs --no_cache")
+                   help="fine-tune the whole text encoder (SDXL: both) with the UNet; latents may stay cached, "
+                        "captions are encoded every step")
     g.add_argument("--text_encoder_lr", type=float, default=None,
                    help="learning rate of the text encoder(s), with --train_text_encoder or --train_text_encoder_lora "
                         "(default: --learning_rate)")
@@ -251,9 +252,6 @@ def check_lora_args(args: argparse.Namespace) -> list[str]:
         problems.append(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
     if not target_modules(args.lora_target_modules):
         problems.append("--lora_target_modules must name at least one module, e.g. to_k,to_q,to_v,to_out.0")
-    if args.train_text_encoder_lora and not args.no_cache:
-        problems.append("--train_text_encoder_lora trains the text encoder, so its embeddings cannot be cached: "
-                        "add --no_cache")
     if getattr(args, "unet_config", None):
         problems.append("--lora_rank adapts a pretrained UNet; it cannot be combined with --unet_config")
     return problems
@@ -265,9 +263,6 @@ def check_text_encoder_args(args: argparse.Namespace) -> list[str]:
     if args.train_text_encoder and args.lora_rank is not None:
         problems.append("--train_text_encoder fine-tunes the whole text encoder and --lora_rank trains adapters "
                         "only: use one of them (--train_text_encoder_lora trains text-encoder adapters)")
-    if args.train_text_encoder and not args.no_cache:
-        problems.append("--train_text_encoder trains the text encoder, so its embeddings cannot be cached: "
-                        "add --no_cache")
     if args.text_encoder_lr is not None and not (args.train_text_encoder or args.train_text_encoder_lora):
         problems.append("--text_encoder_lr needs --train_text_encoder or --train_text_encoder_lora")
     return problems

@@ -408,15 +408,21 @@ class CachedSamples(torch.utils.data.Dataset):
     def __getitem__(self, item):
         return self.__getitems__([item])
 
+    def draw(self, index: int, epoch: int) -> tuple[int, int, int, Optional[int]]:
+        """(cache row, side, first variant's embedding row, caption variant or None for the empty caption) of one
+        sample, from its (seed, epoch, index) generator: the flip first, then the caption."""
+        row = self.row_of[int(index)]
+        generator = sample_generator(self.seed, index, epoch)
+        side = int(draw_flip(generator, self.random_flip))
+        first, last = self.cache.caption_offsets[row : row + 2].tolist()
+        return row, side, first, pick_caption_index(last - first, generator, self.caption_dropout)
+
     def __getitems__(self, items) -> dict[str, torch.Tensor]:
         rows, sides, embeds, pooled = [], [], [], []
         cache = self.cache
         for index, epoch in items:
-            row = self.row_of[int(index)]
-            generator = sample_generator(self.seed, index, epoch)
-            sides.append(int(draw_flip(generator, self.random_flip)))
-            first, last = cache.caption_offsets[row : row + 2].tolist()
-            choice = pick_caption_index(last - first, generator, self.caption_dropout)
+            row, side, first, choice = self.draw(index, epoch)
+            sides.append(side)
             embeds.append(cache.empty_embed if choice is None else cache.text_embeds[first + choice])
             if cache.pooled_embeds is not None:
                 pooled.append(cache.empty_pooled if choice is None else cache.pooled_embeds[first + choice])
@@ -432,6 +438,28 @@ class CachedSamples(torch.utils.data.Dataset):
         }
         if pooled:
             batch["pooled_embeds"] = torch.stack(pooled)  # (B, P)
+        return batch
+
+
+class CaptionedCachedSamples(CachedSamples):
+    """Cached latents with each sample's caption text (the variant `CachedSamples` draws, "" when dropped) instead
+    of its cached embeddings: for text encoders that train, whose embeddings change every step.
+
+    `captions` maps a dataset row to its caption variants in the cache's order (the rows' `caption_variants`).
+    """
+
+    def __init__(self, cache: LatentCache, captions: dict[int, list[str]], random_flip: bool = False,
+                 caption_dropout: float = 0.0, seed: int = 0):
+        super().__init__(cache, random_flip, caption_dropout, seed)
+        self.captions = captions
+
+    def __getitems__(self, items) -> dict:
+        batch = super().__getitems__(items)
+        del batch["text_embeds"]
+        batch.pop("pooled_embeds", None)
+        choices = [self.draw(index, epoch)[3] for index, epoch in items]
+        batch["caption"] = ["" if choice is None else self.captions[int(index)][choice]
+                            for (index, _), choice in zip(items, choices)]
         return batch
 
 

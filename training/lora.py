@@ -6,7 +6,7 @@ attention projections, as diffusers' `train_text_to_image_lora.py` does
 (`unet.add_adapter(LoraConfig(...))`); only the adapter parameters reach the
 optimizer, the EMA and the checkpoints. `--train_text_encoder_lora` adapts the
 text encoder's attention projections too; its embeddings then change every
-step, so that combination needs `--no_cache` (refused by the flag checks); on SDXL both encoders get adapters.
+step, so captions are encoded every step (latents may stay cached); on SDXL both encoders get adapters.
 Their learning rate, gradient averaging and clipping are shared with full fine-tuning (training/text_encoders.py).
 
 The run's settings arrive as a `LoraSettings` (training/settings.py, α already

@@ -244,8 +244,8 @@ class TrainingSettings:
 
     @property
     def text_encoder_trains(self) -> bool:
-        """The text encoder(s) train (in full, or their LoRA adapters): captions are encoded with gradients, never
-        cached."""
+        """The text encoder(s) train (in full, or their LoRA adapters): captions are encoded with gradients every
+        step, never taken from the cache's embeddings."""
         return self.text_encoder is not None
 
     @property

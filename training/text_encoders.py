@@ -5,7 +5,7 @@ As in diffusers' train_dreambooth.py and kohya's sd-scripts (`--train_text_encod
 encoders learn with the UNet: their weights train in float32 (under `--mixed_precision` their forward runs in
 accelerate's autocast, as a prepared model's does), `--gradient_checkpointing` applies to them too, and they are
 one AdamW parameter group at `--text_encoder_lr` (default: the UNet's learning rate). Their embeddings change every
-step, so captions are encoded with gradients every step (`--no_cache`; the cached combination is refused).
+step, so captions are encoded with gradients every step (the latents may stay cached: `CaptionedCachedSamples`).
 
 The encoders are not wrapped in DDP (our encoding code reads `.device` and calls them directly): their gradients
 are averaged across processes before clipping and the optimizer step (`average_gradients`, from the training

@@ -37,10 +37,11 @@ from accelerate.utils import ProjectConfiguration, gather_object
 from tqdm.auto import tqdm
 
 from latent_diffusion.checks import NonFiniteError, one_line
-from latent_diffusion.training.cache import (CachedSamples, build_or_load_cache, cache_key, caption_tensors,
-                                             encode_caption_tensors, encode_latent_moments, identity, sample_latents)
+from latent_diffusion.training.cache import (CachedSamples, CaptionedCachedSamples, build_or_load_cache, cache_key,
+                                             caption_tensors, encode_caption_tensors, encode_latent_moments, identity,
+                                             sample_latents)
 from latent_diffusion.vae import latent_size_multiple, vae_scale_factor
-from latent_diffusion.training.data import CaptionImageDataset, ImageTransform, readable_indices
+from latent_diffusion.training.data import CaptionImageDataset, ImageTransform, caption_variants, readable_indices
 from latent_diffusion.diffusion.losses import DenoisingLoss
 from latent_diffusion.text.conditioners import Conditioning
 from latent_diffusion.diffusion.schedules import NoiseSchedule
@@ -144,7 +145,7 @@ class Models:
     text_encoder_2: Any = None  # SDXL: the second (projection) text encoder and its tokenizer, frozen
     tokenizer_2: Any = None
     force_zeros_for_empty_prompt: Optional[bool] = None  # SDXL: kept from the base folder
-    text_encoder_trains: bool = False  # it trains (full or LoRA): captions are encoded with gradients, never cached
+    text_encoder_trains: bool = False  # it trains (full or LoRA): captions are encoded with gradients every step
 
     @cached_property
     def schedule(self) -> NoiseSchedule:
@@ -266,7 +267,7 @@ def load_training_data(settings: TrainingSettings, accelerator: Accelerator, mod
     else:
         cache = build_cache(settings, accelerator, models, dataset, transform)
         rows, unreadable = cache.indices.tolist(), cache.unreadable.tolist()
-        samples = CachedSamples(cache, data_cfg.random_flip, data_cfg.caption_dropout, opt.seed)
+        samples = cached_samples(settings, cache, dataset)
         collate_fn, workers = identity, 0  # tensors in memory: worker processes would only add overhead
     if loss_weights is not None:  # prior preservation: class rows weigh --prior_loss_weight (training/folders.py)
         samples = folders.weighted_samples(samples, loss_weights)
@@ -297,6 +298,17 @@ def load_training_data(settings: TrainingSettings, accelerator: Accelerator, mod
                          f"× {accelerator.num_processes} process(es)" + (" within one bucket" if buckets else ""))
     logger.info(f"{len(rows)} images, {steps} steps per epoch, {len(unreadable)} unreadable skipped")
     return TrainingData(samples, rows, steps, collate_fn, workers, buckets, held_out)
+
+
+def cached_samples(settings: TrainingSettings, cache, dataset) -> CachedSamples:
+    """Samples from the cache: latents and text embeddings, or, when the text encoders train, latents and the
+    caption text (encoded with gradients every step; the cached embeddings would be stale)."""
+    data_cfg, seed = settings.data, settings.optim.seed
+    if not settings.text_encoder_trains:
+        return CachedSamples(cache, data_cfg.random_flip, data_cfg.caption_dropout, seed)
+    cells = dataset[data_cfg.caption_column]  # the cache's variants: rewritten captions are expanded in the dataset
+    captions = {int(row): caption_variants(cells[int(row)]) for row in cache.indices.tolist()}
+    return CaptionedCachedSamples(cache, captions, data_cfg.random_flip, data_cfg.caption_dropout, seed)
 
 
 def find_readable_rows(accelerator: Accelerator, dataset, image_column: str) -> tuple[list[int], list[int]]:
@@ -531,9 +543,12 @@ def batch_inputs(batch: dict, models: Models, device, generator: torch.Generator
     """z_0 (B, C, h, w), drawn from the VAE posterior, and the conditioning: text embeddings (B, L, D), from the
     cache or encoded now, and for SDXL the pooled embeddings and size ids (`resolution` is the target size)."""
     if "latent_mean" in batch:
-        mean, std, context = batch["latent_mean"], batch["latent_std"], batch["text_embeds"]
+        mean, std = batch["latent_mean"], batch["latent_std"]
     else:
         mean, std = encode_latent_moments(models.vae, batch["pixels"])
+    if "text_embeds" in batch:
+        context = batch["text_embeds"]
+    else:  # captions, not cached embeddings: on the fly, or the text encoders train (with or without the cache)
         encode = caption_tensors if models.text_encoder_trains else encode_caption_tensors  # with gradients or not
         texts = encode(models.tokenizer, models.text_encoder, batch["caption"], models.tokenizer_2,
                        models.text_encoder_2)  # and SDXL's pooled embeddings
