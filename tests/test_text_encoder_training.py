@@ -235,7 +235,7 @@ def test_two_processes_train_the_same_text_encoder(sd_folder, data_dir, tmp_path
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                str(port), str(SCRIPT), "--pretrained_model_name_or_path", str(sd_folder), "--train_data_dir", data_dir,
                "--output_dir", str(tmp_path / "out"), "--resolution", "32", "--train_batch_size", "1",
-               "--max_train_steps", "2", "--checkpointing_steps", "2", "--report_to", "none", "--no_cache",
+               "--max_train_steps", "2", "--checkpointing_steps", "2", "--report_to", "none",  # latents cached
                "--train_text_encoder", "--text_encoder_lr", "1e-2", "--sample_index_log", str(tmp_path / "rows")]
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
