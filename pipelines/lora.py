@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 from safetensors import SafetensorError
 
 from latent_diffusion.checks import one_line
@@ -84,7 +84,11 @@ def _quiet_text_encoder_warning():
 
 
 class LatentDiffusionLoraMixin(StableDiffusionLoraLoaderMixin):
-    """diffusers' LoRA loader for our pipeline: safetensors only, and the UNet traces follow adapter changes."""
+    """diffusers' LoRA loader for our pipeline: safetensors only, and the UNet traces follow adapter changes.
+    An SDXL pipeline (with `text_encoder_2`) loads as diffusers' SDXL loader does: the second encoder's keys
+    (`text_encoder_2.`, kohya's `lora_te2_`) go into it; set_adapters / fuse / unload cover it too."""
+
+    _lora_loadable_modules = ["unet", "text_encoder", "text_encoder_2"]  # a missing (SD) component is skipped
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: Optional[str] = None, **kwargs):
         """Load a LoRA (diffusers, kohya or peft layout) into the UNet and text encoder as `adapter_name`."""
@@ -100,25 +104,39 @@ class LatentDiffusionLoraMixin(StableDiffusionLoraLoaderMixin):
 
             state, scales = split_dora_scales(dora)
             name = adapter_name or f"default_{sum(len(names) for names in self.get_list_adapters().values())}"
-            super().load_lora_weights(state, adapter_name=name, **kwargs)
+            self._load_diffusers_lora(state, adapter_name=name, **kwargs)
             apply_dora_scales(self, scales, name)
         else:
             kwargs["use_safetensors"] = True
             with _quiet_text_encoder_warning():
-                super().load_lora_weights(source, adapter_name=adapter_name, weight_name=weight_name, **kwargs)
+                self._load_diffusers_lora(source, adapter_name=adapter_name, weight_name=weight_name, **kwargs)
         self._adapters_changed()
+
+    def _load_diffusers_lora(self, source, **kwargs):
+        """diffusers' SD loader, or its SDXL loader (which also fills text_encoder_2) for an SDXL pipeline."""
+        if getattr(self, "text_encoder_2", None) is not None:
+            StableDiffusionXLLoraLoaderMixin.load_lora_weights(self, source, **kwargs)
+        else:
+            super().load_lora_weights(source, **kwargs)
 
     def set_adapters(self, adapter_names: Union[str, Sequence[str]], adapter_weights=None):
         super().set_adapters(adapter_names, adapter_weights)
         self._adapters_changed()
 
     def fuse_lora(self, *args, **kwargs):
+        if not args and "components" not in kwargs:  # by default every adapted component, SDXL's text_encoder_2 too
+            kwargs["components"] = self._present_lora_components()
         super().fuse_lora(*args, **kwargs)
         self._adapters_changed()
 
     def unfuse_lora(self, *args, **kwargs):
+        if not args and "components" not in kwargs:
+            kwargs["components"] = self._present_lora_components()
         super().unfuse_lora(*args, **kwargs)
         self._adapters_changed()
+
+    def _present_lora_components(self) -> list[str]:
+        return [name for name in self._lora_loadable_modules if getattr(self, name, None) is not None]
 
     def unload_lora_weights(self, *args, **kwargs):
         super().unload_lora_weights(*args, **kwargs)

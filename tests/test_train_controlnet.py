@@ -135,6 +135,7 @@ def test_resume_is_exact(sd_folder, data_dir, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--lora_rank", "4"], "--lora_rank is not supported by train_controlnet.py"),
+    (["--train_text_encoder"], "--train_text_encoder is not supported by train_controlnet.py"),
     (["--random_flip"], "--random_flip is not supported"),
     (["--validation_prompts", "a cat"], "--validation_prompts needs --validation_image"),
     (["--controlnet_model_name_or_path", "/nonexistent"], "--controlnet_model_name_or_path '/nonexistent'"),

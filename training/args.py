@@ -19,6 +19,7 @@ FLOAT_FLAG_BOUNDS = {  # every float flag: finite, within (minimum, maximum); No
     "--learning_rate": (0, None), "--adam_beta1": (0, 1), "--adam_beta2": (0, 1), "--adam_weight_decay": (0, None),
     "--adam_epsilon": (0, None), "--max_grad_norm": (0, None), "--snr_gamma": (0, None), "--noise_offset": (0, None),
     "--ema_decay": (0, 1), "--caption_dropout": (0, 1), "--validation_guidance_scale": (0, None),
+    "--text_encoder_lr": (0, None),
 }
 
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     from latent_diffusion.training.bucketing import add_bucket_args
 
     add_lora_args(p.add_argument_group("LoRA (training/lora.py)"))
+    add_text_encoder_args(p.add_argument_group("text encoder training (training/text_encoders.py)"))
     add_bucket_args(p.add_argument_group("aspect-ratio bucketing (training/bucketing.py)"))
     from latent_diffusion.training.captions import add_caption_args
     from latent_diffusion.training.dreambooth import add_dreambooth_args
@@ -157,7 +159,17 @@ def add_lora_args(g) -> None:
     g.add_argument("--lora_target_modules", default=",".join(DEFAULT_UNET_TARGETS),
                    help="comma-separated UNet module names to adapt (default: %(default)s)")
     g.add_argument("--train_text_encoder_lora", action="store_true",
-                   help="also add LoRA adapters to the text encoder's attention (needs --no_cache)")
+                   help="also add LoRA adapters to the text encoder's attention (SDXL: both encoders; latents "
+                        "may stay cached, captions are encoded every step)")
+
+
+def add_text_encoder_args(g) -> None:
+    g.add_argument("--train_text_encoder", action="store_true",
+                   help="fine-tune the whole text encoder (SDXL: both) with the UNet; latents may stay cached, "
+                        "captions are encoded every step")
+    g.add_argument("--text_encoder_lr", type=float, default=None,
+                   help="learning rate of the text encoder(s), with --train_text_encoder or --train_text_encoder_lora "
+                        "(default: --learning_rate)")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -208,7 +220,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
     from latent_diffusion.training.bucketing import check_bucket_args
     from latent_diffusion.training.validation import VALIDATION_METRICS
 
-    problems += check_lora_args(args) + check_bucket_args(args)
+    problems += check_lora_args(args) + check_text_encoder_args(args) + check_bucket_args(args)
     from latent_diffusion.training.captions import check_caption_args
     from latent_diffusion.training.dreambooth import check_dreambooth_args
 
@@ -241,9 +253,17 @@ def check_lora_args(args: argparse.Namespace) -> list[str]:
         problems.append(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
     if not target_modules(args.lora_target_modules):
         problems.append("--lora_target_modules must name at least one module, e.g. to_k,to_q,to_v,to_out.0")
-    if args.train_text_encoder_lora and not args.no_cache:
-        problems.append("--train_text_encoder_lora trains the text encoder, so its embeddings cannot be cached: "
-                        "add --no_cache")
     if getattr(args, "unet_config", None):
         problems.append("--lora_rank adapts a pretrained UNet; it cannot be combined with --unet_config")
+    return problems
+
+
+def check_text_encoder_args(args: argparse.Namespace) -> list[str]:
+    """Problems with --train_text_encoder and --text_encoder_lr, each naming its flags."""
+    problems = []
+    if args.train_text_encoder and args.lora_rank is not None:
+        problems.append("--train_text_encoder fine-tunes the whole text encoder and --lora_rank trains adapters "
+                        "only: use one of them (--train_text_encoder_lora trains text-encoder adapters)")
+    if args.text_encoder_lr is not None and not (args.train_text_encoder or args.train_text_encoder_lora):
+        problems.append("--text_encoder_lr needs --train_text_encoder or --train_text_encoder_lora")
     return problems

@@ -125,9 +125,16 @@ def encode_captions(tokenizer, text_encoder, captions: Sequence[str]) -> torch.T
 @torch.no_grad()
 def encode_caption_tensors(tokenizer, text_encoder, captions: Sequence[str], tokenizer_2=None,
                            text_encoder_2=None) -> dict[str, torch.Tensor]:
-    """{"text_embeds": (B, L, D)}, plus "pooled_embeds" (B, P) for SDXL (both encoders, as the pipeline encodes)."""
+    """`caption_tensors` without gradients (frozen encoders: the cache and the on-the-fly path)."""
+    return caption_tensors(tokenizer, text_encoder, captions, tokenizer_2, text_encoder_2)
+
+
+def caption_tensors(tokenizer, text_encoder, captions: Sequence[str], tokenizer_2=None,
+                    text_encoder_2=None) -> dict[str, torch.Tensor]:
+    """{"text_embeds": (B, L, D)}, plus "pooled_embeds" (B, P) for SDXL (both encoders, as the pipeline encodes);
+    with gradients when the encoders train (--train_text_encoder, --train_text_encoder_lora)."""
     if text_encoder_2 is None:
-        return {"text_embeds": encode_captions(tokenizer, text_encoder, captions)}
+        return {"text_embeds": encode_prompts(tokenizer, text_encoder, list(captions), num_chunks=1)}
     cond = SDXLConditioner(tokenizer, text_encoder, tokenizer_2, text_encoder_2).encode_texts(list(captions),
                                                                                               num_chunks=1)
     return {"text_embeds": cond.context, "pooled_embeds": cond.text_embeds}
@@ -401,15 +408,21 @@ class CachedSamples(torch.utils.data.Dataset):
     def __getitem__(self, item):
         return self.__getitems__([item])
 
+    def draw(self, index: int, epoch: int) -> tuple[int, int, int, Optional[int]]:
+        """(cache row, side, first variant's embedding row, caption variant or None for the empty caption) of one
+        sample, from its (seed, epoch, index) generator: the flip first, then the caption."""
+        row = self.row_of[int(index)]
+        generator = sample_generator(self.seed, index, epoch)
+        side = int(draw_flip(generator, self.random_flip))
+        first, last = self.cache.caption_offsets[row : row + 2].tolist()
+        return row, side, first, pick_caption_index(last - first, generator, self.caption_dropout)
+
     def __getitems__(self, items) -> dict[str, torch.Tensor]:
         rows, sides, embeds, pooled = [], [], [], []
         cache = self.cache
         for index, epoch in items:
-            row = self.row_of[int(index)]
-            generator = sample_generator(self.seed, index, epoch)
-            sides.append(int(draw_flip(generator, self.random_flip)))
-            first, last = cache.caption_offsets[row : row + 2].tolist()
-            choice = pick_caption_index(last - first, generator, self.caption_dropout)
+            row, side, first, choice = self.draw(index, epoch)
+            sides.append(side)
             embeds.append(cache.empty_embed if choice is None else cache.text_embeds[first + choice])
             if cache.pooled_embeds is not None:
                 pooled.append(cache.empty_pooled if choice is None else cache.pooled_embeds[first + choice])
@@ -425,6 +438,28 @@ class CachedSamples(torch.utils.data.Dataset):
         }
         if pooled:
             batch["pooled_embeds"] = torch.stack(pooled)  # (B, P)
+        return batch
+
+
+class CaptionedCachedSamples(CachedSamples):
+    """Cached latents with each sample's caption text (the variant `CachedSamples` draws, "" when dropped) instead
+    of its cached embeddings: for text encoders that train, whose embeddings change every step.
+
+    `captions` maps a dataset row to its caption variants in the cache's order (the rows' `caption_variants`).
+    """
+
+    def __init__(self, cache: LatentCache, captions: dict[int, list[str]], random_flip: bool = False,
+                 caption_dropout: float = 0.0, seed: int = 0):
+        super().__init__(cache, random_flip, caption_dropout, seed)
+        self.captions = captions
+
+    def __getitems__(self, items) -> dict:
+        batch = super().__getitems__(items)
+        del batch["text_embeds"]
+        batch.pop("pooled_embeds", None)
+        choices = [self.draw(index, epoch)[3] for index, epoch in items]
+        batch["caption"] = ["" if choice is None else self.captions[int(index)][choice]
+                            for (index, _), choice in zip(items, choices)]
         return batch
 
 

@@ -163,7 +163,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_distill_args(argv)
     settings = training_settings(args)
     if settings.text_encoder_trains:
-        raise ValueError("--train_text_encoder_lora is not supported by distill_lcm.py (only the UNet is distilled)")
+        raise ValueError("--train_text_encoder and --train_text_encoder_lora are not supported by distill_lcm.py "
+                         "(only the UNet is distilled)")
     accelerator = base.make_accelerator(settings)
     models = base.load_models(settings, accelerator)  # with --lora_rank: the UNet frozen, an adapter added
     models.scheduler = lcm_scheduler(models.scheduler)  # what a full LCM UNet is saved with

@@ -6,7 +6,8 @@ attention projections, as diffusers' `train_text_to_image_lora.py` does
 (`unet.add_adapter(LoraConfig(...))`); only the adapter parameters reach the
 optimizer, the EMA and the checkpoints. `--train_text_encoder_lora` adapts the
 text encoder's attention projections too; its embeddings then change every
-step, so that combination needs `--no_cache` (refused by the flag checks).
+step, so captions are encoded every step (latents may stay cached); on SDXL both encoders get adapters.
+Their learning rate, gradient averaging and clipping are shared with full fine-tuning (training/text_encoders.py).
 
 The run's settings arrive as a `LoraSettings` (training/settings.py, α already
 resolved); the adapters' checkpoints and output file are `lora_weights.py`,
@@ -30,19 +31,23 @@ def lora_config(lora: LoraSettings, targets):
     return adapter_config(lora.network_type, lora.rank, lora.alpha, lora.dropout, targets)
 
 
-def add_adapters(lora: LoraSettings, unet, text_encoder) -> None:
-    """Freeze the UNet (and text encoder) and add trainable float32 LoRA adapters to them."""
+def add_adapters(lora: LoraSettings, unet, text_encoder, text_encoder_2=None) -> None:
+    """Freeze the UNet (and text encoders; SDXL: both) and add trainable float32 LoRA adapters to them."""
     unet.requires_grad_(False)
     try:
         unet.add_adapter(lora_config(lora, lora.target_modules))
     except ValueError as error:  # peft names the modules it could not find
         raise ValueError(f"--lora_target_modules {','.join(lora.target_modules)!r}: {error}") from None
     _upcast_trainable(unet)
-    if lora.train_text_encoder:
-        text_encoder.requires_grad_(False)
-        inject_text_encoder_adapter(text_encoder, lora_config(lora, TEXT_ENCODER_TARGETS))
-        _upcast_trainable(text_encoder)
-        text_encoder.train()  # so --lora_dropout applies; whether it trains is LoraSettings.train_text_encoder
+    if not lora.train_text_encoder:
+        return
+    for encoder in (text_encoder, text_encoder_2):
+        if encoder is None:
+            continue
+        encoder.requires_grad_(False)
+        inject_text_encoder_adapter(encoder, lora_config(lora, TEXT_ENCODER_TARGETS))
+        _upcast_trainable(encoder)
+        encoder.train()  # so --lora_dropout applies; whether it trains is LoraSettings.train_text_encoder
 
 
 def inject_text_encoder_adapter(text_encoder, config) -> None:
@@ -72,21 +77,3 @@ def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = list(module.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def sync_text_encoder_gradients(accelerator, optimizer, text_encoder) -> None:
-    """Average the text encoder's LoRA gradients over processes before each optimizer step.
-
-    The text encoder is not wrapped in DDP (our encoding code reads its `.device` and calls it directly),
-    so its gradients are all-reduced here, from a step pre-hook of the underlying torch optimizer.
-    """
-    if accelerator.num_processes == 1:
-        return
-    params = [p for p in text_encoder.parameters() if p.requires_grad]
-
-    def all_reduce(*_):
-        for p in params:
-            if p.grad is not None:
-                p.grad = accelerator.reduce(p.grad, reduction="mean")
-
-    getattr(optimizer, "optimizer", optimizer).register_step_pre_hook(all_reduce)

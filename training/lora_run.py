@@ -18,7 +18,7 @@ from latent_diffusion.training.settings import TrainingSettings
 GRID = "validation_grid.png"
 UPLOADED = (LORA_WEIGHTS, "README.md", GRID)
 CARD_FLAGS = ("network_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "train_text_encoder_lora",
-              "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
+              "text_encoder_lr", "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
               "max_train_steps", "mixed_precision", "use_ema", "snr_gamma", "seed")
 CARD_BODY = """# LoRA adapter for {base}
 
@@ -65,7 +65,7 @@ def write_lora_card(output_dir: str, settings: TrainingSettings, *, hyperparamet
         base=base, network={"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}[lora.network_type],
         rank=lora.rank, alpha=lora.alpha, weights=LORA_WEIGHTS,
         layout="kohya's (AUTOMATIC1111, ComfyUI)" if lora.save_format == "kohya" else "diffusers'",
-        text_encoder="and the text encoder " if lora.train_text_encoder else "",
+        text_encoder="and the text encoder(s) " if lora.train_text_encoder else "",
         prompt=(prompts or ["a red circle above a blue square"])[0],
         grid=f"\n## Validation grid\n\n![validation grid]({GRID})\n" if grid is not None else "",
         rows="\n".join(f"| {k} | {v} |" for k, v in {**hyperparameters, **metrics}.items()))
@@ -86,7 +86,8 @@ def save_lora_run(settings: TrainingSettings, accelerator, models, unet, ema, st
     trained.eval()
     if ema is not None:  # training is over: the adapter keeps the averaged weights
         ema.copy_to(trained)
-    path = save_lora_weights(out.output_dir, trained, models.text_encoder if settings.text_encoder_trains else None,
+    encoders = {"text_encoder": models.text_encoder, "text_encoder_2": models.text_encoder_2}
+    path = save_lora_weights(out.output_dir, trained, encoders if settings.text_encoder_trains else None,
                              save_format=settings.lora.save_format, alpha=settings.lora.alpha,
                              network_type=settings.lora.network_type)
     grid, metrics = None, {}

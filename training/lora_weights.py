@@ -8,8 +8,9 @@ in diffusers' layout (`get_peft_model_state_dict` → `convert_state_dict_to_dif
 written by `StableDiffusionPipeline.save_lora_weights` with the LoraConfig as
 metadata, so an α different from the rank survives; DoRA's magnitudes as
 `lora_magnitude_vector`), or with `--lora_save_format kohya` (always for LoHa / LoKr)
-in kohya / LyCORIS' layout (`lora_unet_*` / `lora_te_*` with a per-module `.alpha`,
-training/network_types.py).
+in kohya / LyCORIS' layout (`lora_unet_*` / `lora_te_*`, SDXL `lora_te1_*` / `lora_te2_*`, with a per-module
+`.alpha`, training/network_types.py). SDXL's second text encoder has its own checkpoint file and, in diffusers'
+layout, its `text_encoder_2.` keys (`StableDiffusionXLPipeline.save_lora_weights`).
 """
 from __future__ import annotations
 
@@ -24,30 +25,44 @@ from latent_diffusion.formats.atomic import atomic_write
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 CHECKPOINT_ADAPTER = "lora_model_{index}.safetensors"
 TEXT_ENCODER_ADAPTER = "lora_text_encoder.safetensors"
+TEXT_ENCODER_2_ADAPTER = "lora_text_encoder_2.safetensors"  # SDXL's second encoder
+ADAPTER_FILES = {"text_encoder": TEXT_ENCODER_ADAPTER, "text_encoder_2": TEXT_ENCODER_2_ADAPTER}
+
+
+def encoder_dict(text_encoders) -> dict:
+    """None, one text encoder, or {"text_encoder": ..., "text_encoder_2": ...} -> the dict of those given."""
+    if text_encoders is None:
+        return {}
+    if isinstance(text_encoders, torch.nn.Module):
+        return {"text_encoder": text_encoders}
+    return {name: encoder for name, encoder in text_encoders.items() if encoder is not None}
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def register_checkpoint_hooks(accelerator, text_encoder=None) -> None:
-    """Make accelerate's save_state/load_state write and read only the adapters (peft layout), not the base."""
+def register_checkpoint_hooks(accelerator, text_encoders=None) -> None:
+    """Make accelerate's save_state/load_state write and read only the adapters (peft layout), not the base;
+    `text_encoders` (one, or a dict by component name) are the encoders whose adapters train."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    encoders = encoder_dict(text_encoders)
 
     def save_adapters(models, weights, output_dir):
         if accelerator.is_main_process:
             for index, model in enumerate(models):
                 _save_tensors(get_peft_model_state_dict(accelerator.unwrap_model(model)),
                               os.path.join(output_dir, CHECKPOINT_ADAPTER.format(index=index)))
-            if text_encoder is not None:
-                _save_tensors(get_peft_model_state_dict(text_encoder), os.path.join(output_dir, TEXT_ENCODER_ADAPTER))
+            for name, encoder in encoders.items():
+                _save_tensors(get_peft_model_state_dict(encoder), os.path.join(output_dir, ADAPTER_FILES[name]))
         weights.clear()  # accelerate must not also write the full (frozen) weights
 
     def load_adapters(models, input_dir):
         for index, model in enumerate(models):
             _load_adapter(set_peft_model_state_dict, accelerator.unwrap_model(model),
                           os.path.join(input_dir, CHECKPOINT_ADAPTER.format(index=index)))
-        if text_encoder is not None:
-            _load_adapter(set_peft_model_state_dict, text_encoder, os.path.join(input_dir, TEXT_ENCODER_ADAPTER))
+        for name, encoder in encoders.items():
+            _load_adapter(set_peft_model_state_dict, encoder, os.path.join(input_dir, ADAPTER_FILES[name]))
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_adapters)
@@ -87,23 +102,31 @@ def adapter_metadata(module) -> dict:
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
 
 
-def save_lora_weights(output_dir: str, unet, text_encoder=None, save_format: str = "diffusers",
+def save_lora_weights(output_dir: str, unet, text_encoders=None, save_format: str = "diffusers",
                       alpha: Optional[float] = None, network_type: str = "lora") -> str:
     """Write OUT/pytorch_lora_weights.safetensors (diffusers' layout and metadata, or kohya / LyCORIS'); return
-    its path. `network_type` (training/network_types.py) says which adapter the modules hold."""
-    from diffusers import StableDiffusionPipeline
-
+    its path. `text_encoders`: one, or {"text_encoder", "text_encoder_2"} (SDXL) whose adapters are saved too;
+    `network_type` (training/network_types.py) says which adapter the modules hold."""
     from latent_diffusion.training.network_types import DIFFUSERS_LAYOUT, kohya_network_state
 
-    te = text_encoder if text_encoder is not None and getattr(text_encoder, "peft_config", None) else None
+    encoders = {name: encoder for name, encoder in encoder_dict(text_encoders).items()
+                if getattr(encoder, "peft_config", None)}
     if save_format == "kohya" or network_type not in DIFFUSERS_LAYOUT:
         path = os.path.join(output_dir, LORA_WEIGHTS)
-        _save_tensors(kohya_network_state({"unet": unet, "text_encoder": te}, network_type, alpha), path)
+        _save_tensors(kohya_network_state({"unet": unet, **encoders}, network_type, alpha,
+                                          sdxl="text_encoder_2" in encoders), path)
         return path
-    StableDiffusionPipeline.save_lora_weights(
-        output_dir, unet_lora_layers=lora_layers(unet), unet_lora_adapter_metadata=adapter_metadata(unet),
-        text_encoder_lora_layers=lora_layers(te) if te is not None else None,
-        text_encoder_lora_adapter_metadata=adapter_metadata(te) if te is not None else None,
-        safe_serialization=True,
-    )
+    layers = {f"{name}_lora_layers": lora_layers(encoder) for name, encoder in encoders.items()}
+    metadata = {f"{name}_lora_adapter_metadata": adapter_metadata(encoder) for name, encoder in encoders.items()}
+    pipeline_class = _lora_saver("text_encoder_2" in encoders)
+    pipeline_class.save_lora_weights(output_dir, unet_lora_layers=lora_layers(unet),
+                                     unet_lora_adapter_metadata=adapter_metadata(unet), safe_serialization=True,
+                                     **layers, **metadata)
     return os.path.join(output_dir, LORA_WEIGHTS)
+
+
+def _lora_saver(sdxl: bool):
+    """diffusers' pipeline class whose save_lora_weights takes these components (SDXL's takes text_encoder_2)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline

@@ -8,7 +8,8 @@ Every type is a peft adapter with the run's rank r, α and target modules (train
     lokr   W + (α/r) w1 ⊗ (w2_a w2_b)  (w2 unfactored when r is large)   peft LoKrConfig       (LyCORIS)
 
 The output file in kohya / LyCORIS key layout (`lora_unet_<module>` / `lora_te_<module>`) is what
-AUTOMATIC1111, ComfyUI and our loader (pipelines/lora.py, pipelines/lycoris.py) read:
+AUTOMATIC1111, ComfyUI and our loader (pipelines/lora.py, pipelines/lycoris.py) read (SDXL's two text
+encoders as `lora_te1_<module>` / `lora_te2_<module>`):
 
     loha   .hada_w1_a .hada_w1_b .hada_w2_a .hada_w2_b .alpha      (the factors as peft holds them)
     lokr   .lokr_w1 (.lokr_w1_a/_b) .lokr_w2 (.lokr_w2_a/_b) .alpha
@@ -26,6 +27,7 @@ import torch
 NETWORK_TYPES = ("lora", "loha", "lokr", "dora")
 DIFFUSERS_LAYOUT = ("lora", "dora")  # the types diffusers' layout (and load_lora_weights) can hold
 PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te"}
+SDXL_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}  # kohya's SDXL names
 
 
 def adapter_config(network_type: str, rank: int, alpha: float, dropout: float, targets):
@@ -49,15 +51,18 @@ def default_save_format(network_type: str) -> str:
     return "diffusers" if network_type in DIFFUSERS_LAYOUT else "kohya"
 
 
-def kohya_network_state(models: dict, network_type: str, alpha: Optional[float] = None) -> dict[str, torch.Tensor]:
-    """The adapters of `models` ({"unet": ..., "text_encoder": ...}) in kohya / LyCORIS' layout, float32 on CPU;
-    every module's `.alpha` is `alpha`, or (None) the layer's own α = scaling · r."""
+def kohya_network_state(models: dict, network_type: str, alpha: Optional[float] = None,
+                        sdxl: bool = False) -> dict[str, torch.Tensor]:
+    """The adapters of `models` ({"unet": ..., "text_encoder": ..., SDXL "text_encoder_2": ...}) in kohya /
+    LyCORIS' layout, float32 on CPU (SDXL's encoders as `lora_te1_` / `lora_te2_`); every module's `.alpha` is
+    `alpha`, or (None) the layer's own α = scaling · r."""
+    prefixes = SDXL_PREFIXES if sdxl else PREFIXES
     state: dict[str, torch.Tensor] = {}
     for component, model in models.items():
         if model is None:
             continue
         for module_name, layer in adapter_layers(model):
-            name = f"{PREFIXES[component]}_{kohya_module_name(component, module_name)}"
+            name = f"{prefixes[component]}_{kohya_module_name(component, module_name)}"
             module_alpha = alpha if alpha is not None else layer.scaling["default"] * layer.r["default"]
             state.update({f"{name}.{key}": value
                           for key, value in module_factors(layer, network_type, module_alpha).items()})
@@ -66,7 +71,7 @@ def kohya_network_state(models: dict, network_type: str, alpha: Optional[float] 
 
 def kohya_module_name(component: str, module_name: str) -> str:
     """A dotted module name with '_' for '.'; CLIP's names keep `text_model.` (transformers >= 5.6 drops it)."""
-    if component == "text_encoder" and not module_name.startswith("text_model."):
+    if component.startswith("text_encoder") and not module_name.startswith("text_model."):
         module_name = "text_model." + module_name
     return module_name.replace(".", "_")
 

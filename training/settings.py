@@ -148,6 +148,23 @@ def lora_settings(args: argparse.Namespace) -> Optional[LoraSettings]:
 
 
 @dataclass(frozen=True)
+class TextEncoderSettings:
+    """The text encoder(s) train (training/text_encoders.py): in full (`--train_text_encoder`) or their LoRA
+    adapters (`--train_text_encoder_lora`); SDXL: both encoders. `learning_rate` is `--text_encoder_lr`; None means
+    the UNet's learning rate after `--scale_lr`, as diffusers' DreamBooth scripts do (text_encoders.learning_rate)."""
+
+    full: bool
+    learning_rate: Optional[float]  # None: the UNet's (scaled) learning rate
+
+
+def text_encoder_settings(args: argparse.Namespace) -> Optional[TextEncoderSettings]:
+    full = getattr(args, "train_text_encoder", False)
+    if not (full or getattr(args, "train_text_encoder_lora", False)):
+        return None
+    return TextEncoderSettings(full=full, learning_rate=getattr(args, "text_encoder_lr", None))
+
+
+@dataclass(frozen=True)
 class BucketSettings:
     """Aspect-ratio bucketing (training/bucketing.py): bucket sides in pixels."""
 
@@ -223,11 +240,18 @@ class TrainingSettings:
     captions: CaptionSettings = CaptionSettings()  # tag shuffling and dropout, prefix and suffix (training/captions.py)
     dreambooth: Optional[DreamBoothSettings] = None  # folder datasets and prior preservation (training/folders.py)
     mask: Optional[MaskSettings] = None  # --masked_loss, else None
+    text_encoder: Optional[TextEncoderSettings] = None  # --train_text_encoder(_lora), else None
 
     @property
     def text_encoder_trains(self) -> bool:
-        """The text encoder's LoRA adapters train: captions are encoded with gradients, never cached."""
-        return self.lora is not None and self.lora.train_text_encoder
+        """The text encoder(s) train (in full, or their LoRA adapters): captions are encoded with gradients every
+        step, never taken from the cache's embeddings."""
+        return self.text_encoder is not None
+
+    @property
+    def text_encoder_full(self) -> bool:
+        """--train_text_encoder: the whole text encoder(s) train, and the output folder holds them."""
+        return self.text_encoder is not None and self.text_encoder.full
 
     def record(self, names) -> dict[str, Any]:
         """The named flags as given (a model card's hyperparameter table)."""
@@ -247,4 +271,5 @@ def training_settings(args: argparse.Namespace) -> TrainingSettings:
         lora=lora_settings(args), bucket=_from_flags(BucketSettings, args) if args.enable_bucket else None,
         flags=dict(vars(args)), captions=_from_flags(CaptionSettings, args), dreambooth=dreambooth_settings(args),
         mask=_from_flags(MaskSettings, args) if args.masked_loss else None,
+        text_encoder=text_encoder_settings(args),
     )

@@ -55,6 +55,8 @@ UNSUPPORTED = {  # train_text2img flags that have no meaning here (yet), with wh
     "masked_loss": "not supported with a ControlNet",
     "validation_split": "the held-out loss is not computed for ControlNets",
     "save_single_file": "a ControlNet is saved as a diffusers folder",
+    "train_text_encoder": "the base model, text encoder included, stays frozen",
+    "text_encoder_lr": "the base model, text encoder included, stays frozen",
 }
 
 

@@ -9,7 +9,8 @@ Any number of GPUs or nodes (see training/README.md and training/configs/):
 
     accelerate launch --config_file training/configs/multi_gpu.yaml training/train_text2img.py ...
 
-Only the UNet learns; the VAE and text encoder(s) are frozen. SDXL folders (text_encoder_2,
+The UNet learns and the VAE is frozen; the text encoder(s) are frozen too unless `--train_text_encoder`
+fine-tunes them (or `--train_text_encoder_lora` adapts them; training/text_encoders.py). SDXL folders (text_encoder_2,
 an SDXL UNet) train the same way, with both encoders cached and each image's
 original size and crop as micro-conditioning (training/sdxl.py). By default the
 VAE latents and text embeddings of the whole dataset are computed once and
@@ -36,11 +37,11 @@ from accelerate.utils import ProjectConfiguration, gather_object
 from tqdm.auto import tqdm
 
 from latent_diffusion.checks import NonFiniteError, one_line
-from latent_diffusion.training.cache import (CachedSamples, build_or_load_cache, cache_key, encode_caption_tensors,
-                                    encode_latent_moments, identity, sample_latents)
-from latent_diffusion.text.encoding import encode_prompts
+from latent_diffusion.training.cache import (CachedSamples, CaptionedCachedSamples, build_or_load_cache, cache_key,
+                                             caption_tensors, encode_caption_tensors, encode_latent_moments, identity,
+                                             sample_latents)
 from latent_diffusion.vae import latent_size_multiple, vae_scale_factor
-from latent_diffusion.training.data import CaptionImageDataset, ImageTransform, readable_indices
+from latent_diffusion.training.data import CaptionImageDataset, ImageTransform, caption_variants, readable_indices
 from latent_diffusion.diffusion.losses import DenoisingLoss
 from latent_diffusion.text.conditioners import Conditioning
 from latent_diffusion.diffusion.schedules import NoiseSchedule
@@ -55,7 +56,7 @@ from latent_diffusion.training.checkpointing import (DataOrder, TrainingState, c
                                                      save_checkpoint)
 from latent_diffusion.training.stopping import StopRequest, TrainingStopped
 from latent_diffusion.training.ema import EMA
-from latent_diffusion.training import bucketing, folders, lora, validation_loss
+from latent_diffusion.training import bucketing, folders, lora, text_encoders, validation_loss
 from latent_diffusion.training.captions import caption_rewriter
 from latent_diffusion.training.masked_loss import latent_mask, masked_samples
 from latent_diffusion.training.bounds import (build_unet, check_model_dependent_flags, check_step_memory,
@@ -76,27 +77,41 @@ def main(argv: Optional[list[str]] = None) -> None:
     settings = training_settings(parse_args(argv))  # flags parsed and checked, then typed once
     opt = settings.optim
     accelerator = make_accelerator(settings)
-    models = load_models(settings, accelerator)  # the UNet learns; VAE and text encoder are frozen
+    models = load_models(settings, accelerator)  # the UNet learns; VAE frozen; text encoders per --train_text_encoder*
     data = load_training_data(settings, accelerator, models)  # cached latents, or images encoded on the fly
     max_steps = opt.max_train_steps or opt.num_train_epochs * data.steps_per_epoch
-    trained = lora.trained_modules(settings.lora, models.unet, models.text_encoder)  # the UNet (+ text encoder LoRA)
-    optimizer, lr_scheduler = make_optimizer(settings, accelerator, trained, max_steps)
+    encoders = training_encoders(settings, models)  # {} unless the text encoder(s) train (in full or LoRA)
+    optimizer, lr_scheduler = make_optimizer(settings, accelerator, models.unet, max_steps,
+                                             text_encoders.trainable_parameters(encoders))
     unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
-    if settings.lora is not None:  # checkpoints hold the adapters only; text encoder LoRA gradients are averaged
-        register_checkpoint_hooks(accelerator, models.text_encoder if settings.text_encoder_trains else None)
-        if settings.text_encoder_trains:
-            lora.sync_text_encoder_gradients(accelerator, optimizer, models.text_encoder)
+    register_checkpoint_hooks_of(settings, accelerator, encoders)
     ema = EMA(accelerator.unwrap_model(unet), opt.ema_decay) if opt.use_ema else None
     state = resume(settings.output, accelerator, ema)  # a fresh TrainingState when not resuming
     state = align_data_position(settings, accelerator, data, state)  # a changed batch size maps the saved position
     start_trackers(settings, accelerator)
-    trainee = Trainee(unet, optimizer, lr_scheduler, ema)
+    trainee = Trainee(unet, optimizer, lr_scheduler, ema, encoders)
     state = train(settings, accelerator, models, data, trainee, state, max_steps)
     save_pipeline(settings, accelerator, models, unet, ema, state.global_step)  # diffusers folder, model card, upload
     accelerator.end_training()
 
 
 # ----------------------------------------------------------------------------- setup
+
+
+def training_encoders(settings: TrainingSettings, models: "Models") -> dict:
+    """The text encoders that train ({"text_encoder", SDXL "text_encoder_2"}), or {} when they are frozen."""
+    if not settings.text_encoder_trains:
+        return {}
+    return text_encoders.encoders_of(models.text_encoder, models.text_encoder_2)
+
+
+def register_checkpoint_hooks_of(settings: TrainingSettings, accelerator: Accelerator, encoders: dict) -> None:
+    """Checkpoint hooks: LoRA writes the adapters only, not the frozen base; --train_text_encoder adds the
+    encoders' weights beside the UNet's."""
+    if settings.lora is not None:
+        register_checkpoint_hooks(accelerator, encoders or None)
+    elif settings.text_encoder_full:
+        text_encoders.register_checkpoint_hooks(accelerator, encoders)
 
 
 def make_accelerator(settings: TrainingSettings) -> Accelerator:
@@ -133,7 +148,7 @@ class Models:
     text_encoder_2: Any = None  # SDXL: the second (projection) text encoder and its tokenizer, frozen
     tokenizer_2: Any = None
     force_zeros_for_empty_prompt: Optional[bool] = None  # SDXL: kept from the base folder
-    text_encoder_trains: bool = False  # its LoRA adapters train: captions are encoded with gradients, never cached
+    text_encoder_trains: bool = False  # it trains (full or LoRA): captions are encoded with gradients every step
 
     @cached_property
     def schedule(self) -> NoiseSchedule:
@@ -143,12 +158,14 @@ class Models:
 
 @dataclass
 class Trainee:
-    """What training changes: the prepared UNet, its optimizer and LR schedule, and the EMA of its weights."""
+    """What training changes: the prepared UNet, its optimizer and LR schedule, the EMA of its weights, and the
+    text encoders that train with it (by component name; {} when they are frozen)."""
 
     unet: Any
     optimizer: Any
     lr_scheduler: Any
     ema: Optional[EMA]
+    text_encoders: dict = field(default_factory=dict)
 
 
 def load_models(settings: TrainingSettings, accelerator: Accelerator) -> Models:
@@ -170,23 +187,38 @@ def load_models(settings: TrainingSettings, accelerator: Accelerator) -> Models:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     check_step_memory(settings, unet.config, vae.config, vae_scale_factor(vae), weight_dtype, accelerator.device)
     check_model_dependent_flags(settings, unet.config, scheduler.config)  # --lora_rank, validation steps
-    for frozen in (vae, text_encoder) + ((text_encoder_2,) if text_encoder_2 is not None else ()):
-        frozen.requires_grad_(False)
-        frozen.eval()
-        frozen.to(accelerator.device, dtype=weight_dtype)
+    prepare_frozen_and_text_encoders(settings, accelerator, weight_dtype, vae, text_encoder, text_encoder_2)
     if unet.dtype != torch.float32:  # trained weights stay fp32, also from an fp16 folder like the embedded default
         unet.to(dtype=torch.float32)
     unet.requires_grad_(True)
     unet.train()
     if settings.lora is not None:  # freezes the UNet and adds trainable peft adapters (training/lora.py)
-        lora.add_adapters(settings.lora, unet, text_encoder)
+        lora.add_adapters(settings.lora, unet, text_encoder, text_encoder_2)
         logger.info("LoRA: %d of %d UNet parameters train", *lora.count_parameters(unet))
     if settings.optim.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+        if settings.text_encoder_trains:  # as diffusers' DreamBooth scripts do for a training text encoder
+            text_encoders.enable_gradient_checkpointing(text_encoders.encoders_of(text_encoder, text_encoder_2))
     speed_up_unet(unet, speed.channels_last, speed.compile, speed.compile_mode)  # --channels_last, --compile
     force_zeros = read_force_zeros(model_cfg.pretrained_model_name_or_path, model_cfg.revision, data_cfg.cache_dir)
     return Models(unet, vae, text_encoder, parts["tokenizer"], scheduler,
                   weight_dtype, text_encoder_2, parts["tokenizer_2"], force_zeros, settings.text_encoder_trains)
+
+
+def prepare_frozen_and_text_encoders(settings: TrainingSettings, accelerator: Accelerator, weight_dtype: torch.dtype,
+                                     vae, text_encoder, text_encoder_2=None) -> None:
+    """Freeze the VAE (and the text encoders unless --train_text_encoder) in `weight_dtype`, in eval mode; with
+    --train_text_encoder the encoders train in float32 (training/text_encoders.py)."""
+    encoders = text_encoders.encoders_of(text_encoder, text_encoder_2)
+    if settings.text_encoder_trains:
+        text_encoders.check_distributed_type(accelerator.distributed_type)
+    frozen = [vae] + ([] if settings.text_encoder_full else list(encoders.values()))
+    for part in frozen:
+        part.requires_grad_(False)
+        part.eval()
+        part.to(accelerator.device, dtype=weight_dtype)
+    if settings.text_encoder_full:
+        text_encoders.unfreeze(encoders, accelerator.device)
 
 
 def check_model_fits(settings: TrainingSettings, unet, vae, text_encoder, text_encoder_2=None) -> None:
@@ -197,9 +229,9 @@ def check_model_fits(settings: TrainingSettings, unet, vae, text_encoder, text_e
         raise ValueError(f"--resolution {data_cfg.resolution} must be a multiple of {multiple} "
                          f"(VAE factor {vae_scale_factor(vae)} × the UNet's downsampling)")
     check_sdxl_parts(unet, text_encoder_2)
-    if text_encoder_2 is not None and (settings.bucket is not None or settings.text_encoder_trains):
-        raise ValueError("--enable_bucket and --train_text_encoder_lora are not supported for SDXL models yet "
-                         "(the size ids assume square --resolution crops; the second encoder has no LoRA path)")
+    if text_encoder_2 is not None and settings.bucket is not None:
+        raise ValueError("--enable_bucket is not supported for SDXL models yet "
+                         "(the size ids assume square --resolution crops)")
     if unet.config.cross_attention_dim != context_dim(text_encoder, text_encoder_2):
         raise ValueError(f"--unet_config: cross_attention_dim {unet.config.cross_attention_dim} differs from the "
                          f"text encoder(s)' hidden size {context_dim(text_encoder, text_encoder_2)}")
@@ -238,7 +270,7 @@ def load_training_data(settings: TrainingSettings, accelerator: Accelerator, mod
     else:
         cache = build_cache(settings, accelerator, models, dataset, transform)
         rows, unreadable = cache.indices.tolist(), cache.unreadable.tolist()
-        samples = CachedSamples(cache, data_cfg.random_flip, data_cfg.caption_dropout, opt.seed)
+        samples = cached_samples(settings, cache, dataset)
         collate_fn, workers = identity, 0  # tensors in memory: worker processes would only add overhead
     if loss_weights is not None:  # prior preservation: class rows weigh --prior_loss_weight (training/folders.py)
         samples = folders.weighted_samples(samples, loss_weights)
@@ -269,6 +301,17 @@ def load_training_data(settings: TrainingSettings, accelerator: Accelerator, mod
                          f"× {accelerator.num_processes} process(es)" + (" within one bucket" if buckets else ""))
     logger.info(f"{len(rows)} images, {steps} steps per epoch, {len(unreadable)} unreadable skipped")
     return TrainingData(samples, rows, steps, collate_fn, workers, buckets, held_out)
+
+
+def cached_samples(settings: TrainingSettings, cache, dataset) -> CachedSamples:
+    """Samples from the cache: latents and text embeddings, or, when the text encoders train, latents and the
+    caption text (encoded with gradients every step; the cached embeddings would be stale)."""
+    data_cfg, seed = settings.data, settings.optim.seed
+    if not settings.text_encoder_trains:
+        return CachedSamples(cache, data_cfg.random_flip, data_cfg.caption_dropout, seed)
+    cells = dataset[data_cfg.caption_column]  # the cache's variants: rewritten captions are expanded in the dataset
+    captions = {int(row): caption_variants(cells[int(row)]) for row in cache.indices.tolist()}
+    return CaptionedCachedSamples(cache, captions, data_cfg.random_flip, data_cfg.caption_dropout, seed)
 
 
 def find_readable_rows(accelerator: Accelerator, dataset, image_column: str) -> tuple[list[int], list[int]]:
@@ -304,8 +347,10 @@ def build_cache(settings: TrainingSettings, accelerator: Accelerator, models: Mo
     return cache
 
 
-def make_optimizer(settings: TrainingSettings, accelerator: Accelerator, unet, max_steps: int):
-    """AdamW (8-bit with --use_8bit_adam) and the LR schedule, counted in optimizer steps."""
+def make_optimizer(settings: TrainingSettings, accelerator: Accelerator, unet, max_steps: int,
+                   text_encoder_params=()):
+    """AdamW (8-bit with --use_8bit_adam) and the LR schedule, counted in optimizer steps; `text_encoder_params`
+    (training text encoders) are a second parameter group at --text_encoder_lr."""
     opt = settings.optim
     from diffusers.optimization import get_scheduler
 
@@ -319,7 +364,10 @@ def make_optimizer(settings: TrainingSettings, accelerator: Accelerator, unet, m
         except ImportError as err:
             raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from err
         adamw, kernel = bnb.optim.AdamW8bit, {}
-    optimizer = adamw([p for p in unet.parameters() if p.requires_grad], lr=lr,
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": lr}]
+    if text_encoder_params:
+        groups.append({"params": list(text_encoder_params), "lr": text_encoders.learning_rate(settings, lr)})
+    optimizer = adamw(groups, lr=lr,
                       betas=(opt.adam_beta1, opt.adam_beta2), weight_decay=opt.adam_weight_decay,
                       eps=opt.adam_epsilon, **kernel)
     lr_scheduler = get_scheduler(opt.lr_scheduler, optimizer=optimizer, num_warmup_steps=opt.lr_warmup_steps,
@@ -372,11 +420,12 @@ def train(settings: TrainingSettings, accelerator: Accelerator, models: Models, 
     out, unet = settings.output, trainee.unet
     with StopRequest() as stop:
         state = train_steps(settings, accelerator, models, data, trainee, state, max_steps, stop, loss_fn, validate_fn)
-    if out.sample_index_log:  # lets a test check that every rank ends with the same weights
+    if out.sample_index_log:  # lets a test check that every rank ends with the same weights (UNet, text encoders)
         from latent_diffusion.training.cache import fingerprint_module
 
+        encoders = "".join(f" {name} {fingerprint_module(e)}" for name, e in trainee.text_encoders.items())
         with open(f"{out.sample_index_log}.rank{accelerator.process_index}", "a") as f:
-            f.write(f"weights {fingerprint_module(accelerator.unwrap_model(unet))}\n")
+            f.write(f"weights {fingerprint_module(accelerator.unwrap_model(unet))}{encoders}\n")
     return state
 
 
@@ -469,15 +518,21 @@ def train_step(settings: TrainingSettings, accelerator: Accelerator, models: Mod
                micro_batches: list, generator: torch.Generator) -> torch.Tensor:
     """One optimizer step over the accumulated micro-batches; the mean loss over processes (0-d, on the device)."""
     unet, optimizer, lr_scheduler = trainee.unet, trainee.optimizer, trainee.lr_scheduler
+    # a training text encoder is not prepared by accelerate: its forward gets the autocast a prepared model has
+    autocast = accelerator.autocast if trainee.text_encoders else contextlib.nullcontext
     losses = []
     for batch in micro_batches:
         with accelerator.accumulate(unet):
-            latents, cond = batch_inputs(batch, models, accelerator.device, generator, settings.data.resolution)
+            with autocast():
+                latents, cond = batch_inputs(batch, models, accelerator.device, generator, settings.data.resolution)
             loss = denoising_loss(unet, latents, cond, loss_fn, generator, batch.get("loss_weight"),
                                   batch.get("loss_mask"))
             accelerator.backward(loss)
+            if accelerator.sync_gradients:  # the text encoders are not in DDP: average theirs here, before clipping
+                text_encoders.average_gradients(accelerator, trainee.text_encoders)
             if accelerator.sync_gradients and settings.optim.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(unet.parameters(), settings.optim.max_grad_norm)
+                accelerator.clip_grad_norm_(text_encoders.clipped_parameters(unet, trainee.text_encoders),
+                                            settings.optim.max_grad_norm)
             optimizer.step()
             if accelerator.sync_gradients:
                 lr_scheduler.step()
@@ -491,15 +546,16 @@ def batch_inputs(batch: dict, models: Models, device, generator: torch.Generator
     """z_0 (B, C, h, w), drawn from the VAE posterior, and the conditioning: text embeddings (B, L, D), from the
     cache or encoded now, and for SDXL the pooled embeddings and size ids (`resolution` is the target size)."""
     if "latent_mean" in batch:
-        mean, std, context = batch["latent_mean"], batch["latent_std"], batch["text_embeds"]
+        mean, std = batch["latent_mean"], batch["latent_std"]
     else:
         mean, std = encode_latent_moments(models.vae, batch["pixels"])
-        if models.text_encoder_trains:  # --train_text_encoder_lora: embeddings with gradients
-            context = encode_prompts(models.tokenizer, models.text_encoder, list(batch["caption"]), num_chunks=1)
-        else:
-            texts = encode_caption_tensors(models.tokenizer, models.text_encoder, batch["caption"], models.tokenizer_2,
-                                           models.text_encoder_2)  # and SDXL's pooled embeddings
-            batch, context = {**batch, **texts}, texts["text_embeds"]
+    if "text_embeds" in batch:
+        context = batch["text_embeds"]
+    else:  # captions, not cached embeddings: on the fly, or the text encoders train (with or without the cache)
+        encode = caption_tensors if models.text_encoder_trains else encode_caption_tensors  # with gradients or not
+        texts = encode(models.tokenizer, models.text_encoder, batch["caption"], models.tokenizer_2,
+                       models.text_encoder_2)  # and SDXL's pooled embeddings
+        batch, context = {**batch, **texts}, texts["text_embeds"]
     mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
     z0 = sample_latents(mean, std, randn(tuple(mean.shape), generator, torch.float32, device))
     return z0, batch_conditioning(batch, context, resolution, device)
@@ -606,7 +662,8 @@ def make_pipeline(models: Models, unet):
 
 def save_pipeline(settings: TrainingSettings, accelerator: Accelerator, models: Models, unet, ema: Optional[EMA],
                   step: int) -> None:
-    """OUT/ as a diffusers folder holding the (EMA) UNet in float32, a model card, and optionally upload it."""
+    """OUT/ as a diffusers folder holding the (EMA) UNet in float32 (and the trained text encoders with
+    --train_text_encoder), a model card, and optionally upload it."""
     model_cfg, out = settings.model, settings.output
     if settings.lora is not None:  # OUT/pytorch_lora_weights.safetensors and its card instead (training/lora_run.py)
         return save_lora_run(settings, accelerator, models, unet, ema, step, make_pipeline)
@@ -627,6 +684,9 @@ def save_pipeline(settings: TrainingSettings, accelerator: Accelerator, models: 
                                 skip=("unet", "tokenizer", "scheduler", "tokenizer_2"),
                                 single_file_config=model_cfg.single_file_config)
         vae, text_encoder, text_encoder_2 = parts["vae"], parts["text_encoder"], parts["text_encoder_2"]
+    if settings.text_encoder_full:  # --train_text_encoder: the trained encoders (float32), not the base's
+        text_encoder, text_encoder_2 = (e.eval() if e is not None else None
+                                        for e in (models.text_encoder, models.text_encoder_2))
     pipe = make_pipeline(Models(final_unet, vae, text_encoder, models.tokenizer, models.scheduler,
                                 torch.float32, text_encoder_2, models.tokenizer_2,
                                 models.force_zeros_for_empty_prompt), final_unet)
@@ -659,7 +719,7 @@ def write_card(settings: TrainingSettings, pipe, step: int) -> Optional[str]:
     hyper = settings.record((
         "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
         "max_train_steps", "mixed_precision", "use_ema", "snr_gamma", "prediction_type", "caption_dropout",
-        "noise_offset", "seed"))
+        "noise_offset", "seed", "train_text_encoder", "text_encoder_lr"))
     hyper["prediction_type"] = pipe.scheduler.config.prediction_type
     hub.write_model_card(
         out.output_dir, base_model=None if model_cfg.unet_config else model_cfg.pretrained_model_name_or_path,

@@ -13,6 +13,7 @@ kohya's sd-scripts layout (SD 1.x/2.x; what A1111 and ComfyUI read), one `.alpha
     lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight
     lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.alpha          ()  α
     lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight
+    (SDXL: lora_te1_... for text_encoder, lora_te2_... for text_encoder_2)
 
 Both compute W + (α / r) B A. Module names lose their dots in kohya's layout,
 so going back needs the model's module names (`kohya_to_diffusers`).
@@ -27,26 +28,31 @@ from typing import Iterable, Mapping, Optional
 import torch
 
 DIFFUSERS_PREFIX_TO_KOHYA = {"unet": "lora_unet", "text_encoder": "lora_te"}
-KOHYA_TO_DIFFUSERS_PREFIX = {v: k for k, v in DIFFUSERS_PREFIX_TO_KOHYA.items()}
-_DIFFUSERS_KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.(lora\.down|lora\.up|lora_A|lora_B)\.weight$")
-_KOHYA_KEY = re.compile(r"^(lora_unet|lora_te)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+SDXL_PREFIX_TO_KOHYA = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+KOHYA_TO_DIFFUSERS_PREFIX = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
+                             "lora_te2": "text_encoder_2"}
+_DIFFUSERS_KEY = re.compile(r"^(unet|text_encoder_2|text_encoder)\.(.+)\.(lora\.down|lora\.up|lora_A|lora_B)\.weight$")
+_KOHYA_KEY = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 
 
 def diffusers_to_kohya(state_dict: Mapping[str, torch.Tensor],
                        alphas: Optional[Mapping[str, float]] = None) -> dict[str, torch.Tensor]:
     """A diffusers-layout LoRA state dict -> kohya's layout, with a `.alpha` per module.
 
-    `alphas` maps a component ("unet", "text_encoder") to its α; a component missing there gets α = r,
-    which is what diffusers assumes for a file without metadata.
+    `alphas` maps a component ("unet", "text_encoder", "text_encoder_2") to its α; a component missing there gets
+    α = r, which is what diffusers assumes for a file without metadata. A state dict with `text_encoder_2` keys is
+    SDXL's: its encoders become `lora_te1_` / `lora_te2_`, as kohya names them.
     """
+    sdxl = any(key.startswith("text_encoder_2.") for key in state_dict)
+    prefixes = SDXL_PREFIX_TO_KOHYA if sdxl else DIFFUSERS_PREFIX_TO_KOHYA
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         match = _DIFFUSERS_KEY.match(key)
         if match is None:
             raise ValueError(f"state_dict key {key!r} is not a diffusers LoRA key "
-                             "(<unet|text_encoder>.<module>.lora.<down|up>.weight)")
+                             "(<unet|text_encoder|text_encoder_2>.<module>.lora.<down|up>.weight)")
         prefix, module, part = match.groups()
-        name = f"{DIFFUSERS_PREFIX_TO_KOHYA[prefix]}_{module.replace('.', '_')}"
+        name = f"{prefixes[prefix]}_{module.replace('.', '_')}"
         down = part in ("lora.down", "lora_A")
         out[f"{name}.{'lora_down' if down else 'lora_up'}.weight"] = tensor
         if down:  # r is the down projection's output size
@@ -59,7 +65,7 @@ def kohya_to_diffusers(state_dict: Mapping[str, torch.Tensor], module_names: Map
                        ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """A kohya-layout LoRA -> (diffusers-layout state dict, {component: α}).
 
-    `module_names` maps "unet" / "text_encoder" to the dotted names of that model's modules
+    `module_names` maps "unet" / "text_encoder" (/ "text_encoder_2") to the dotted names of that model's modules
     (`[n for n, _ in unet.named_modules()]`), which resolve the underscored kohya names. All modules of
     a component must share one α (diffusers' layout stores one per component).
     """
@@ -70,7 +76,7 @@ def kohya_to_diffusers(state_dict: Mapping[str, torch.Tensor], module_names: Map
         match = _KOHYA_KEY.match(key)
         if match is None:
             raise ValueError(f"state_dict key {key!r} is not a kohya SD LoRA key "
-                             "(lora_<unet|te>_<module>.<lora_down.weight|lora_up.weight|alpha>)")
+                             "(lora_<unet|te|te1|te2>_<module>.<lora_down.weight|lora_up.weight|alpha>)")
         kohya_prefix, flat, part = match.groups()
         prefix = KOHYA_TO_DIFFUSERS_PREFIX[kohya_prefix]
         module = lookup.get(prefix, {}).get(flat)
