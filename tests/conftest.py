@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 # Our samplers beyond DDPM/DDIM and the diffusers scheduler (with its settings) each one mirrors.
@@ -73,3 +74,11 @@ def run_script_main(main, argv):
     GradientState._reset_state()
     return main(argv)
 
+
+
+def same_pixels(a, b, levels: int = 1) -> bool:
+    """Whether two uint8-range pictures agree within `levels` grey levels everywhere: the same request made in a
+    batch of another size computes the same floats up to the last bits (CPU kernels block by batch), and a value
+    on a .5 boundary then rounds one level apart (measured: 3e-4 of a level before rounding)."""
+    a, b = np.asarray(a, dtype=np.int16), np.asarray(b, dtype=np.int16)
+    return a.shape == b.shape and int(np.abs(a - b).max(initial=0)) <= levels
