@@ -231,7 +231,7 @@ def test_dreambooth_example_teaches_the_word_at_reduced_steps(tmp_path):
         "--pretrained_model_name_or_path", "default", "--train_data_dir", str(tmp_path / "data"),
         "--with_prior_preservation", "--class_data_dir", str(tmp_path / "cls"), "--class_prompt", zorb.CLASS_PROMPT,
         "--num_class_images", "8", "--sample_batch_size", "8", "--lora_rank", "8", "--learning_rate", "1e-3",
-        "--lr_warmup_steps", "0", "--resolution", "64", "--train_batch_size", "8", "--max_train_steps", "STEPS",
+        "--lr_warmup_steps", "0", "--resolution", "64", "--train_batch_size", "8", "--max_train_steps", "60",
         "--report_to", "none", "--seed", "0", "--output_dir", str(tmp_path / "out")])
     assert len(os.listdir(tmp_path / "cls")) == 8
     pipe = LatentDiffusionPipeline.from_pretrained()
