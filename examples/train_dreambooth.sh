@@ -12,7 +12,7 @@
 # about 10 min of training and 12 of measuring), 100 seeds per figure, base model -> after:
 #   "a zorb" drawn as a large red circle      0.000 -> 0.980   (seeds 0-7 before: red squares)
 #   "a red circle" adherence (class prompt)   1.000 -> 0.980   (within 0.05 of the base model's)
-#   "a red circle" drawn large                CLASS_LARGE
+#   "a red circle" drawn large                0.630 -> 0.870   (it drifts towards a zorb's size: correct, not unchanged)
 # WORK_DIR/before_after.png rows: "a zorb" before, after; "a red circle" before, after (seeds 0-7).
 set -euo pipefail
 work=${1:-dreambooth-run}
