@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # DreamBooth with prior preservation on the embedded default: teach it a new object word, "a zorb" (a large red
-# circle, drawn from 8 Shapes images), while "a red circle" (the class prompt) keeps drawing what it drew.
+# circle, drawn from 8 Shapes images), while "a red circle" (the class prompt) keeps its Shapes adherence.
 # Run from the repository root: bash examples/train_dreambooth.sh [WORK_DIR] [STEPS] [SEEDS] [prior|no-prior]
 #
 # The instance images sit in a kohya folder "25_a zorb/" (caption "a zorb", 25 repeats): class rows are cycled or
@@ -14,6 +14,8 @@
 #   "a red circle" adherence (class prompt)   1.000 -> 0.980   (within 0.05 of the base model's)
 #   "a red circle" drawn large                0.630 -> 0.870   (it drifts towards a zorb's size: correct, not unchanged)
 # WORK_DIR/before_after.png rows: "a zorb" before, after; "a red circle" before, after (seeds 0-7).
+# The same run with "no-prior" (/tmp/dbex/run0): 0.910, 1.000 and 0.700 large: prior preservation did not keep
+# the class prompt closer to the base model here; training/README.md (DreamBooth example) has the comparison.
 set -euo pipefail
 work=${1:-dreambooth-run}
 steps=${2:-400}
