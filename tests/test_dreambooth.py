@@ -237,5 +237,5 @@ def test_dreambooth_example_teaches_the_word_at_reduced_steps(tmp_path):
     pipe = LatentDiffusionPipeline.from_pretrained()
     pipe.set_progress_bar_config(disable=True)
     rates, images = zorb.measure(pipe, tmp_path / "out", range(16))
-    assert rates["word_after"] > rates["word_before"] + 0.25, rates
+    assert rates["word_after"] > rates["word_before"] + 0.5, rates  # measured: 0.000 -> 0.875
     assert len(images["class_after"]) == 16 and zorb.grid(images).size == (8 * 64, 4 * 64)
