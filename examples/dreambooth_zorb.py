@@ -90,6 +90,7 @@ def grid(images: dict, columns: int = 8) -> Image.Image:
 
 
 def run_measure(lora_dir: str, out_dir: str, n: int) -> dict:
+    """Measure the LoRA in `lora_dir` against the embedded default on seeds 0..n-1; write the grid and the JSON."""
     from latent_diffusion import LatentDiffusionPipeline
 
     pipe = LatentDiffusionPipeline.from_pretrained()
