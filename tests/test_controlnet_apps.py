@@ -269,22 +269,24 @@ def test_webuiapi_controlnet_units_lists_and_errors(control_server, nets):
     webuiapi = pytest.importorskip("webuiapi")
     port, studio = control_server
     api = webuiapi.WebUIApi(port=port)
+    # every call passes a fresh alwayson_scripts: webuiapi writes its units into the default dict of its signature,
+    # which would send them with every later request of the process (the next test module's too)
     assert api.controlnet_model_list() == ["edges-a"] and api.controlnet_module_list() == ["none", "canny"]
     unit = webuiapi.ControlNetUnit(image=edges(), module="none", model="edges-a [0123abcd]", weight=0.8,
                                    guidance_start=0.0, guidance_end=1.0)
     tiny = dict(prompt=PROMPT, seed=7, steps=3, sampler_name="DDIM", cfg_scale=4.0, width=32, height=32, eta=0.0)
-    made = api.txt2img(controlnet_units=[unit], **tiny)
+    made = api.txt2img(alwayson_scripts={}, controlnet_units=[unit], **tiny)
     [expected] = studio.generate(PROMPT, "", "ddim", 3, 4.0, 7, 32, 32, 1,
                                  controls=[ControlUnit(nets[0], image=edges(), scale=0.8)])
     assert same_pixels(pixels(made.image), pixels(expected))
     assert 'ControlNet 0: "Module: none, Model: edges-a, Weight: 0.8' in made.info["infotexts"][0]
     assert "resize_mode is not used" in " ".join(made.info["notes"])  # webuiapi sends "Resize and Fill"
-    plain = api.txt2img(controlnet_units=[webuiapi.ControlNetUnit(image=edges(), model="edges-a", enabled=False)],
+    plain = api.txt2img(alwayson_scripts={}, controlnet_units=[webuiapi.ControlNetUnit(image=edges(), model="edges-a", enabled=False)],
                         **tiny)
     assert np.abs(pixels(plain.image) - pixels(made.image)).max() > 5  # a disabled unit: the plain model
     # img2img: a unit without an image reads the init image
     init = edges(9)
-    edited = api.img2img(images=[init], denoising_strength=0.6, controlnet_units=[
+    edited = api.img2img(images=[init], denoising_strength=0.6, alwayson_scripts={}, controlnet_units=[
         webuiapi.ControlNetUnit(model="edges-a", module="canny", threshold_a=50, threshold_b=150)], **tiny)
     [same] = studio.generate(PROMPT, "", "ddim", 3, 4.0, 7, 32, 32, 1, image=init, strength=0.6, controls=[
         ControlUnit(nets[0], image=init, preprocess="canny", thresholds=(50.0, 150.0))])
@@ -367,7 +369,7 @@ def test_the_apis_outline_places_the_object_on_the_default_model(tmp_path):
         prompt = full_caption(scenes[0])
         assert full_caption(scenes[1]) == prompt  # no caption names either place
         made = [api.txt2img(prompt=prompt, seed=1, steps=20, sampler_name="DDIM",
-                            cfg_scale=4.0, width=64, height=64, controlnet_units=[webuiapi.ControlNetUnit(
+                            cfg_scale=4.0, width=64, height=64, alwayson_scripts={}, controlnet_units=[webuiapi.ControlNetUnit(
                                 image=outline_image(scene, 64), model="default-outline")]).image for scene in scenes]
     finally:
         demo.close()

@@ -384,6 +384,9 @@ def test_a_disconnected_clients_job_is_cancelled(served):
         with pytest.raises(TimeoutError):
             served.request("POST", "/sdapi/v1/txt2img", tiny_txt2img(n_iter=3), timeout=2)  # gives up, hangs up
         assert job_count(served) == 1
+        # the server polls its client every 0.25 s: keep the pipeline busy for six polls after the hang-up, else
+        # the tiny model's fast first image can finish before the poll that sees it (a waiting job shows no state)
+        time.sleep(1.5)
     wait_for(lambda: job_count(served) == 0, timeout=60, what="the abandoned job kept running")
     assert served.pngs() == before  # stopped at its first step: no image made
     assert_still_serving(served)
