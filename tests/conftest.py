@@ -82,3 +82,18 @@ def same_pixels(a, b, levels: int = 1) -> bool:
     on a .5 boundary then rounds one level apart (measured: 3e-4 of a level before rounding)."""
     a, b = np.asarray(a, dtype=np.int16), np.asarray(b, dtype=np.int16)
     return a.shape == b.shape and int(np.abs(a - b).max(initial=0)) <= levels
+
+
+def two_cpu_processes(script) -> tuple[list[str], dict]:
+    """(command prefix, environment) that `accelerate launch` `script` on two CPU processes over gloo, on a free
+    port so concurrent test runs do not collide; append the script's flags to the command."""
+    import socket
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(port), str(script)], env

@@ -221,22 +221,17 @@ def test_kohya_keys_of_sdxl_text_encoders_round_trip():
 def test_two_processes_train_the_same_text_encoder(sd_folder, data_dir, tmp_path):  # noqa: F811
     """accelerate launch, two CPU processes: the encoder's gradients are averaged, so both ranks end with the same
     encoder (and UNet), which differs from the base."""
-    import socket
     import subprocess
-    import sys
 
+    from conftest import two_cpu_processes
     from test_training import ROOT, SCRIPT
 
-    with socket.socket() as probe:  # a free port, so concurrent test runs do not collide
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(port), str(SCRIPT), "--pretrained_model_name_or_path", str(sd_folder), "--train_data_dir", data_dir,
-               "--output_dir", str(tmp_path / "out"), "--resolution", "32", "--train_batch_size", "1",
-               "--max_train_steps", "2", "--checkpointing_steps", "2", "--report_to", "none",  # latents cached
-               "--train_text_encoder", "--text_encoder_lr", "1e-2", "--sample_index_log", str(tmp_path / "rows")]
+    launch, env = two_cpu_processes(SCRIPT)
+    command = launch + ["--pretrained_model_name_or_path", str(sd_folder), "--train_data_dir", data_dir,
+                        "--output_dir", str(tmp_path / "out"), "--resolution", "32", "--train_batch_size", "1",
+                        "--max_train_steps", "2", "--checkpointing_steps", "2", "--report_to", "none",  # latents cached
+                        "--train_text_encoder", "--text_encoder_lr", "1e-2",
+                        "--sample_index_log", str(tmp_path / "rows")]
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     logs = [(tmp_path / f"rows.rank{r}").read_text().splitlines() for r in range(2)]  # world size 2: ranks 0 and 1

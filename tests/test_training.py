@@ -7,7 +7,6 @@ marked `distributed` so it can be selected (`-m distributed`) or skipped.
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from latent_diffusion.tiny import tiny_unet_config
+from conftest import two_cpu_processes
 from test_data import make_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,18 +187,11 @@ def test_missing_component_is_named(data_dir, tmp_path, sd_folder):
 @pytest.mark.slow
 def test_two_processes_see_disjoint_rows_and_agree(sd_folder, data_dir, tmp_path):
     """accelerate launch, two CPU processes over gloo: disjoint rows every step, identical final weights."""
-    import socket
-
-    with socket.socket() as probe:  # a free port, so concurrent test runs do not collide
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(port), str(SCRIPT), "--pretrained_model_name_or_path", str(sd_folder), "--train_data_dir", data_dir,
-               "--output_dir", str(tmp_path / "out"), "--resolution", "32", "--train_batch_size", "1",
-               "--max_train_steps", "4", "--checkpointing_steps", "2", "--report_to", "none", "--use_ema",
-               "--sample_index_log", str(tmp_path / "rows")]
+    launch, env = two_cpu_processes(SCRIPT)
+    command = launch + ["--pretrained_model_name_or_path", str(sd_folder), "--train_data_dir", data_dir,
+                        "--output_dir", str(tmp_path / "out"), "--resolution", "32", "--train_batch_size", "1",
+                        "--max_train_steps", "4", "--checkpointing_steps", "2", "--report_to", "none", "--use_ema",
+                        "--sample_index_log", str(tmp_path / "rows")]
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)  # loaded CI boxes
     assert done.returncode == 0, done.stderr[-3000:]
     logs = [(tmp_path / f"rows.rank{r}").read_text().splitlines() for r in range(2)]

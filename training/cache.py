@@ -418,27 +418,30 @@ class CachedSamples(torch.utils.data.Dataset):
         return row, side, first, pick_caption_index(last - first, generator, self.caption_dropout)
 
     def __getitems__(self, items) -> dict[str, torch.Tensor]:
-        rows, sides, embeds, pooled = [], [], [], []
-        cache = self.cache
-        for index, epoch in items:
-            row, side, first, choice = self.draw(index, epoch)
-            sides.append(side)
-            embeds.append(cache.empty_embed if choice is None else cache.text_embeds[first + choice])
-            if cache.pooled_embeds is not None:
-                pooled.append(cache.empty_pooled if choice is None else cache.pooled_embeds[first + choice])
-            rows.append(row)
+        draws = [self.draw(index, epoch) for index, epoch in items]  # (row, side, first, choice) per sample
+        rows, sides = [d[0] for d in draws], [d[1] for d in draws]
         rows_t, sides_t = torch.tensor(rows), torch.tensor(sides)
         batch = {
             "latent_mean": _gather_latents(self.cache.latent_mean, rows, sides),  # (B, C, h, w)
             "latent_std": _gather_latents(self.cache.latent_std, rows, sides),
-            "text_embeds": torch.stack(embeds),  # (B, L, D)
             "index": torch.tensor([int(i) for i, _ in items]),
-            "original_size": cache.original_size[rows_t],  # (B, 2) (height, width)
-            "crop_top_left": cache.crop_top_left[rows_t, sides_t],  # (B, 2) (top, left) of the side drawn
+            "original_size": self.cache.original_size[rows_t],  # (B, 2) (height, width)
+            "crop_top_left": self.cache.crop_top_left[rows_t, sides_t],  # (B, 2) (top, left) of the side drawn
         }
-        if pooled:
-            batch["pooled_embeds"] = torch.stack(pooled)  # (B, P)
+        batch.update(self.caption_fields(items, draws))
         return batch
+
+    def caption_fields(self, items, draws) -> dict[str, torch.Tensor]:
+        """The drawn caption variants' cached "text_embeds" (B, L, D), and SDXL's "pooled_embeds" (B, P)."""
+        cache = self.cache
+
+        def pick(table: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+            return torch.stack([empty if choice is None else table[first + choice] for _, _, first, choice in draws])
+
+        fields = {"text_embeds": pick(cache.text_embeds, cache.empty_embed)}
+        if cache.pooled_embeds is not None:
+            fields["pooled_embeds"] = pick(cache.pooled_embeds, cache.empty_pooled)
+        return fields
 
 
 class CaptionedCachedSamples(CachedSamples):
@@ -453,14 +456,10 @@ class CaptionedCachedSamples(CachedSamples):
         super().__init__(cache, random_flip, caption_dropout, seed)
         self.captions = captions
 
-    def __getitems__(self, items) -> dict:
-        batch = super().__getitems__(items)
-        del batch["text_embeds"]
-        batch.pop("pooled_embeds", None)
-        choices = [self.draw(index, epoch)[3] for index, epoch in items]
-        batch["caption"] = ["" if choice is None else self.captions[int(index)][choice]
-                            for (index, _), choice in zip(items, choices)]
-        return batch
+    def caption_fields(self, items, draws) -> dict[str, list[str]]:
+        """The drawn caption variants' text ("" when dropped), to be encoded by the training encoders."""
+        return {"caption": ["" if choice is None else self.captions[int(index)][choice]
+                            for (index, _), (_, _, _, choice) in zip(items, draws)]}
 
 
 def _num_sides(cache: LatentCache) -> int:

@@ -79,6 +79,7 @@ class Studio:
                  controlnets: Sequence[tuple[str, float]] = ()):
         self.pipe = pipe
         self.controlnets = list(controlnets)
+        self._plain_pipe = _without_controlnets(pipe) if self.controlnets else pipe  # requests without a control image
         self.model = model
         self.loras = list(loras)
         self.embeddings = list(embeddings)  # (path, token) of textual-inversion embeddings loaded into pipe
@@ -168,7 +169,7 @@ class Studio:
             check_finite("control_scale", unit.scale, 0.0)  # the pipeline takes negative weights; the page does not
             given[unit.model] = unit
         if not given:
-            return settings, without_controlnets(self.pipe) if names else self.pipe
+            return settings, self._plain_pipe
         filler = ControlUnit("", image=settings.controls[0].image, scale=0.0)  # its residuals are multiplied by 0
         return settings.replace(controls=tuple(given.get(name, filler.replace(model=name)) for name in names)), self.pipe
 
@@ -201,8 +202,9 @@ class Studio:
         return {"callback_on_step_end": callback}
 
 
-def without_controlnets(pipe):
-    """`pipe`'s components without its ControlNets (sharing the weights), for requests without a control image."""
+def _without_controlnets(pipe):
+    """`pipe`'s components without its ControlNets (sharing the weights, so LoRA scales apply to both), built
+    once per Studio: a pipeline made per request would also start its UNet trace over every time."""
     from latent_diffusion.evaluation.control_adherence import without_controlnet
 
     return without_controlnet(pipe)
