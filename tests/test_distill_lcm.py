@@ -89,6 +89,31 @@ def test_full_unet_folder_samples_as_an_lcm(sd_folder, data_dir, tmp_path):
     assert generate(pipe, num_inference_steps=None, guidance_scale=None).shape == (2, 32, 32, 3)
 
 
+@pytest.mark.slow
+def test_average_decay_saves_the_slow_average_and_resumes_exactly(sd_folder, data_dir, tmp_path):
+    """--average_decay: both averages are checkpointed (ema.safetensors, ema-average.safetensors), 2 + 1 steps equal
+    3, and the saved UNet is the slow average, not the target θ⁻."""
+    from diffusers import UNet2DConditionModel
+
+    extra = ["--full_unet", "--ema_decay", "0.05", "--average_decay", "0.1", "--checkpointing_steps", 1]  # under the warm-up caps
+    distill(sd_folder, data_dir, tmp_path / "straight", "--max_train_steps", 3, *extra)
+    distill(sd_folder, data_dir, tmp_path / "split", "--max_train_steps", 2, *extra)
+    distill(sd_folder, data_dir, tmp_path / "split", "--max_train_steps", 3, "--resume_from_checkpoint", "latest", *extra)
+    for name in ("ema.safetensors", "ema-average.safetensors"):
+        straight = load_file(str(tmp_path / "straight" / "checkpoint-3" / name))
+        split = load_file(str(tmp_path / "split" / "checkpoint-3" / name))
+        assert straight.keys() == split.keys() and straight
+        for key in straight:
+            torch.testing.assert_close(split[key], straight[key], atol=1e-6, rtol=0)
+    average = load_file(str(tmp_path / "straight" / "checkpoint-3" / "ema-average.safetensors"))
+    target = load_file(str(tmp_path / "straight" / "checkpoint-3" / "ema.safetensors"))
+    saved = dict(UNet2DConditionModel.from_pretrained(tmp_path / "straight", subfolder="unet").named_parameters())
+    assert max((average[k] - target[k]).abs().max() for k in average) > 1e-4  # the two differ, so the check means something
+    for key in average:
+        torch.testing.assert_close(saved[key].detach().float(), average[key], atol=1e-6, rtol=0)
+    assert "| average_decay | 0.1 |" in (tmp_path / "straight" / "README.md").read_text()
+
+
 def test_consistency_parametrisation_and_teacher_step():
     """f(x, 0) ≈ x (c_skip(0) = 1); the teacher's guided DDIM step with w = 0 is the conditional DDIM step."""
     from argparse import Namespace
@@ -121,6 +146,7 @@ def test_consistency_parametrisation_and_teacher_step():
     (["--num_ddim_timesteps", "0"], "--num_ddim_timesteps must be in"),
     (["--loss_type", "l1"], "--loss_type"),
     (["--masked_loss"], "--masked_loss is not part of consistency distillation"),
+    (["--average_decay", "1"], "--average_decay must be in (0, 1)"),
 ])
 def test_bad_flags_name_the_flag(sd_folder, data_dir, tmp_path, capsys, extra, message):
     from latent_diffusion.training.distill_lcm import parse_distill_args

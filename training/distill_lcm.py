@@ -63,6 +63,8 @@ def build_distill_parser():
     g.add_argument("--huber_c", type=float, default=0.001, help="c of the pseudo-Huber loss √(d² + c²) − c")
     g.add_argument("--timestep_scaling", type=float, default=10.0, help="s of c_skip, c_out at s·t (LCMScheduler's)")
     g.add_argument("--full_unet", action="store_true", help="train the whole UNet (default: an LCM-LoRA)")
+    g.add_argument("--average_decay", type=float, default=None,
+                   help="also keep a slow EMA of the student (e.g. 0.999) and save and validate it instead of the target")
     parser.set_defaults(ema_decay=0.95, validation_guidance_scale=1.0, learning_rate=1e-4, lr_warmup_steps=0,
                         output_dir="lcm-distilled", tracker_project_name="lcm-distill")
     return parser
@@ -79,6 +81,8 @@ def parse_distill_args(argv: Optional[list[str]] = None):
     args.use_ema = True
     problems = check_args(args)
     problems += [f"--{f} must be >= 0" for f in ("w_min", "huber_c") if not getattr(args, f) >= 0]
+    if args.average_decay is not None and not 0 < args.average_decay < 1:
+        problems.append(f"--average_decay must be in (0, 1), got {args.average_decay}")
     problems += [f"--{f} is not part of consistency distillation (it weighs the denoising loss)"
                  for f in ("masked_loss", "with_prior_preservation", "reg_data_dir") if getattr(args, f)]
     if not args.w_min <= args.w_max:
@@ -156,6 +160,53 @@ class ConsistencyDistillationLoss:
         return (torch.sqrt((a - b) ** 2 + self.huber_c**2) - self.huber_c).mean()
 
 
+class TargetAndAverage:
+    """The EMA interface of the training loop over two averages of the student: `target`, θ⁻ of the loss
+    (decay μ = --ema_decay), and, with --average_decay, a slow `average` that is what validation and the saved
+    model use. The target's short memory (μ = 0.95) lets its weights keep the step-to-step noise of a
+    constant learning rate; averaging it away raised 4-step adherence of the embedded default by about 0.05
+    (benchmarks/RESULTS.md). Without --average_decay, the target is saved, as in diffusers' LCD scripts."""
+
+    def __init__(self, model: torch.nn.Module, target_decay: float, average_decay: Optional[float]):
+        self.target = EMA(model, target_decay)
+        self.average = None if average_decay is None else EMA(model, average_decay)
+
+    @property
+    def saved(self) -> EMA:
+        return self.target if self.average is None else self.average
+
+    def update(self, model: torch.nn.Module) -> None:
+        for ema in self.emas().values():
+            ema.update(model)
+
+    def emas(self) -> dict[str, EMA]:
+        return {"target": self.target} if self.average is None else {"target": self.target, "average": self.average}
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        self.saved.copy_to(model)
+
+    def swapped_into(self, model: torch.nn.Module):
+        return self.saved.swapped_into(model)
+
+    def save(self, path: str) -> None:
+        """The target in `path` (the format of every other EMA file); the average beside it, `path`'s stem + -average."""
+        self.target.save(path)
+        if self.average is not None:
+            self.average.save(average_path(path))
+
+    def load(self, path: str) -> None:
+        self.target.load(path)
+        if self.average is not None:
+            if not os.path.isfile(average_path(path)):
+                raise ValueError(f"--average_decay is set but the checkpoint has no {os.path.basename(average_path(path))}")
+            self.average.load(average_path(path))
+
+
+def average_path(ema_path: str) -> str:
+    stem, ext = os.path.splitext(ema_path)
+    return f"{stem}-average{ext}"
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -178,11 +229,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     if settings.lora is not None:  # checkpoints hold the adapter only
         register_checkpoint_hooks(accelerator, None)
     student = accelerator.unwrap_model(unet)
-    ema = EMA(student, settings.optim.ema_decay)  # θ⁻, the target network; checkpointed and resumed with the run
+    ema = TargetAndAverage(student, settings.optim.ema_decay, args.average_decay)  # checkpointed and resumed
     state = base.resume(settings.output, accelerator, ema)
     base.start_trackers(settings, accelerator)
     teacher = teacher_fn(student if frozen_teacher is None else frozen_teacher, adapter=frozen_teacher is None)
-    loss_fn = ConsistencyDistillationLoss(models.schedule, teacher, student, ema, empty_prompt_texts(models),
+    loss_fn = ConsistencyDistillationLoss(models.schedule, teacher, student, ema.target, empty_prompt_texts(models),
                                           settings.data.resolution, args)
     trainee = base.Trainee(unet, optimizer, lr_scheduler, ema)
     state = base.train(settings, accelerator, models, data, trainee, state, max_steps, loss_fn=loss_fn,
@@ -255,8 +306,8 @@ def lcm_validation(settings, models, unet, step: int, trackers=()) -> dict[int, 
     return grids
 
 
-def validate(settings, accelerator, models, unet, ema: EMA, step: int) -> None:
-    """train()'s validation hook: the EMA (target) weights at 1/2/4/8 steps, on the main process."""
+def validate(settings, accelerator, models, unet, ema: TargetAndAverage, step: int) -> None:
+    """train()'s validation hook: the saved average (the target without --average_decay) at 1/2/4/8 steps, on the main process."""
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(unet)
         model.eval()
@@ -267,7 +318,7 @@ def validate(settings, accelerator, models, unet, ema: EMA, step: int) -> None:
     accelerator.wait_for_everyone()
 
 
-def save(settings, accelerator, models, unet, ema: EMA, step: int, args) -> None:
+def save(settings, accelerator, models, unet, ema: TargetAndAverage, step: int, args) -> None:
     """train_text2img's output (LoRA file or diffusers folder, EMA weights), then LCM's defaults, grids, card, upload."""
     quiet = dataclasses.replace(settings, validation=dataclasses.replace(settings.validation, validation_prompts=None),
                                 output=dataclasses.replace(settings.output, push_to_hub=False))
@@ -296,7 +347,9 @@ def append_card_section(out: str, args, step: int, grids: dict[int, str]) -> Non
     """The model card's LCD section: what was distilled, with which settings, and how to sample it."""
     kind = "an LCM-LoRA" if not args.full_unet else "a full LCM UNet"
     rows = [f"| {k} | {getattr(args, k)} |" for k in ("num_ddim_timesteps", "w_min", "w_max", "loss_type", "huber_c",
-                                                       "ema_decay", "timestep_scaling", "lora_rank", "max_train_steps")]
+                                                       "ema_decay", "average_decay", "timestep_scaling", "lora_rank",
+                                                       "learning_rate", "lr_scheduler", "train_batch_size",
+                                                       "max_train_steps")]
     images = "".join(f"\n![{k} steps]({os.path.relpath(path, out)})" for k, path in grids.items())
     text = (f"\n## Latent consistency distillation\n\n{kind} distilled from `{args.pretrained_model_name_or_path}` by "
             f"latent_diffusion's `training/distill_lcm.py` ({step} steps; Luo et al. 2023). Sample it with "
