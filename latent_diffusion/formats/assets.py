@@ -5,6 +5,11 @@ import json
 from pathlib import Path
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"  # latent_diffusion/default_model
+# The embedded default distilled into a latent consistency model (training/recipes/shapes/distill_lcm.sh):
+# latent_diffusion/default_model_lcm, the same VAE, text encoder and tokenizer files with its own UNet and scheduler
+LCM_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model_lcm"
+# Embedded models by the name `from_pretrained(name)` / `--model NAME` accepts
+EMBEDDED_MODELS = {"default-20-step": DEFAULT_MODEL_DIR, "default-lcm": LCM_MODEL_DIR}
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # required where model_index.json names them
 # ControlNets shipped for the embedded default, by the name `controlnet=` / `--controlnet` accepts; one subfolder
@@ -20,6 +25,21 @@ def default_model_path() -> Path:
             "`from_pretrained(path)` / `--model PATH`"
         )
     return DEFAULT_MODEL_DIR
+
+
+def resolve_model_name(name):
+    """An embedded model's folder for its name ("default-lcm", "default-20-step"), else `name` unchanged."""
+    if not isinstance(name, str) or name not in EMBEDDED_MODELS:
+        return name
+    folder = EMBEDDED_MODELS[name]
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"model {name!r}: this install has no {folder}; give a diffusers folder or Hub id")
+    return str(folder)
+
+
+def is_embedded_folder(path) -> bool:
+    """Whether `path` is one of the embedded models' folders."""
+    return any(Path(path).resolve() == folder.resolve() for folder in EMBEDDED_MODELS.values())
 
 
 def resolve_controlnet_name(name: str) -> str:

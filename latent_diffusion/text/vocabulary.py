@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import re
 from functools import lru_cache
-from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 logger = logging.getLogger(__name__)
@@ -47,11 +46,11 @@ def unknown_words(prompts: Iterable[str], tokenizer, vocabulary: Optional[frozen
 
 
 def is_embedded_default(pipe) -> bool:
-    """Whether the pipeline was loaded from the embedded Shapes model's folder."""
-    from latent_diffusion.formats.assets import default_model_path
+    """Whether the pipeline was loaded from one of the embedded Shapes models' folders."""
+    from latent_diffusion.formats.assets import is_embedded_folder
 
     name = pipe.config.get("_name_or_path")
-    return bool(name) and Path(name).resolve() == Path(default_model_path()).resolve()
+    return bool(name) and is_embedded_folder(name)
 
 
 def has_active_adapters(pipe) -> bool:
