@@ -70,9 +70,14 @@ def test_resume_is_exact(sd_folder, data_dir, tmp_path):
     distill(sd_folder, data_dir, tmp_path / "straight", "--max_train_steps", 4, *extra)
     distill(sd_folder, data_dir, tmp_path / "split", "--max_train_steps", 2, *extra)
     distill(sd_folder, data_dir, tmp_path / "split", "--max_train_steps", 4, "--resume_from_checkpoint", "latest", *extra)
-    for name in ("lora_model_0.safetensors", "ema.safetensors"):
-        straight = load_file(str(tmp_path / "straight" / "checkpoint-4" / name))
-        split = load_file(str(tmp_path / "split" / "checkpoint-4" / name))
+    assert_same_files(tmp_path / "straight" / "checkpoint-4", tmp_path / "split" / "checkpoint-4",
+                      ("lora_model_0.safetensors", "ema.safetensors"))
+
+
+def assert_same_files(a, b, names):
+    """Each safetensors file `name` holds the same non-empty tensors in checkpoint folders a and b."""
+    for name in names:
+        straight, split = load_file(str(a / name)), load_file(str(b / name))
         assert straight.keys() == split.keys() and straight
         for key in straight:
             torch.testing.assert_close(split[key], straight[key], atol=1e-6, rtol=0)
@@ -99,12 +104,8 @@ def test_average_decay_saves_the_slow_average_and_resumes_exactly(sd_folder, dat
     distill(sd_folder, data_dir, tmp_path / "straight", "--max_train_steps", 3, *extra)
     distill(sd_folder, data_dir, tmp_path / "split", "--max_train_steps", 2, *extra)
     distill(sd_folder, data_dir, tmp_path / "split", "--max_train_steps", 3, "--resume_from_checkpoint", "latest", *extra)
-    for name in ("ema.safetensors", "ema-average.safetensors"):
-        straight = load_file(str(tmp_path / "straight" / "checkpoint-3" / name))
-        split = load_file(str(tmp_path / "split" / "checkpoint-3" / name))
-        assert straight.keys() == split.keys() and straight
-        for key in straight:
-            torch.testing.assert_close(split[key], straight[key], atol=1e-6, rtol=0)
+    assert_same_files(tmp_path / "straight" / "checkpoint-3", tmp_path / "split" / "checkpoint-3",
+                      ("ema.safetensors", "ema-average.safetensors"))
     average = load_file(str(tmp_path / "straight" / "checkpoint-3" / "ema-average.safetensors"))
     target = load_file(str(tmp_path / "straight" / "checkpoint-3" / "ema.safetensors"))
     saved = dict(UNet2DConditionModel.from_pretrained(tmp_path / "straight", subfolder="unet").named_parameters())

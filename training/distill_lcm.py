@@ -176,11 +176,9 @@ class TargetAndAverage:
         return self.target if self.average is None else self.average
 
     def update(self, model: torch.nn.Module) -> None:
-        for ema in self.emas().values():
-            ema.update(model)
-
-    def emas(self) -> dict[str, EMA]:
-        return {"target": self.target} if self.average is None else {"target": self.target, "average": self.average}
+        for ema in (self.target, self.average):
+            if ema is not None:
+                ema.update(model)
 
     def copy_to(self, model: torch.nn.Module) -> None:
         self.saved.copy_to(model)

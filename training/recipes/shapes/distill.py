@@ -84,28 +84,30 @@ def run_distillation(work: Path) -> Path:
     return out
 
 
-def adherence_by_steps(folder: Path, prompts: list[str]) -> dict[int, dict]:
-    """The Shapes report of LCM sampling at guidance 1 for each of MEASURED_STEPS (seeds 10000 + i)."""
+def quiet_pipeline(folder: Path):
     from latent_diffusion.pipelines import LatentDiffusionPipeline
-    from latent_diffusion.shapes import score_images
 
     pipe = LatentDiffusionPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
-    return {k: score_images(generate(pipe, prompts, k, 1.0, "lcm", seed=10_000), prompts) for k in MEASURED_STEPS}
+    return pipe
 
 
-def seconds_by_steps(folder: Path) -> dict[str, float]:
+def adherence_by_steps(student, prompts: list[str]) -> dict[int, dict]:
+    """The Shapes report of LCM sampling at guidance 1 for each of MEASURED_STEPS (seeds 10000 + i)."""
+    from latent_diffusion.shapes import score_images
+
+    return {k: score_images(generate(student, prompts, k, 1.0, "lcm", seed=10_000), prompts) for k in MEASURED_STEPS}
+
+
+def seconds_by_steps(student) -> dict[str, float]:
     """Median seconds of one image: the teacher at its defaults and the student at each step count, interleaved."""
-    from latent_diffusion.pipelines import LatentDiffusionPipeline
-
-    teacher, student = (LatentDiffusionPipeline.from_pretrained(str(f)) for f in (TEACHER_DIR, folder))
+    teacher = quiet_pipeline(TEACHER_DIR)
     runs = {"teacher": (teacher, teacher.generation_defaults)}
     runs.update({str(k): (student, {"sampler": "lcm", "num_inference_steps": k, "guidance_scale": 1.0})
                  for k in MEASURED_STEPS})
     times = {name: [] for name in runs}
     for repeat in range(TIMING_REPEATS + 1):  # the first round warms up
         for name, (pipe, s) in runs.items():
-            pipe.set_progress_bar_config(disable=True)
             started = time.perf_counter()
             generate(pipe, [GRID_PROMPTS[0]], s["num_inference_steps"], s["guidance_scale"], s["sampler"])
             if repeat:
@@ -145,8 +147,9 @@ def assemble(args, trained: Path, out: Path) -> dict:
             str(tmp / "unet"))
         LCMScheduler.from_pretrained(str(TEACHER_DIR), subfolder="scheduler").save_pretrained(str(tmp / "scheduler"))
         prompts = [p for p, _ in evaluation_prompts(args.eval_prompts, seed=2)]
-        reports = adherence_by_steps(tmp, prompts)
-        seconds = seconds_by_steps(tmp)
+        student = quiet_pipeline(tmp)
+        reports = adherence_by_steps(student, prompts)
+        seconds = seconds_by_steps(student)
         adherence = {k: r["overall"] for k, r in reports.items()}
         ratio = {k: seconds[str(k)] / seconds["teacher"] for k in MEASURED_STEPS}
         steps, holds = choose_steps(adherence, ratio, teacher_metrics["adherence"]["overall"])
@@ -157,18 +160,15 @@ def assemble(args, trained: Path, out: Path) -> dict:
                     "time_ratio": ratio, "steps": steps, "targets_hold": holds, "threads": torch.get_num_threads()}
         write_json(tmp / "distill_recipe.json", {"distill_flags": DISTILL_FLAGS, "data_images": DATA_IMAGES,
                                                  "measured": measured})
-        write_sample_grid(tmp, defaults)
+        write_sample_grid(student, tmp, defaults)
         write_text_atomic(tmp / "README.md", model_card(measured))
     return measured
 
 
-def write_sample_grid(folder: Path, defaults: dict) -> None:
-    from latent_diffusion.pipelines import LatentDiffusionPipeline
+def write_sample_grid(student, folder: Path, defaults: dict) -> None:
     from latent_diffusion.training.validation import image_grid
 
-    pipe = LatentDiffusionPipeline.from_pretrained(str(folder))
-    pipe.set_progress_bar_config(disable=True)
-    grid = image_grid(generate(pipe, list(GRID_PROMPTS), defaults["num_inference_steps"], 1.0, "lcm"), columns=4)
+    grid = image_grid(generate(student, list(GRID_PROMPTS), defaults["num_inference_steps"], 1.0, "lcm"), columns=4)
     grid.resize((grid.width * 2, grid.height * 2), resample=0).save(folder / "sample_grid.png")
 
 
