@@ -149,6 +149,7 @@ def check_model_config(config: Mapping[str, Any], where: str, max_sample_size: i
 def check_pipeline_call(pipe, prompts: list[str], negatives: list[str], images_per_prompt: int, height: int,
                         width: int, guided: bool, names: Optional[Mapping[str, str]] = None) -> int:
     """A pipeline call's prompt lengths and estimated memory (on the pipe's device) against the limits."""
+    from latent_diffusion.tensors import module_device, module_dtype
     from latent_diffusion.vae import vae_scale_factor
 
     check_prompt_length("prompt", prompts)
@@ -156,5 +157,5 @@ def check_pipeline_call(pipe, prompts: list[str], negatives: list[str], images_p
     batch = "num_images_per_prompt" if len(prompts) == 1 else "len(prompt) × num_images_per_prompt"
     return check_call_size(pipe.unet.config, pipe.vae.config, images=len(prompts) * images_per_prompt,
                            height=height, width=width, guided=guided, vae_factor=vae_scale_factor(pipe.vae),
-                           dtype=pipe.unet.dtype, budget=memory_budget(pipe.device),
+                           dtype=module_dtype(pipe.unet), budget=memory_budget(module_device(pipe.unet)),
                            names={"images": batch, **(names or {})})

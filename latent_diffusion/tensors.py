@@ -4,6 +4,28 @@ from __future__ import annotations
 import torch
 
 
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype a module runs in: its first floating-point parameter's (float32 when it has none).
+
+    diffusers' `ModelMixin.dtype` answers the same for our models, but walks every submodule for offload
+    hooks first: 1.6 ms on the default UNet, asked several times per image, which is a tenth of a
+    few-step image's time.
+    """
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of a module's first parameter (CPU when it has none), without diffusers' submodule walk."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def carries_hooks(module: torch.nn.Module) -> bool:
+    """Whether the module or a submodule has an accelerate (`_hf_hook`) or diffusers (`_diffusers_hook`) hook:
+    offloading, layerwise casting. Read from each `__dict__`, where both libraries set them: `hasattr` on a module
+    goes through its `__getattr__` and costs 7× more."""
+    return any("_hf_hook" in m.__dict__ or "_diffusers_hook" in m.__dict__ for m in module.modules())
+
+
 def append_dims(values: torch.Tensor, ndim: int) -> torch.Tensor:
     """Append trailing singleton dims so per-sample values broadcast over a tensor of `ndim` dims.
 

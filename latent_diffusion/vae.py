@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from latent_diffusion.tensors import module_device, module_dtype
+
 
 def latent_scale(vae) -> tuple[float, float]:
     """(scaling_factor, shift_factor) of the VAE's config: z_unet = (z_vae − shift) · scale (no magic 0.18215)."""
@@ -37,7 +39,7 @@ def unscale_latents(vae, z: torch.Tensor) -> torch.Tensor:
 
 def encode_images(vae, pixels: torch.Tensor, generator: Optional[torch.Generator] = None, sample: bool = True) -> torch.Tensor:
     """(B, 3, H, W) pixels in [-1, 1] -> (B, C, H/f, W/f) scaled latents, sampled from the posterior or its mean."""
-    dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    dist = vae.encode(pixels.to(device=module_device(vae), dtype=module_dtype(vae))).latent_dist
     return scale_latents(vae, dist.sample(generator) if sample else dist.mean)
 
 
@@ -46,7 +48,7 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 def is_half(module) -> bool:
     """Whether a module's weights are float16 or bfloat16."""
-    return module.dtype in HALF_DTYPES
+    return module_dtype(module) in HALF_DTYPES
 
 
 def half_vae_runs_in_float32(vae, force_upcast: bool = True, overflowed: bool = False) -> bool:
@@ -58,14 +60,14 @@ def half_vae_runs_in_float32(vae, force_upcast: bool = True, overflowed: bool = 
     """
     if not is_half(vae):
         return False
-    configured = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    configured = module_dtype(vae) == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
     return overflowed or (force_upcast and configured)
 
 
 @contextlib.contextmanager
 def float32_vae(vae, enabled: bool = True):
     """Run the block with the VAE cast to float32 when `enabled`, then cast it back to its own dtype."""
-    dtype = vae.dtype
+    dtype = module_dtype(vae)
     if enabled:
         vae.to(torch.float32)
     try:
@@ -92,7 +94,7 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents decoded in the VAE's dtype (`unscale_latents` first)."""
-    return vae.decode(unscale_latents(vae, latents.to(vae.dtype))).sample  # (B, 3, H, W)
+    return vae.decode(unscale_latents(vae, latents.to(module_dtype(vae)))).sample  # (B, 3, H, W)
 
 
 def upcast_half_vae(vae, enabled: bool = True):

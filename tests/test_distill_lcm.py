@@ -86,9 +86,12 @@ def assert_same_files(a, b, names):
 @pytest.mark.slow
 def test_full_unet_folder_samples_as_an_lcm(sd_folder, data_dir, tmp_path):
     out = tmp_path / "full"
-    distill(sd_folder, data_dir, out, "--max_train_steps", 1, "--full_unet", "--loss_type", "l2")
+    distill(sd_folder, data_dir, out, "--max_train_steps", 1, "--full_unet", "--loss_type", "l2",
+            "--num_ddim_timesteps", 20, "--timestep_scaling", 5)
     assert json.loads((out / "generation_config.json").read_text())["sampler"] == "lcm"
-    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "LCMScheduler"
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "LCMScheduler"
+    assert (scheduler["original_inference_steps"], scheduler["timestep_scaling"]) == (20, 5.0)  # the grid trained on
     pipe = load_ours(out)
     assert pipe.generation_defaults["sampler"] == "lcm" and pipe.generation_defaults["num_inference_steps"] == 4
     assert generate(pipe, num_inference_steps=None, guidance_scale=None).shape == (2, 32, 32, 3)

@@ -113,6 +113,30 @@ def test_guidance_one_runs_conditional_branch_only(sd_folder):
     assert calls == [1, 1, 1, 2, 2, 2]
 
 
+def test_fast_dtype_device_and_execution_device_agree_with_diffusers(sd_folder):
+    """module_dtype / module_device and the pipeline's hook-free _execution_device answer as diffusers' walks do;
+    a component carrying an offload hook hands the question back to diffusers."""
+    from diffusers import DiffusionPipeline
+    from latent_diffusion.tensors import carries_hooks, module_device, module_dtype
+
+    pipe = load_ours(sd_folder)
+    pipe.vae.to(torch.float16)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        assert (module_dtype(module), module_device(module)) == (module.dtype, module.device)
+    assert module_dtype(torch.nn.ReLU()) == torch.float32 and module_device(torch.nn.ReLU()) == torch.device("cpu")
+    diffusers_answer = DiffusionPipeline._execution_device.fget
+    assert not carries_hooks(pipe.unet) and pipe._execution_device == diffusers_answer(pipe) == torch.device("cpu")
+
+    class Hook:  # what accelerate's offloading leaves on a module: an execution device
+        execution_device = torch.device("meta")
+
+    for component in pipe.components.values():  # as enable_model_cpu_offload hooks every model
+        if isinstance(component, torch.nn.Module):
+            component._hf_hook = Hook()
+    assert carries_hooks(pipe.unet)
+    assert pipe._execution_device == diffusers_answer(pipe) == torch.device("meta")  # not the UNet's parameters'
+
+
 def test_traced_unet_gives_the_eager_image_and_is_reused(sd_folder):
     pipe = load_ours(sd_folder)
     pipe.trace_unet = False

@@ -216,7 +216,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                          "(only the UNet is distilled)")
     accelerator = base.make_accelerator(settings)
     models = base.load_models(settings, accelerator)  # with --lora_rank: the UNet frozen, an adapter added
-    models.scheduler = lcm_scheduler(models.scheduler)  # what a full LCM UNet is saved with
+    models.scheduler = lcm_scheduler(models.scheduler, args.num_ddim_timesteps, args.timestep_scaling)  # saved with full UNets
     frozen_teacher = None if settings.lora is not None else frozen_copy(models.unet, accelerator.device,
                                                                         models.weight_dtype)
     data = base.load_training_data(settings, accelerator, models)
@@ -240,11 +240,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     accelerator.end_training()
 
 
-def lcm_scheduler(scheduler):
-    """LCMScheduler with the base model's noise schedule (betas, prediction type, T)."""
+def lcm_scheduler(scheduler, original_inference_steps: int, timestep_scaling: float):
+    """LCMScheduler with the base model's noise schedule (betas, prediction type, T), the distillation's
+    skipping-step grid N (`--num_ddim_timesteps`: its plans pick timesteps the student was trained at) and
+    its boundary scaling s."""
     from diffusers import LCMScheduler
 
-    return LCMScheduler.from_config(scheduler.config)
+    return LCMScheduler.from_config(scheduler.config, original_inference_steps=original_inference_steps,
+                                    timestep_scaling=timestep_scaling)
 
 
 def frozen_copy(unet, device, dtype) -> torch.nn.Module:
