@@ -93,7 +93,7 @@ def run_measure(lora_dir: str, out_dir: str, n: int) -> dict:
     """Measure the LoRA in `lora_dir` against the embedded default on seeds 0..n-1; write the grid and the JSON."""
     from latent_diffusion import LatentDiffusionPipeline
 
-    pipe = LatentDiffusionPipeline.from_pretrained()
+    pipe = LatentDiffusionPipeline.from_pretrained("default-20-step")  # the model the LoRA was trained on
     pipe.set_progress_bar_config(disable=True)
     rates, images = measure(pipe, lora_dir, range(n))
     out = Path(out_dir)

@@ -63,7 +63,7 @@ def _pipelines(lora_dir: str):
     diffusers.utils.logging.disable_progress_bar()  # loading bars would bury the one line this prints
     transformers.utils.logging.disable_progress_bar()
 
-    pipe = LatentDiffusionPipeline.from_pretrained()
+    pipe = LatentDiffusionPipeline.from_pretrained("default-20-step")  # the model the LoRA was trained on
     pipe.set_progress_bar_config(disable=True)
     yield "base", pipe
     pipe.load_lora_weights(lora_dir)

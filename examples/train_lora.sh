@@ -27,4 +27,4 @@ accelerate launch --config_file training/configs/cpu.yaml training/train_text2im
     --report_to none --output_dir "$work/out"
 python examples/lora_new_word.py grid "$work/out" "$work/before_after.png"
 python examples/lora_new_word.py score "$work/out" "$work/score.json"
-latent-diffusion generate "a cobalt triangle" --lora "$work/out" -o "$work/cobalt_triangle.png" --quiet
+latent-diffusion generate "a cobalt triangle" --model default-20-step --lora "$work/out" -o "$work/cobalt_triangle.png" --quiet

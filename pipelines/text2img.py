@@ -20,7 +20,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from latent_diffusion.formats.assets import default_model_path, resolve_model_name
+from latent_diffusion.formats.assets import generation_default_path, resolve_model_name
 from latent_diffusion.limits import check_pipeline_call
 from latent_diffusion.checks import check_all_finite, check_choice, check_finite, check_image_side, check_int
 from latent_diffusion.vae import decode_latents, is_half, latent_size_multiple, upcast_half_vae, vae_scale_factor
@@ -99,13 +99,13 @@ class LatentDiffusionPipeline(LatentDiffusionLoraMixin, LatentDiffusionTextualIn
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Optional[Union[str, os.PathLike]] = None, **kwargs):
-        """Load a diffusers SD- or SDXL-format folder or Hub id; with no argument, the embedded default model;
-        "default-lcm" is its few-step distillation and "default-20-step" the 20-step model itself.
+        """Load a diffusers SD- or SDXL-format folder or Hub id; with no argument, the embedded default model
+        (`assets.GENERATION_DEFAULT`); "default-lcm" is its few-step distillation and "default-20-step" the 20-step model.
 
         safety_checker and feature_extractor entries, if the folder has them, are ignored. Weights are read
         from safetensors only: a folder with only pickle (.bin) weights or a truncated file is refused.
         """
-        path = default_model_path() if pretrained_model_name_or_path is None else pretrained_model_name_or_path
+        path = generation_default_path() if pretrained_model_name_or_path is None else pretrained_model_name_or_path
         path = resolve_model_name(path)  # "default-lcm", "default-20-step": the embedded folders
         if is_single_file(path):  # a .safetensors checkpoint in the original layout works like a folder
             return cls.from_single_file(path, **kwargs)

@@ -82,6 +82,7 @@ def pipe():
 
 def test_loads_by_name_with_lcm_defaults(pipe):
     assert pipe.generation_defaults == json.loads((FOLDER / "generation_config.json").read_text())
+    assert pipe.unet.config.sample_size == 16 and pipe.vae.config.latent_channels == 4
     teacher = LatentDiffusionPipeline.from_pretrained("default-20-step")
     assert teacher.generation_defaults["sampler"] == "ddim"
 
@@ -109,6 +110,28 @@ def test_diffusers_lcm_pipeline_gives_our_image(pipe):
     b = theirs("a red circle above a blue square", num_inference_steps=steps, guidance_scale=1.0, output_type="np",
                generator=torch.Generator().manual_seed(0)).images
     assert np.abs(a - b).max() <= 2 / 255
+
+
+def test_generation_default_follows_the_measurement():
+    """Generation loads this model when no model is named exactly when its recorded measurement holds the targets."""
+    assert assets.GENERATION_DEFAULT == ("default-lcm" if MEASURED["targets_hold"] else "default-20-step")
+
+
+def test_unnamed_model_is_the_generation_default(tmp_path):
+    """from_pretrained() and generate (serve and eval share the path) load GENERATION_DEFAULT's folder, at its
+    own generation defaults, when no model is named."""
+    from PIL import Image
+
+    folder = assets.generation_default_path()
+    defaults = json.loads((folder / "generation_config.json").read_text())
+    unnamed = LatentDiffusionPipeline.from_pretrained()
+    assert unnamed.generation_defaults == defaults
+    assert Path(unnamed.config._name_or_path).resolve() == folder.resolve()
+    out = tmp_path / "unnamed.png"
+    assert main(["generate", "a red circle above a blue square", "-o", str(out), "--quiet"]) == 0
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    assert (image.text["sampler"], image.text["steps"]) == (defaults["sampler"], str(defaults["num_inference_steps"]))
 
 
 def test_cli_generates_with_the_named_model(tmp_path):

@@ -1,7 +1,8 @@
-"""The embedded default model: it ships, loads offline with no argument, follows prompts, and evaluates.
+"""The embedded 20-step model: it ships, loads offline by name, follows prompts, and evaluates.
 
 These tests use the real shipped folder `latent_diffusion/default_model/` (fp16, a few MB), so they
-check what a user installing the package gets.
+check what a user installing the package gets. With no model named, generation loads its few-step
+distillation (tests/test_default_lcm.py); training starts from this one.
 """
 import json
 
@@ -34,7 +35,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipe = LatentDiffusionPipeline.from_pretrained()
+    pipe = LatentDiffusionPipeline.from_pretrained("default-20-step")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -61,7 +62,7 @@ def test_model_card_generation_defaults_and_grid():
     assert set(metrics["adherence"]) >= {"overall", "single", "position", "two_objects", "background", "held_out"}
 
 
-def test_loads_offline_with_no_argument(pipe):
+def test_loads_offline_by_name(pipe):
     assert pipe.unet.config.sample_size == 16 and pipe.vae.config.latent_channels == 4
     assert pipe.text_encoder.config.hidden_size == pipe.unet.config.cross_attention_dim
     assert pipe.generation_defaults == json.loads((FOLDER / "generation_config.json").read_text())
@@ -85,16 +86,18 @@ def test_follows_held_in_prompts_at_its_defaults(pipe):
     assert report["overall"] >= 0.75, report["failures"]
 
 
-def test_cli_generates_with_the_default(tmp_path):
+def test_cli_generates_with_the_20_step_model(tmp_path):
     out = tmp_path / "out.png"
-    assert main(["generate", "a red circle above a blue square", "-o", str(out), "--quiet"]) == 0
+    assert main(["generate", "a red circle above a blue square", "--model", "default-20-step", "-o", str(out),
+                 "--quiet"]) == 0
     image = Image.open(out)
     assert image.size == (64, 64) and image.text["prompt"] == "a red circle above a blue square"
+    assert (image.text["sampler"], image.text["steps"]) == ("ddim", "20")
 
 
 def test_eval_report_runs_on_the_default_at_a_tiny_setting(tmp_path):
     out = tmp_path / "eval"
-    args = ["eval", "--num-prompts", "4", "--settings", "dpm++:5", "ddim:5", "--guidance", "3", "--seeds", "1",
+    args = ["eval", "--model", "default-20-step", "--num-prompts", "4", "--settings", "dpm++:5", "ddim:5", "--guidance", "3", "--seeds", "1",
             "--out", str(out), "--quiet"]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())

@@ -60,7 +60,7 @@ def test_only_the_euler_family_is_limited():
 def default_pipe():
     from latent_diffusion.pipelines.text2img import LatentDiffusionPipeline
 
-    pipe = LatentDiffusionPipeline.from_pretrained()
+    pipe = LatentDiffusionPipeline.from_pretrained("default-20-step")  # the samplers' model; LCM has its own
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

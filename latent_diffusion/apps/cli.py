@@ -60,7 +60,7 @@ def _add_generate(commands) -> None:
                    help="take every setting from a PNG made here, by AUTOMATIC1111 (infotext) or by a plain ComfyUI "
                         "text-to-image graph; the flags given override them")
     p.add_argument("-o", "--output", default="out.png", help="PNG path; with --n K > 1, files NAME-0.png … NAME-(K-1).png")
-    p.add_argument("--model", default=None, help="diffusers folder, single .safetensors checkpoint, Hub id, or default-lcm (the embedded model at few steps) (default: the embedded Shapes model)")
+    p.add_argument("--model", default=None, help="diffusers folder, single .safetensors checkpoint, Hub id, or default-lcm (the embedded model at few steps) (default: the embedded Shapes model, default-20-step)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
@@ -319,7 +319,7 @@ def _add_eval(commands) -> None:
         "eval", help="quality report over sampler settings: Shapes adherence, FID/FD-CLIP, CLIP score, speed, memory",
         description="Generate one image per (prompt, seed) for every setting (sampler, steps, guidance), score them "
                     "and write report.md, results.json, grids and plots into --out. Rerunning resumes.")
-    p.add_argument("--model", default=None, help="diffusers folder, single .safetensors checkpoint, Hub id, or default-lcm (the embedded model at few steps) (default: the embedded Shapes model)")
+    p.add_argument("--model", default=None, help="diffusers folder, single .safetensors checkpoint, Hub id, or default-lcm (the embedded model at few steps) (default: the embedded Shapes model, default-20-step)")
     p.add_argument("--prompts", default=None,
                    help="prompt file: one per line, or JSONL {\"prompt\", \"categories\"} (default: Shapes prompts)")
     p.add_argument("--num-prompts", type=int, default=100, help="Shapes evaluation prompts when --prompts is not given")
@@ -409,10 +409,10 @@ def check_eval_args(args: argparse.Namespace) -> None:
 
 def _load_eval_pipeline(model: Optional[str]):
     """The pipeline and the model's name as recorded in run.json (a local folder's absolute path)."""
-    from latent_diffusion.formats.assets import default_model_path, resolve_model_name
+    from latent_diffusion.formats.assets import generation_default_path, resolve_model_name
     from latent_diffusion.pipelines import LatentDiffusionPipeline
 
-    path = Path(resolve_model_name(model)) if model else default_model_path()
+    path = Path(resolve_model_name(model)) if model else generation_default_path()
     name = str(path.resolve()) if path.exists() else str(model)
     return LatentDiffusionPipeline.from_pretrained(str(path) if path.exists() else model), name
 
@@ -427,7 +427,7 @@ def _eval_size(pipe, size: Optional[int]) -> int:
 def _add_serve(commands) -> None:
     p = commands.add_parser("serve", help="a web page and HTTP API for generating images (needs the ui extra: pip install -e '.[ui]')",
                             description="Serve a Gradio page and its `generate` API over one loaded model.")
-    p.add_argument("--model", default=None, help="diffusers folder, single .safetensors checkpoint, Hub id, or default-lcm (the embedded model at few steps) (default: the embedded Shapes model)")
+    p.add_argument("--model", default=None, help="diffusers folder, single .safetensors checkpoint, Hub id, or default-lcm (the embedded model at few steps) (default: the embedded Shapes model, default-20-step)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")

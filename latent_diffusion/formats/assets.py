@@ -10,6 +10,11 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"  # lat
 LCM_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model_lcm"
 # Embedded models by the name `from_pretrained(name)` / `--model NAME` accepts
 EMBEDDED_MODELS = {"default-20-step": DEFAULT_MODEL_DIR, "default-lcm": LCM_MODEL_DIR}
+# What `from_pretrained()`, `generate`, `serve` and `eval` load when no model is named. The few-step model takes
+# this place once its recipe measures the 20-step model's adherence within 0.3× its time ("targets_hold" in
+# default_model_lcm/distill_recipe.json; tests/test_default_lcm.py keeps the two in step). Training starts from
+# the 20-step model (`default_model_path`) either way.
+GENERATION_DEFAULT = "default-20-step"
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # required where model_index.json names them
 # ControlNets shipped for the embedded default, by the name `controlnet=` / `--controlnet` accepts; one subfolder
@@ -25,6 +30,11 @@ def default_model_path() -> Path:
             "`from_pretrained(path)` / `--model PATH`"
         )
     return DEFAULT_MODEL_DIR
+
+
+def generation_default_path() -> Path:
+    """The folder generation loads when no model is named (GENERATION_DEFAULT); a clear error when it is missing."""
+    return Path(resolve_model_name(GENERATION_DEFAULT))
 
 
 def resolve_model_name(name):

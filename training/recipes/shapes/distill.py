@@ -15,9 +15,11 @@ Stages, each resumable and skipped when its output is complete:
 
 The steps are measured, not assumed: LCM sampling at guidance 1 for each of MEASURED_STEPS, scored on the
 teacher recipe's prompts and seeds (`evaluation_prompts(500, seed=2)`, seeds 10000 + i, the teacher card's
-0.900), and one image timed against the teacher's defaults in the same process, interleaved. The default is
-the fewest steps whose adherence reaches the teacher's recorded figure within TIME_TARGET of its time; when no
-step count does, the most adherent within TIME_TARGET, and the card says the target is missed.
+0.900), and one image timed against the teacher's defaults in the same process, interleaved, in both regimes
+of the pipeline's UNet: eager (what a single call or `generate` gets) and traced (what a long session gets
+after TRACE_AFTER_CALLS calls); a step count's time ratio is the larger of the two. The default is the fewest
+steps whose adherence reaches the teacher's recorded figure within TIME_TARGET of its time; when no step count
+does, the most adherent within TIME_TARGET, and the card says the target is missed.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from typing import Optional, Sequence
 
 from latent_diffusion.formats.atomic import atomic_folder, write_text_atomic
 from latent_diffusion.training.recipes.shapes.common import write_json
+from latent_diffusion.pipelines.text2img import TRACE_AFTER_CALLS
 from latent_diffusion.training.recipes.shapes.recipe import GRID_PROMPTS, REPO, generate
 
 TEACHER_DIR = REPO / "latent_diffusion" / "default_model"
@@ -40,13 +43,14 @@ OUTPUT_DIR = REPO / "latent_diffusion" / "default_model_lcm"
 SHARED_FILES = ("vae", "text_encoder", "tokenizer")  # the teacher's, byte for byte
 DATA_IMAGES = 8000
 DISTILL_FLAGS = {  # training/distill_lcm.py's flags for the shipped model
-    "max_train_samples": 3000, "resolution": 64, "full_unet": True, "train_batch_size": 16,
-    "max_train_steps": 2400, "learning_rate": 2e-4, "lr_scheduler": "cosine", "w_min": 7.0, "w_max": 7.0,
+    "max_train_samples": 8000, "resolution": 64, "full_unet": True, "train_batch_size": 16,
+    "max_train_steps": 4800, "learning_rate": 2e-4, "lr_scheduler": "cosine", "w_min": 7.0, "w_max": 7.0,
     "num_ddim_timesteps": 25, "average_decay": 0.998, "checkpointing_steps": 400, "seed": 0,
 }
 MEASURED_STEPS = (1, 2, 4, 6, 8)
 TIME_TARGET = 0.3  # at most this fraction of the teacher's seconds per image (the issue's target)
 TIMING_REPEATS = 7
+REGIMES = ("eager", "traced")  # the UNet as one call runs it, and as a long session does
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -99,9 +103,11 @@ def adherence_by_steps(student, prompts: list[str]) -> dict[int, dict]:
     return {k: score_images(generate(student, prompts, k, 1.0, "lcm", seed=10_000), prompts) for k in MEASURED_STEPS}
 
 
-def seconds_by_steps(student) -> dict[str, float]:
-    """Median seconds of one image: the teacher at its defaults and the student at each step count, interleaved."""
+def seconds_by_steps(student, traced: bool) -> dict[str, float]:
+    """Median seconds of one image: the teacher at its defaults and the student at each step count, interleaved,
+    with both UNets `traced` from the first call or eager throughout."""
     teacher = quiet_pipeline(TEACHER_DIR)
+    teacher.trace_unet = student.trace_unet = traced
     runs = {"teacher": (teacher, teacher.generation_defaults)}
     runs.update({str(k): (student, {"sampler": "lcm", "num_inference_steps": k, "guidance_scale": 1.0})
                  for k in MEASURED_STEPS})
@@ -145,13 +151,15 @@ def assemble(args, trained: Path, out: Path) -> dict:
         copy_shared_files(tmp)
         UNet2DConditionModel.from_pretrained(str(trained), subfolder="unet").to(torch.float16).save_pretrained(
             str(tmp / "unet"))
-        LCMScheduler.from_pretrained(str(TEACHER_DIR), subfolder="scheduler").save_pretrained(str(tmp / "scheduler"))
+        LCMScheduler.from_pretrained(str(TEACHER_DIR), subfolder="scheduler",
+                                     original_inference_steps=DISTILL_FLAGS["num_ddim_timesteps"]).save_pretrained(
+            str(tmp / "scheduler"))
         prompts = [p for p, _ in evaluation_prompts(args.eval_prompts, seed=2)]
         student = quiet_pipeline(tmp)
         reports = adherence_by_steps(student, prompts)
-        seconds = seconds_by_steps(student)
+        seconds = {regime: seconds_by_steps(student, regime == "traced") for regime in REGIMES}
         adherence = {k: r["overall"] for k, r in reports.items()}
-        ratio = {k: seconds[str(k)] / seconds["teacher"] for k in MEASURED_STEPS}
+        ratio = {k: max(s[str(k)] / s["teacher"] for s in seconds.values()) for k in MEASURED_STEPS}
         steps, holds = choose_steps(adherence, ratio, teacher_metrics["adherence"]["overall"])
         defaults = {"sampler": "lcm", "num_inference_steps": steps, "guidance_scale": 1.0}
         write_json(tmp / "generation_config.json", defaults)
@@ -174,11 +182,14 @@ def write_sample_grid(student, folder: Path, defaults: dict) -> None:
 
 def model_card(m: dict) -> str:
     rows = "\n".join(f"| {k} | {m['adherence'][k]:.3f} ({round(m['adherence'][k] * m['counts'][k])}/{m['counts'][k]}) "
-                     f"| {m['seconds'][str(k)]:.3f} | {m['time_ratio'][k]:.2f} |" for k in MEASURED_STEPS)
+                     f"| {m['seconds']['eager'][str(k)]:.3f} | {m['seconds']['traced'][str(k)]:.3f} "
+                     f"| {m['time_ratio'][k]:.2f} |" for k in MEASURED_STEPS)
     verdict = (f"{m['steps']} steps keep the teacher's adherence within {TIME_TARGET}× its time." if m["targets_hold"]
                else f"No step count reaches the teacher's {m['teacher_adherence']:.3f} within {TIME_TARGET}× its time; "
                     f"{m['steps']} steps are the most adherent that fit.")
     flags = " ".join(flag_list(DISTILL_FLAGS))
+    placement = ("`from_pretrained()` with no argument loads this model; the 20-step teacher is `\"default-20-step\"`."
+                 if m["targets_hold"] else 'The 20-step teacher stays `from_pretrained()` / `"default-20-step"`.')
     return f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -201,7 +212,7 @@ image = pipe("a red circle above a blue square").images[0]           # {m['steps
 ```
 
 It loads in diffusers as any LCM: `StableDiffusionPipeline.from_pretrained(folder)` (its scheduler is
-`LCMScheduler`), `guidance_scale=1.0`. The 20-step teacher stays `from_pretrained()` / `"default-20-step"`.
+`LCMScheduler`), `guidance_scale=1.0`. {placement}
 
 ![samples](sample_grid.png)
 
@@ -209,10 +220,12 @@ It loads in diffusers as any LCM: `StableDiffusionPipeline.from_pretrained(folde
 
 Strict Shapes adherence on the teacher recipe's 400 held-in prompts and seeds (teacher: {m['teacher_adherence']:.3f}
 at 20 DDIM steps, guidance 4); seconds for one image, the teacher's defaults timed in the same process
-({m['seconds']['teacher']:.3f} s), interleaved, median of {TIMING_REPEATS}.
+({m['seconds']['eager']['teacher']:.3f} s eager, {m['seconds']['traced']['teacher']:.3f} s traced), interleaved,
+median of {TIMING_REPEATS}. Eager is the UNet as a single call or `generate` runs it; traced, as a long session
+runs it after its first {TRACE_AFTER_CALLS} UNet calls. The ratio is the larger of the two regimes'.
 
-| LCM steps | adherence | s/image | × teacher's time |
-|---|---|---|---|
+| LCM steps | adherence | s/image, eager | s/image, traced | × teacher's time |
+|---|---|---|---|---|
 {rows}
 
 {verdict}
