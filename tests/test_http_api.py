@@ -21,6 +21,8 @@ from PIL import Image
 
 from conftest import same_pixels
 
+from latent_diffusion.formats.assets import generation_default_path
+from latent_diffusion.formats.infotext import A1111_SAMPLERS
 from latent_diffusion.apps.limits import RequestLimits, decode_image, exposure_warning, RequestError, check_key
 
 webuiapi = pytest.importorskip("webuiapi")
@@ -145,11 +147,12 @@ def test_webuiapi_txt2img_batches_seeds_info_and_png_metadata(a1111, served):
 def test_webuiapi_sampler_and_scheduler_names_reach_the_pipeline(a1111):
     for sampler, scheduler, ours, schedule in (("Euler a", "automatic", "euler_a", None),
                                                ("DPM++ 2M", "Karras", "dpm++", "karras"),
-                                               ("DPM++ 2M Karras", None, "dpm++", "karras")):
+                                               ("DPM++ 2M Karras", None, "dpm++", "karras"),
+                                               ("LCM", None, "lcm", None), ("TCD", None, "tcd", None)):
         result = a1111.txt2img(prompt="a blue square", seed=0, steps=2, width=32, height=32, sampler_name=sampler,
                                scheduler=scheduler or "")
         assert result.image.info["sampler"] == ours and result.image.info.get("sigma_schedule") == schedule
-    assert {"Euler a", "DPM++ 2M", "DDIM", "UniPC"} <= set(a1111.util_get_sampler_names())
+    assert set(a1111.util_get_sampler_names()) == set(A1111_SAMPLERS.values())  # every sampler, by its A1111 name
     assert {"automatic", "karras", "exponential"} <= set(a1111.util_get_scheduler_names())
 
 
@@ -514,7 +517,9 @@ def default_server(tmp_path_factory):
 
 
 INPAINT_PROMPT, INPAINT_SEED = "a red circle to the left of a blue square", 1  # the right half repainted
-DDIM_EXACT = dict(sampler_name="DDIM", cfg_scale=4.0, eta=0.0, width=64, height=64)  # the model's own defaults
+DEFAULTS = json.loads((generation_default_path() / "generation_config.json").read_text())  # what `serve` loads
+MODEL_DEFAULTS = dict(sampler_name=A1111_SAMPLERS[DEFAULTS["sampler"]], cfg_scale=DEFAULTS["guidance_scale"], width=64,
+                      height=64)  # the model's own settings, which webuiapi's own defaults (Euler a, 7) are not
 
 
 def decoded(item) -> Image.Image:
@@ -532,16 +537,17 @@ def test_webuiapi_images_on_the_default_model_are_judged_correct(default_server)
     from latent_diffusion.shapes.scorer import judge
 
     api = webuiapi.WebUIApi(baseurl=default_server + "sdapi/v1")
-    made = api.txt2img(prompt="a red circle", seed=1, steps=20, **DDIM_EXACT)
+    made = api.txt2img(prompt="a red circle", seed=1, steps=DEFAULTS["num_inference_steps"], **MODEL_DEFAULTS)
     assert judge(made.image, "a red circle").correct, judge(made.image, "a red circle").reasons
     square = shapes_scene(("blue", "square", 0.5, 0.5, 0.4))
-    edited = api.img2img(images=[square], prompt="a blue square", seed=1, steps=12, denoising_strength=0.5, **DDIM_EXACT)
+    edited = api.img2img(images=[square], prompt="a blue square", seed=1, steps=12, denoising_strength=0.5,
+                         **MODEL_DEFAULTS)
     assert judge(edited.image, "a blue square").correct, judge(edited.image, "a blue square").reasons
     left = shapes_scene(("red", "circle", 0.25, 0.5, 0.3))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (32, 0, 64, 64))  # repaint the right half
     painted = api.img2img(images=[left], mask_image=mask, prompt=INPAINT_PROMPT, seed=INPAINT_SEED, steps=12,
-                          denoising_strength=1.0, **DDIM_EXACT)
+                          denoising_strength=1.0, **MODEL_DEFAULTS)
     assert judge(painted.image, INPAINT_PROMPT).correct, judge(painted.image, INPAINT_PROMPT).reasons
 
 
@@ -574,8 +580,8 @@ def test_concurrent_clients_of_both_kinds_and_the_page_get_their_own_seeds_and_i
     page = Client(default_server, verbose=False)
     prompt, steps = "a red circle above a blue square", 3
     calls = {
-        100: lambda: api.txt2img(prompt=prompt, seed=100, steps=steps, **DDIM_EXACT).image,
-        101: lambda: api.txt2img(prompt=prompt, seed=101, steps=steps, **DDIM_EXACT).image,
+        100: lambda: api.txt2img(prompt=prompt, seed=100, steps=steps, **MODEL_DEFAULTS).image,
+        101: lambda: api.txt2img(prompt=prompt, seed=101, steps=steps, **MODEL_DEFAULTS).image,
         102: lambda: decoded(client.images.generate(prompt=prompt, extra_body={"seed": 102, "steps": steps}).data[0]),
         103: lambda: decoded(client.images.generate(prompt=prompt, extra_body={"seed": 103, "steps": steps}).data[0]),
         104: lambda: Image.open(page.predict(prompt=prompt, seed=104, steps=steps, api_name="/generate")[0]),
@@ -585,6 +591,6 @@ def test_concurrent_clients_of_both_kinds_and_the_page_get_their_own_seeds_and_i
         together = {seed: job.result(timeout=900) for seed, job in jobs.items()}
     for seed, image in together.items():
         assert image.info["seed"] == str(seed)
-        alone = api.txt2img(prompt=prompt, seed=seed, steps=steps, **DDIM_EXACT).image  # the same settings, alone
+        alone = api.txt2img(prompt=prompt, seed=seed, steps=steps, **MODEL_DEFAULTS).image  # the same settings, alone
         assert same_pixels(pixels(image), pixels(alone)), f"seed {seed}: a concurrent image differs from a lone one"
     assert len({pixels(image).tobytes() for image in together.values()}) == len(calls)

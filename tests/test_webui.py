@@ -6,6 +6,7 @@ talk to it with gradio_client and headless chromium.
 """
 import concurrent.futures
 import inspect
+import json
 import os
 import shutil
 import socket
@@ -19,12 +20,14 @@ import pytest
 from PIL import Image
 
 from latent_diffusion.apps.cli import main
+from latent_diffusion.formats.assets import generation_default_path
 from latent_diffusion.formats.pngmeta import read_png_metadata, save_png
 from latent_diffusion.apps.webui import RANDOM_SEED, Studio, form_values, page_message
 from latent_diffusion.settings import GenerationSettings
 
 CLI_ARGS = ["--steps", "3", "--seed", "7", "--sampler", "ddim", "--guidance", "4", "--quiet"]
 PROMPT = "a red circle above a blue square"
+DEFAULTS = json.loads((generation_default_path() / "generation_config.json").read_text())  # what `serve` loads
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +298,7 @@ def test_api_image_is_what_the_prompt_asks_for(client):
     verdict = judge(png, "a red circle")
     assert verdict.correct, verdict.reasons
     meta = read_png_metadata(png)
-    assert (meta["prompt"], meta["seed"], meta["sampler"], meta["model"]) == ("a red circle", "1", "ddim",
+    assert (meta["prompt"], meta["seed"], meta["sampler"], meta["model"]) == ("a red circle", "1", DEFAULTS["sampler"],
                                                                              "embedded default")
 
 
@@ -331,7 +334,7 @@ def test_reuse_settings_endpoint_reads_a_png(client):
 
     [png] = client.predict(prompt="a blue square", negative_prompt="red", seed=5, steps=3, api_name="/generate")
     form = client.predict(handle_file(png), api_name="/reuse_settings")
-    assert list(form) == ["a blue square", "red", "ddim", 3, 4.0, 5, 64, 64]
+    assert list(form) == ["a blue square", "red", DEFAULTS["sampler"], 3, DEFAULTS["guidance_scale"], 5, 64, 64]
 
 
 def chromium(*args, timeout=120):

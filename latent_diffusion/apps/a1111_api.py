@@ -30,7 +30,8 @@ from latent_diffusion.settings import EMBEDDED_MODEL, GenerationSettings
 # A1111 sampler name -> (our sampler, A1111's aliases). "DPM++ 2M SDE" is diffusers' sde-dpmsolver++ (ours: dpm++_sde).
 SAMPLERS = {"DPM++ 2M": ("dpm++", ["k_dpmpp_2m"]), "DPM++ 2M SDE": ("dpm++_sde", ["k_dpmpp_2m_sde"]),
             "Euler a": ("euler_a", ["k_euler_a", "k_euler_ancestral"]), "Euler": ("euler", ["k_euler"]),
-            "Heun": ("heun", ["k_heun"]), "UniPC": ("unipc", []), "DDIM": ("ddim", []), "DDPM": ("ddpm", [])}
+            "Heun": ("heun", ["k_heun"]), "UniPC": ("unipc", []), "DDIM": ("ddim", []), "DDPM": ("ddpm", []),
+            "LCM": ("lcm", ["k_lcm"]), "TCD": ("tcd", [])}
 # A1111 scheduler (name, label) -> our sigma_schedule (None: the model's scheduler config decides).
 SCHEDULERS = {("automatic", "Automatic"): None, ("uniform", "Uniform"): "default", ("karras", "Karras"): "karras",
               ("exponential", "Exponential"): "exponential"}
