@@ -1,13 +1,14 @@
 """Adherence against seconds per image across `latent-diffusion eval` runs: one markdown table and one plot.
 
     python benchmarks/few_steps_table.py teacher=runs/eval_teacher lcm=runs/eval_lcm \\
-        [--timings runs/few_steps_timing.json] --plot benchmarks/few_steps.png
+        [--timings runs/few_steps_eager.json [--timings runs/few_steps_traced.json]] --plot benchmarks/few_steps.png
 
 Each NAME=FOLDER is an eval output folder (its results.json); every setting becomes a row, and the
 settings of one (NAME, sampler, guidance) a line of the plot through their step counts. With
 --timings (bench_few_steps.py's output), the plot's x axis is its batch-1 seconds per image, measured
 interleaved in one process, instead of eval's batch timings, which the box's load at the time of each run
-skews.
+skews. Each --timings file (bench_few_steps.py --unet eager / traced / auto) adds a seconds and a ratio column,
+labelled with its UNet regime; the first one is the plot's.
 """
 from __future__ import annotations
 
@@ -36,16 +37,21 @@ def setting_key(name: str, sampler: str, steps: int, guidance: float) -> str:
     return f"{name}:{sampler}:{steps}:{guidance:g}"
 
 
-def markdown_table(rows: list[dict], timings: dict) -> str:
-    """The rows as a markdown table, with the batch-1 seconds and their ratio to the first row where measured."""
-    base = timings.get(setting_key(**{k: rows[0][k] for k in ("name", "sampler", "steps", "guidance")}))
-    lines = ["| model | sampler | steps | guidance | adherence | images | s/image (eval, batch) "
-             "| s/image (batch 1) | × first row |", "|---|---|---|---|---|---|---|---|---|"]
+def markdown_table(rows: list[dict], timing_sets: dict[str, dict]) -> str:
+    """The rows as a markdown table; per timing set (label -> bench_few_steps.py's seconds), the batch-1 seconds
+    and their ratio to the first row where measured."""
+    first = setting_key(**{k: rows[0][k] for k in ("name", "sampler", "steps", "guidance")})
+    head = "".join(f" s/image (batch 1, {label}) | × first row ({label}) |" for label in timing_sets)
+    lines = [f"| model | sampler | steps | guidance | adherence | images | s/image (eval, batch) |{head}",
+             "|---" * (7 + 2 * len(timing_sets)) + "|"]
     for r in rows:
-        one = timings.get(setting_key(r["name"], r["sampler"], r["steps"], r["guidance"]))
-        ratio = f"{one / base:.2f}" if one and base else "–"
+        key = setting_key(r["name"], r["sampler"], r["steps"], r["guidance"])
+        cells = ""
+        for timings in timing_sets.values():
+            one, base = timings.get(key), timings.get(first)
+            cells += f" {f'{one:.4f}' if one else '–'} | {f'{one / base:.2f}' if one and base else '–'} |"
         lines.append(f"| {r['name']} | {r['sampler']} | {r['steps']} | {r['guidance']:g} | {r['adherence']:.3f} "
-                     f"| {r['images']} | {r['eval_seconds']:.4f} | {f'{one:.4f}' if one else '–'} | {ratio} |")
+                     f"| {r['images']} | {r['eval_seconds']:.4f} |{cells}")
     return "\n".join(lines)
 
 
@@ -67,7 +73,8 @@ def plot(rows: list[dict], timings: dict, path: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="NAME=FOLDER of a latent-diffusion eval run")
-    parser.add_argument("--timings", help="bench_few_steps.py's JSON of batch-1 seconds per image")
+    parser.add_argument("--timings", action="append", default=[],
+                        help="bench_few_steps.py's JSON of batch-1 seconds per image (repeatable)")
     parser.add_argument("--plot", default="few_steps.png")
     args = parser.parse_args()
     runs = []
@@ -76,10 +83,11 @@ def main() -> None:
         if not sep:
             parser.error(f"runs: expected NAME=FOLDER, got {item!r}")
         runs.append((name, Path(folder)))
-    timings = json.loads(Path(args.timings).read_text())["seconds"] if args.timings else {}
+    files = [json.loads(Path(path).read_text()) for path in args.timings]
+    timing_sets = {f.get("unet", "auto"): f["seconds"] for f in files}
     rows = load_rows(runs)
-    print(markdown_table(rows, timings))
-    print(f"plot: {plot(rows, timings, Path(args.plot))}")
+    print(markdown_table(rows, timing_sets))
+    print(f"plot: {plot(rows, files[0]['seconds'] if files else {}, Path(args.plot))}")
 
 
 if __name__ == "__main__":
