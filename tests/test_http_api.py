@@ -518,8 +518,9 @@ def default_server(tmp_path_factory):
 
 INPAINT_PROMPT, INPAINT_SEED = "a red circle to the left of a blue square", 1  # the right half repainted
 DEFAULTS = json.loads((generation_default_path() / "generation_config.json").read_text())  # what `serve` loads
-MODEL_DEFAULTS = dict(sampler_name=A1111_SAMPLERS[DEFAULTS["sampler"]], cfg_scale=DEFAULTS["guidance_scale"], width=64,
-                      height=64)  # the model's own settings, which webuiapi's own defaults (Euler a, 7) are not
+# The model's own settings, which webuiapi's defaults (Euler a, cfg 7, eta 1: A1111 applies eta to DDIM) are not
+MODEL_DEFAULTS = dict(sampler_name=A1111_SAMPLERS[DEFAULTS["sampler"]], cfg_scale=DEFAULTS["guidance_scale"], eta=0.0,
+                      width=64, height=64)
 
 
 def decoded(item) -> Image.Image:
