@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from latent_diffusion.apps.control_flags import (add_control_flags, add_serve_control_flags, check_control_flags,
+from latent_diffusion.apps.cli_control_flags import (add_control_flags, add_serve_control_flags, check_control_flags,
                                                  check_serve_control_flags, control_loading_kwargs, control_units,
                                                  controls_from_png)
 

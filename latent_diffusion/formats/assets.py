@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"  # latent_diffusion/default_model
-# The embedded default distilled into a latent consistency model (training/recipes/shapes/distill_lcm.sh):
+# The embedded default distilled into a latent consistency model (training/recipes/shapes/distill.py):
 # latent_diffusion/default_model_lcm, the same VAE, text encoder and tokenizer files with its own UNet and scheduler
 LCM_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model_lcm"
 # Embedded models by the name `from_pretrained(name)` / `--model NAME` accepts

@@ -143,7 +143,7 @@ def copy_shared_files(out: Path) -> None:
 def assemble(args, trained: Path, out: Path) -> dict:
     """The shipped folder and its measurements (distill_recipe.json's "measured")."""
     import torch
-    from diffusers import LCMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from latent_diffusion.shapes import evaluation_prompts
 
     teacher_metrics = json.loads((TEACHER_DIR / "recipe_metrics.json").read_text())
@@ -151,9 +151,7 @@ def assemble(args, trained: Path, out: Path) -> dict:
         copy_shared_files(tmp)
         UNet2DConditionModel.from_pretrained(str(trained), subfolder="unet").to(torch.float16).save_pretrained(
             str(tmp / "unet"))
-        LCMScheduler.from_pretrained(str(TEACHER_DIR), subfolder="scheduler",
-                                     original_inference_steps=DISTILL_FLAGS["num_ddim_timesteps"]).save_pretrained(
-            str(tmp / "scheduler"))
+        shutil.copytree(trained / "scheduler", tmp / "scheduler")  # distill_lcm's: the teacher's, on its N and s
         prompts = [p for p, _ in evaluation_prompts(args.eval_prompts, seed=2)]
         student = quiet_pipeline(tmp)
         reports = adherence_by_steps(student, prompts)

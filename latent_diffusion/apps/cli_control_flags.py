@@ -1,5 +1,6 @@
-"""The ControlNet flags: `generate`'s --controlnet, --control-image, --control-scale, --control-start,
---control-end, --control-preprocess; `serve`'s --controlnet and --control-scale (the page's default weight).
+"""The CLI's ControlNet flags (part of cli.py, kept apart for length): `generate`'s --controlnet,
+--control-image, --control-scale, --control-start, --control-end, --control-preprocess; `serve`'s
+--controlnet and --control-scale (the page's default weight).
 
 Each flag repeats, one per ControlNet (all but --controlnet and --control-image may also be given once for all).
 They become `GenerationSettings.controls` (one `ControlUnit` per net), which the PNG records and `--from-png`
