@@ -98,6 +98,31 @@ def test_full_unet_folder_samples_as_an_lcm(sd_folder, data_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_phased_full_unet_folder_samples_with_ddim_in_diffusers(sd_folder, data_dir, tmp_path):
+    """--num_phases 2 --full_unet: a diffusers folder whose DDIMScheduler (trailing) and defaults (ddim, 2 steps,
+    guidance 1) sample the phases; diffusers' own pipeline as it loads the folder gives our image."""
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "pcm"
+    distill(sd_folder, data_dir, out, "--max_train_steps", 2, "--full_unet", "--num_phases", 2,
+            "--validation_prompts", "a cat", "--validation_steps", 2)
+    defaults = {"sampler": "ddim", "num_inference_steps": 2, "guidance_scale": 1.0}
+    assert json.loads((out / "generation_config.json").read_text()) == defaults
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert (scheduler["_class_name"], scheduler["timestep_spacing"], scheduler["clip_sample"]) == (
+        "DDIMScheduler", "trailing", False)
+    assert (out / "ddim-2-steps" / "validation" / "step-000002.png").is_file()
+    assert "| num_phases | 2 |" in (out / "README.md").read_text()
+    ours = load_ours(out)
+    theirs = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    a = generate(ours, num_inference_steps=None, guidance_scale=None)
+    b = generate(theirs, num_inference_steps=2, guidance_scale=1.0)
+    assert np.abs(a - generate(load_ours(sd_folder), sampler="ddim", num_inference_steps=2, guidance_scale=1.0)).max() > 0
+    assert np.abs(a - b).max() <= 1 / 255
+
+
+@pytest.mark.slow
 def test_average_decay_saves_the_slow_average_and_resumes_exactly(sd_folder, data_dir, tmp_path):
     """--average_decay: both averages are checkpointed (ema.safetensors, ema-average.safetensors), 2 + 1 steps equal
     3, and the saved UNet is the slow average, not the target θ⁻."""
@@ -144,6 +169,48 @@ def test_consistency_parametrisation_and_teacher_step():
     assert loss.distance(torch.zeros(3), torch.zeros(3)) == 0 and loss.distance(torch.zeros(1), torch.ones(1)) > 0.99
 
 
+@pytest.mark.parametrize("num_phases", [1, 4, 6])
+def test_phases_jump_where_the_ddim_sampler_steps(num_phases):
+    """--num_phases M: the consistency function at each timestep of DDIM's M-step plan is that DDIM step (the shipped
+    embedded default's schedule: cosine, v-prediction, trailing, ᾱ_0 at the end), the training timesteps lie inside
+    their phase and the teacher's step stops at the edge."""
+    from argparse import Namespace
+
+    from latent_diffusion.diffusion.samplers import get_sampler
+    from latent_diffusion.diffusion.schedules import NoiseSchedule
+    from latent_diffusion.formats import assets
+    from latent_diffusion.training.distill_lcm import ConsistencyDistillationLoss, phases_of, student_scheduler
+    from diffusers import DDIMScheduler
+
+    args = Namespace(num_ddim_timesteps=25, num_phases=num_phases, w_min=7.0, w_max=7.0, loss_type="huber",
+                     huber_c=0.001, timestep_scaling=10.0)
+    scheduler = student_scheduler(DDIMScheduler.from_pretrained(assets.DEFAULT_MODEL_DIR, subfolder="scheduler"), args)
+    assert (scheduler.config.timestep_spacing, scheduler.config.clip_sample) == ("trailing", False)
+    schedule = NoiseSchedule.from_config(scheduler.config)
+    phases = phases_of(scheduler, args)
+    loss = ConsistencyDistillationLoss(schedule, None, None, None, {}, 64, args, phases)
+    ddim = get_sampler("ddim", schedule)
+    plan = ddim.timesteps(num_phases)
+    c = ddim.coefficients(plan)
+    gen = torch.Generator().manual_seed(0)
+    x, out = (torch.randn(num_phases, 4, 8, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    eps, x0 = ddim_predictions(out, x, schedule, plan)
+    expected = torch.stack([c.coef_x0[i] * x0[i] + c.coef_eps[i] * eps[i] for i in range(num_phases)])
+    assert (loss.consistency(out, x, plan) - expected).abs().max() < 1e-6
+    t, s = loss.draw_timesteps(4096, gen)
+    edges = phases.edge_of(t)
+    assert set(t.tolist()) == set(phases.grid.tolist()) and set(plan.tolist()) <= set(t.tolist())
+    assert bool((edges < s).logical_or(s == edges).all()) and bool((s < t).all()) and bool((t - s <= 40).all())
+    assert bool(phases.at_edge(s).any()) and bool((phases.at_edge(s) == (s == edges)).all())
+
+
+def ddim_predictions(out, x, schedule, timesteps):
+    from latent_diffusion.diffusion.gaussian import predictions_from_output
+
+    alpha_bar = schedule.alphas_cumprod[timesteps].view(-1, 1, 1, 1).to(x)
+    return predictions_from_output(out, x, alpha_bar, schedule.prediction_type)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--full_unet", "--lora_rank", "4"], "--full_unet trains the whole UNet"),
     (["--w_min", "9", "--w_max", "3"], "--w_min 9.0 must be <= --w_max 3.0"),
@@ -151,6 +218,7 @@ def test_consistency_parametrisation_and_teacher_step():
     (["--loss_type", "l1"], "--loss_type"),
     (["--masked_loss"], "--masked_loss is not part of consistency distillation"),
     (["--average_decay", "1"], "--average_decay must be in (0, 1)"),
+    (["--num_phases", "0"], "--num_phases must be in [1, 50]"),
 ])
 def test_bad_flags_name_the_flag(sd_folder, data_dir, tmp_path, capsys, extra, message):
     from latent_diffusion.training.distill_lcm import parse_distill_args

@@ -18,11 +18,17 @@ UNet (teacher: a frozen copy) and saves a diffusers folder whose scheduler is LC
 defaults are sampler "lcm", 4 steps, guidance 1. Everything else is train_text2img's: the flags, the
 latent/text cache, checkpoints with exact resume (`--resume_from_checkpoint latest`), `--push_to_hub`.
 Validation images are made at 1, 2, 4 and 8 LCM steps (OUT/lcm-K-steps/validation/).
+
+`--num_phases M` distils a phased consistency model instead (Wang et al. 2024, PCM): the timesteps are split
+at the M points where DDIM's M-step plan lands, and f_θ maps each point to the lower edge of its phase by a
+DDIM jump from the student's own x̂_0 and ε̂, so the student samples deterministically with sampler "ddim" in
+M steps (the folder's scheduler: DDIMScheduler, trailing; validation at M steps).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -33,8 +39,9 @@ import torch
 from accelerate.logging import get_logger
 
 from latent_diffusion.diffusion.gaussian import predictions_from_output, q_sample
+from latent_diffusion.diffusion.samplers.ddim import alpha_bars_at, ddim_previous_timesteps
 from latent_diffusion.diffusion.samplers.lcm import boundary_scalings
-from latent_diffusion.tensors import gather, randn
+from latent_diffusion.tensors import append_dims, gather, randn
 from latent_diffusion.text.conditioners import Conditioning
 from latent_diffusion.training import train_text2img as base
 from latent_diffusion.training.args import build_parser, check_args
@@ -46,6 +53,7 @@ from latent_diffusion.training.settings import training_settings
 
 VALIDATION_STEPS = (1, 2, 4, 8)
 LCM_DEFAULTS = {"sampler": "lcm", "num_inference_steps": 4, "guidance_scale": 1.0}
+MAX_PHASES = 50
 DEFAULT_LORA_RANK = 64  # as diffusers' LCM-LoRA script and the published LCM-LoRAs
 
 logger = get_logger(__name__)
@@ -62,6 +70,9 @@ def build_distill_parser():
     g.add_argument("--loss_type", default="huber", choices=("huber", "l2"))
     g.add_argument("--huber_c", type=float, default=0.001, help="c of the pseudo-Huber loss √(d² + c²) − c")
     g.add_argument("--timestep_scaling", type=float, default=10.0, help="s of c_skip, c_out at s·t (LCMScheduler's)")
+    g.add_argument("--num_phases", type=int, default=None,
+                   help="phased consistency distillation (PCM) with M phases: the student samples with DDIM, M steps "
+                        "(default: LCM)")
     g.add_argument("--full_unet", action="store_true", help="train the whole UNet (default: an LCM-LoRA)")
     g.add_argument("--average_decay", type=float, default=None,
                    help="also keep a slow EMA of the student (e.g. 0.999) and save and validate it instead of the target")
@@ -89,6 +100,8 @@ def parse_distill_args(argv: Optional[list[str]] = None):
         problems.append(f"--w_min {args.w_min} must be <= --w_max {args.w_max}")
     if not 1 <= args.num_ddim_timesteps <= 1000:
         problems.append(f"--num_ddim_timesteps must be in [1, 1000], got {args.num_ddim_timesteps}")
+    if args.num_phases is not None and not 1 <= args.num_phases <= MAX_PHASES:
+        problems.append(f"--num_phases must be in [1, {MAX_PHASES}], got {args.num_phases}")
     if problems:
         parser.error("; ".join(problems))
     return args
@@ -101,33 +114,46 @@ class ConsistencyDistillationLoss:
     model; `target()` a context in which the student module holds the EMA weights θ⁻.
     """
 
-    def __init__(self, schedule, teacher, student, ema: EMA, uncond_texts: dict, resolution: int, flags):
+    def __init__(self, schedule, teacher, student, ema: EMA, uncond_texts: dict, resolution: int, flags,
+                 phases: Optional["Phases"] = None):
         self.schedule, self.teacher, self.student, self.ema = schedule, teacher, student, ema
-        self.uncond_texts, self.resolution = uncond_texts, resolution
+        self.uncond_texts, self.resolution, self.phases = uncond_texts, resolution, phases
         self.k = schedule.num_train_timesteps // flags.num_ddim_timesteps  # the skipping step
         self.num_ddim, self.w_min, self.w_max = flags.num_ddim_timesteps, flags.w_min, flags.w_max
         self.loss_type, self.huber_c, self.scaling = flags.loss_type, flags.huber_c, flags.timestep_scaling
 
     def __call__(self, model_fn, z0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
         batch, device = z0.shape[0], z0.device
-        # t_{n+k} = (j + 1) k − 1 on the grid, t_n = t_{n+k} − k (clamped at 0), as diffusers' LCD scripts
-        j = torch.randint(0, self.num_ddim, (batch,), generator=generator)
-        t = ((j + 1) * self.k - 1).to(device)
-        s = (t - self.k).clamp(min=0)
+        t, s = self.draw_timesteps(batch, generator)
+        t, s = t.to(device), s.to(device)
         w = (self.w_min + (self.w_max - self.w_min) * torch.rand(batch, generator=generator)).to(device)
         noise = randn(tuple(z0.shape), generator, z0.dtype, device)
         z_t = q_sample(z0, noise, gather(self.schedule.alphas_cumprod, t, z0))
         with torch.no_grad():  # first: swapping θ⁻ in and out rewrites the student's weights in place
             z_s = self.teacher_ddim_step(z_t, t, s, w, cond)  # ẑ_{t_n}
             with self.ema.swapped_into(self.student):
-                target = self.consistency(base.unet_prediction(self.student, z_s, s, cond), z_s, s)
+                target = self.consistency(base.unet_prediction(self.student, z_s, s.clamp(min=0), cond), z_s, s)
+            if self.phases is not None:  # at its phase's edge the solution is ẑ itself (PCM's boundary condition)
+                target = torch.where(append_dims(self.phases.at_edge(s).to(z_s.device), z_s.ndim), z_s, target)
         online = self.consistency(model_fn(z_t, t, cond), z_t, t)  # f_θ(z_{t_{n+k}}, t_{n+k})
         return self.distance(online.float(), target.float())
 
+    def draw_timesteps(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t_{n+k}, t_n) for each sample: LCD's t_{n+k} = (j + 1) k − 1 on the grid, t_n = t_{n+k} − k (clamped
+        at 0), as diffusers' LCD scripts; with phases, the phase's grid and t_n no lower than its edge."""
+        if self.phases is not None:
+            return self.phases.draw(batch, generator)
+        j = torch.randint(0, self.num_ddim, (batch,), generator=generator)
+        t = (j + 1) * self.k - 1
+        return t, (t - self.k).clamp(min=0)
+
     def consistency(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """f(x, t) = c_skip(t) x + c_out(t) x̂_0 (LCM eq. 9), x̂_0 from the network output (ε, v or x_0)."""
-        _, x0 = predictions_from_output(output.float(), x, gather(self.schedule.alphas_cumprod, t, x),
-                                        self.schedule.prediction_type)
+        """f(x, t) = c_skip(t) x + c_out(t) x̂_0 (LCM eq. 9), x̂_0 from the network output (ε, v or x_0); with
+        phases, the DDIM jump to the lower edge of t's phase (PCM)."""
+        eps, x0 = predictions_from_output(output.float(), x, gather(self.schedule.alphas_cumprod, t.clamp(min=0), x),
+                                          self.schedule.prediction_type)
+        if self.phases is not None:
+            return self.phases.jump(x0, eps, t)
         c_skip, c_out = (gather(c, torch.arange(len(t)), x) for c in boundary_scalings(t.cpu(), self.scaling))
         return c_skip * x + c_out * x0
 
@@ -142,7 +168,8 @@ class ConsistencyDistillationLoss:
                                               self.schedule.prediction_type)
         w = w.view(-1, 1, 1, 1)
         x0, eps = x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u)
-        alpha_bar_s = gather(self.schedule.alphas_cumprod, s, z_t)
+        alpha_bar_s = (gather(self.schedule.alphas_cumprod, s, z_t) if self.phases is None
+                       else append_dims(self.phases.alpha_bar(s).to(z_t), z_t.ndim))
         return alpha_bar_s.sqrt() * x0 + (1 - alpha_bar_s).sqrt() * eps
 
     def unconditional(self, cond: Conditioning) -> Conditioning:
@@ -158,6 +185,46 @@ class ConsistencyDistillationLoss:
         if self.loss_type == "l2":
             return torch.nn.functional.mse_loss(a, b)
         return (torch.sqrt((a - b) ** 2 + self.huber_c**2) - self.huber_c).mean()
+
+
+class Phases:
+    """PCM's phases (Wang et al. 2024, phased consistency models): the timesteps split at the M edges where
+    DDIM's M-step plan lands (t_i − ⌊T/M⌋, the last one past the end), each point mapped to the lower edge of
+    its phase by a DDIM jump, so that the student samples deterministically with DDIM in M steps.
+
+    Training timesteps are each phase's top t_i and every k below it, above its edge; the teacher's step from t
+    stops at the edge, where the target is ẑ itself.
+    """
+
+    def __init__(self, ddim, num_phases: int, k: int):
+        tops = ddim.plan(num_phases)  # (M,) descending
+        self.edges = ddim_previous_timesteps(ddim.schedule.num_train_timesteps, tops, num_phases)  # (M,) descending
+        self.alphas_cumprod, self.final = ddim.schedule.alphas_cumprod, ddim.final_alpha_bar
+        points = [(t, e) for top, e in zip(tops.tolist(), self.edges.tolist()) for t in range(top, e, -k)]
+        self.grid, self.grid_edges = (torch.tensor(v) for v in zip(*points))
+        self.k = k
+
+    def draw(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, s): t uniform over the training timesteps, s = max(t − k, its phase's edge)."""
+        i = torch.randint(0, len(self.grid), (batch,), generator=generator)
+        return self.grid[i], torch.maximum(self.grid[i] - self.k, self.grid_edges[i])
+
+    def edge_of(self, t: torch.Tensor) -> torch.Tensor:
+        """The largest edge below each t."""
+        below = self.edges.view(1, -1) < t.cpu().view(-1, 1)  # (B, M); edges descend, so the first True
+        return self.edges[below.int().argmax(dim=1)]
+
+    def at_edge(self, s: torch.Tensor) -> torch.Tensor:
+        return torch.isin(s.cpu(), self.edges)
+
+    def alpha_bar(self, s: torch.Tensor) -> torch.Tensor:
+        """ᾱ at each s, DDIM's final ᾱ past the end."""
+        return alpha_bars_at(self.alphas_cumprod, s.cpu(), self.final)
+
+    def jump(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The DDIM step (η = 0, DDIM eq. 12) from t to the lower edge e of its phase: √ᾱ_e x̂_0 + √(1 − ᾱ_e) ε̂."""
+        alpha_bar = append_dims(self.alpha_bar(self.edge_of(t)).to(x0), x0.ndim)
+        return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
 
 
 class TargetAndAverage:
@@ -216,7 +283,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                          "(only the UNet is distilled)")
     accelerator = base.make_accelerator(settings)
     models = base.load_models(settings, accelerator)  # with --lora_rank: the UNet frozen, an adapter added
-    models.scheduler = lcm_scheduler(models.scheduler, args.num_ddim_timesteps, args.timestep_scaling)  # saved with full UNets
+    models.scheduler = student_scheduler(models.scheduler, args)  # saved with full UNets
     frozen_teacher = None if settings.lora is not None else frozen_copy(models.unet, accelerator.device,
                                                                         models.weight_dtype)
     data = base.load_training_data(settings, accelerator, models)
@@ -232,12 +299,39 @@ def main(argv: Optional[list[str]] = None) -> None:
     base.start_trackers(settings, accelerator)
     teacher = teacher_fn(student if frozen_teacher is None else frozen_teacher, adapter=frozen_teacher is None)
     loss_fn = ConsistencyDistillationLoss(models.schedule, teacher, student, ema.target, empty_prompt_texts(models),
-                                          settings.data.resolution, args)
+                                          settings.data.resolution, args, phases_of(models.scheduler, args))
     trainee = base.Trainee(unet, optimizer, lr_scheduler, ema)
     state = base.train(settings, accelerator, models, data, trainee, state, max_steps, loss_fn=loss_fn,
-                       validate_fn=validate)
+                       validate_fn=functools.partial(validate, defaults=sampling_defaults(args)))
     save(settings, accelerator, models, unet, ema, state.global_step, args)
     accelerator.end_training()
+
+
+def student_scheduler(scheduler, args):
+    """The scheduler the student samples with: LCM's, or with --num_phases DDIM's (trailing, no clipping)."""
+    if args.num_phases is None:
+        return lcm_scheduler(scheduler, args.num_ddim_timesteps, args.timestep_scaling)
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing", clip_sample=False)
+
+
+def phases_of(scheduler, args) -> Optional[Phases]:
+    """--num_phases' Phases on the student's DDIM plan (None for LCM)."""
+    if args.num_phases is None:
+        return None
+    from latent_diffusion.diffusion.schedules import NoiseSchedule
+    from latent_diffusion.diffusion.samplers import get_sampler
+
+    ddim = get_sampler("ddim", NoiseSchedule.from_config(scheduler.config))
+    return Phases(ddim, args.num_phases, ddim.schedule.num_train_timesteps // args.num_ddim_timesteps)
+
+
+def sampling_defaults(args) -> dict:
+    """How the student samples by default: LCM, 4 steps; with --num_phases M, DDIM in M steps; guidance 1."""
+    if args.num_phases is None:
+        return dict(LCM_DEFAULTS)
+    return {"sampler": "ddim", "num_inference_steps": args.num_phases, "guidance_scale": 1.0}
 
 
 def lcm_scheduler(scheduler, original_inference_steps: int, timestep_scaling: float):
@@ -285,35 +379,42 @@ def empty_prompt_texts(models) -> dict[str, torch.Tensor]:
                                   models.text_encoder_2)
 
 
-def lcm_pipeline(models, unet):
-    """Our pipeline on the student, sampling as an LCM: sampler "lcm", 4 steps, guidance 1 unless told otherwise."""
+def lcm_pipeline(models, unet, defaults: dict):
+    """Our pipeline on the student with its sampling `defaults` (`sampling_defaults`)."""
     pipe = base.make_pipeline(models, unet)
-    pipe.generation_defaults.update(LCM_DEFAULTS)
+    pipe.generation_defaults.update(defaults)
     pipe.trace_unet = False  # weights change between validations
     return pipe
 
 
-def lcm_validation(settings, models, unet, step: int, trackers=()) -> dict[int, str]:
-    """The validation prompts at 1, 2, 4 and 8 LCM steps: OUT/lcm-K-steps/validation/step-N.png for each K."""
+def validation_steps(defaults: dict) -> tuple[int, ...]:
+    """An LCM's 1, 2, 4 and 8 steps; a phased model's own M."""
+    return VALIDATION_STEPS if defaults["sampler"] == "lcm" else (defaults["num_inference_steps"],)
+
+
+def lcm_validation(settings, models, unet, step: int, defaults: dict, trackers=()) -> dict[int, str]:
+    """The validation prompts at each of `validation_steps`: OUT/SAMPLER-K-steps/validation/step-N.png for each K."""
     from latent_diffusion.training.validation import run_validation
 
     val, out = settings.validation, settings.output.output_dir
-    pipe, grids = lcm_pipeline(models, unet), {}
-    for k in VALIDATION_STEPS:
-        grids[k], _ = run_validation(pipe, val.validation_prompts, step=step, output_dir=os.path.join(out, f"lcm-{k}-steps"),
+    pipe, grids = lcm_pipeline(models, unet, defaults), {}
+    for k in validation_steps(defaults):
+        folder = os.path.join(out, f"{defaults['sampler']}-{k}-steps")
+        grids[k], _ = run_validation(pipe, val.validation_prompts, step=step, output_dir=folder,
                                      seed=settings.optim.seed, num_inference_steps=k,
                                      guidance_scale=val.validation_guidance_scale, resolution=settings.data.resolution,
                                      metric_names=val.validation_metrics, trackers=trackers)
     return grids
 
 
-def validate(settings, accelerator, models, unet, ema: TargetAndAverage, step: int) -> None:
-    """train()'s validation hook: the saved average (the target without --average_decay) at 1/2/4/8 steps, on the main process."""
+def validate(settings, accelerator, models, unet, ema: TargetAndAverage, step: int, defaults: dict) -> None:
+    """train()'s validation hook (with `defaults` bound): the saved average (the target without --average_decay) at
+    `validation_steps`, on the main process."""
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(unet)
         model.eval()
         with ema.swapped_into(model):
-            grids = lcm_validation(settings, models, model, step, accelerator.trackers)
+            grids = lcm_validation(settings, models, model, step, defaults, accelerator.trackers)
         model.train()
         logger.info(f"validation grids {grids}")
     accelerator.wait_for_everyone()
@@ -326,16 +427,16 @@ def save(settings, accelerator, models, unet, ema: TargetAndAverage, step: int, 
     base.save_pipeline(quiet, accelerator, models, unet, ema, step)
     if not accelerator.is_main_process:
         return
-    out = settings.output.output_dir
-    if settings.lora is None:  # a full LCM UNet: its folder samples as an LCM by default
+    out, defaults = settings.output.output_dir, sampling_defaults(args)
+    if settings.lora is None:  # a full UNet: its folder samples as the student by default
         with open(os.path.join(out, "generation_config.json"), "w") as f:
-            json.dump(LCM_DEFAULTS, f, indent=2)
+            json.dump(defaults, f, indent=2)
     grids = {}
     if settings.validation.validation_prompts:
         model = accelerator.unwrap_model(unet)
         model.eval()
         with ema.swapped_into(model):
-            grids = lcm_validation(settings, models, model, step)
+            grids = lcm_validation(settings, models, model, step, defaults)
     append_card_section(out, args, step, grids)
     if settings.output.push_to_hub:
         from latent_diffusion.formats.hub import push_folder
@@ -346,15 +447,20 @@ def save(settings, accelerator, models, unet, ema: TargetAndAverage, step: int, 
 
 def append_card_section(out: str, args, step: int, grids: dict[int, str]) -> None:
     """The model card's LCD section: what was distilled, with which settings, and how to sample it."""
-    kind = "an LCM-LoRA" if not args.full_unet else "a full LCM UNet"
-    rows = [f"| {k} | {getattr(args, k)} |" for k in ("num_ddim_timesteps", "w_min", "w_max", "loss_type", "huber_c",
+    student = "LCM" if args.num_phases is None else "PCM"
+    kind = f"an {student}-LoRA" if not args.full_unet else f"a full {student} UNet"
+    rows = [f"| {k} | {getattr(args, k)} |" for k in ("num_ddim_timesteps", "num_phases", "w_min", "w_max", "loss_type", "huber_c",
                                                        "ema_decay", "average_decay", "timestep_scaling", "lora_rank",
                                                        "learning_rate", "lr_scheduler", "train_batch_size",
                                                        "max_train_steps")]
     images = "".join(f"\n![{k} steps]({os.path.relpath(path, out)})" for k, path in grids.items())
+    how = ("`sampler=\"lcm\"` (or `\"tcd\"`), 2–8 steps, `guidance_scale` 1–2" if args.num_phases is None else
+           f"`sampler=\"ddim\"` (diffusers' DDIMScheduler with `timestep_spacing=\"trailing\"`), {args.num_phases} steps, "
+           "`guidance_scale` 1")
+    method = "Luo et al. 2023" if args.num_phases is None else "phased, Wang et al. 2024"
     text = (f"\n## Latent consistency distillation\n\n{kind} distilled from `{args.pretrained_model_name_or_path}` by "
-            f"latent_diffusion's `training/distill_lcm.py` ({step} steps; Luo et al. 2023). Sample it with "
-            "`sampler=\"lcm\"` (or `\"tcd\"`), 2–8 steps, `guidance_scale` 1–2.\n\n| Setting | Value |\n|---|---|\n"
+            f"latent_diffusion's `training/distill_lcm.py` ({step} steps; {method}). Sample it with "
+            f"{how}.\n\n| Setting | Value |\n|---|---|\n"
             + "\n".join(rows) + "\n" + images + "\n")
     with open(os.path.join(out, "README.md"), "a") as f:
         f.write(text)

@@ -15,13 +15,23 @@ from latent_diffusion.tensors import randn
 from latent_diffusion.diffusion.samplers.base import Run, Sampler
 
 
+def ddim_previous_timesteps(num_train: int, timesteps: torch.Tensor, plan_steps: int | None = None) -> torch.Tensor:
+    """s = t − ⌊T/n⌋, where each DDIM step lands (negative: past the end); n is the plan's length (`plan_steps`,
+    for a tail of it)."""
+    return timesteps - num_train // (plan_steps or timesteps.shape[0])
+
+
+def alpha_bars_at(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final: float) -> torch.Tensor:
+    """ᾱ_s, or `final` where s < 0 (DDIMScheduler's final_alpha_cumprod)."""
+    picked = alphas_cumprod[timesteps.clamp(min=0)]
+    return torch.where(timesteps >= 0, picked, torch.full_like(picked, final))
+
+
 def ddim_previous_alpha_bars(
     alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final: float, plan_steps: int | None = None
 ) -> torch.Tensor:
-    """ᾱ_s for s = t − ⌊T/n⌋, or `final` where s < 0; n is the plan's length (`plan_steps`, for a tail of it)."""
-    prev = timesteps - alphas_cumprod.shape[0] // (plan_steps or timesteps.shape[0])
-    picked = alphas_cumprod[prev.clamp(min=0)]
-    return torch.where(prev >= 0, picked, torch.full_like(picked, final))
+    """ᾱ_s for s = t − ⌊T/n⌋, or `final` where s < 0."""
+    return alpha_bars_at(alphas_cumprod, ddim_previous_timesteps(alphas_cumprod.shape[0], timesteps, plan_steps), final)
 
 
 def ddim_sigma(alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor, eta: float) -> torch.Tensor:
@@ -51,12 +61,17 @@ class DDIMSampler(Sampler):
         if not self.eta >= 0:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
 
+    @property
+    def final_alpha_bar(self) -> float:
+        """ᾱ where a step lands past the end: 1 (`set_alpha_to_one`) or ᾱ_0."""
+        return 1.0 if self.set_alpha_to_one else self.schedule.alphas_cumprod[0].item()
+
     def coefficients(self, timesteps: torch.Tensor) -> "DDIMCoefficients":
         """Per-step ᾱ_t and the eq. 12 coefficients, in float64, once per call."""
         alphas_cumprod = self.schedule.alphas_cumprod
-        final = 1.0 if self.set_alpha_to_one else alphas_cumprod[0].item()
         alpha_bar = alphas_cumprod[timesteps]  # (n,)
-        alpha_bar_prev = ddim_previous_alpha_bars(alphas_cumprod, timesteps, final, self.plan_length(timesteps))  # (n,)
+        alpha_bar_prev = ddim_previous_alpha_bars(alphas_cumprod, timesteps, self.final_alpha_bar,
+                                                  self.plan_length(timesteps))  # (n,)
         sigma = ddim_sigma(alpha_bar, alpha_bar_prev, self.eta)
         coef_x0, coef_eps = ddim_coefficients(alpha_bar_prev, sigma)
         return DDIMCoefficients(alpha_bar.tolist(), coef_x0.tolist(), coef_eps.tolist(), sigma.tolist())
