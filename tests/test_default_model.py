@@ -1,8 +1,9 @@
 """The embedded 20-step model: it ships, loads offline by name, follows prompts, and evaluates.
 
 These tests use the real shipped folder `latent_diffusion/default_model/` (fp16, a few MB), so they
-check what a user installing the package gets. With no model named, generation loads its few-step
-distillation (tests/test_default_lcm.py); training starts from this one.
+check what a user installing the package gets. With no model named, generation loads
+`assets.GENERATION_DEFAULT` (this model until its few-step distillation holds the targets;
+tests/test_default_lcm.py); training starts from this one.
 """
 import json
 

@@ -379,7 +379,7 @@ def empty_prompt_texts(models) -> dict[str, torch.Tensor]:
                                   models.text_encoder_2)
 
 
-def lcm_pipeline(models, unet, defaults: dict):
+def student_pipeline(models, unet, defaults: dict):
     """Our pipeline on the student with its sampling `defaults` (`sampling_defaults`)."""
     pipe = base.make_pipeline(models, unet)
     pipe.generation_defaults.update(defaults)
@@ -392,12 +392,12 @@ def validation_steps(defaults: dict) -> tuple[int, ...]:
     return VALIDATION_STEPS if defaults["sampler"] == "lcm" else (defaults["num_inference_steps"],)
 
 
-def lcm_validation(settings, models, unet, step: int, defaults: dict, trackers=()) -> dict[int, str]:
+def student_validation(settings, models, unet, step: int, defaults: dict, trackers=()) -> dict[int, str]:
     """The validation prompts at each of `validation_steps`: OUT/SAMPLER-K-steps/validation/step-N.png for each K."""
     from latent_diffusion.training.validation import run_validation
 
     val, out = settings.validation, settings.output.output_dir
-    pipe, grids = lcm_pipeline(models, unet, defaults), {}
+    pipe, grids = student_pipeline(models, unet, defaults), {}
     for k in validation_steps(defaults):
         folder = os.path.join(out, f"{defaults['sampler']}-{k}-steps")
         grids[k], _ = run_validation(pipe, val.validation_prompts, step=step, output_dir=folder,
@@ -414,7 +414,7 @@ def validate(settings, accelerator, models, unet, ema: TargetAndAverage, step: i
         model = accelerator.unwrap_model(unet)
         model.eval()
         with ema.swapped_into(model):
-            grids = lcm_validation(settings, models, model, step, defaults, accelerator.trackers)
+            grids = student_validation(settings, models, model, step, defaults, accelerator.trackers)
         model.train()
         logger.info(f"validation grids {grids}")
     accelerator.wait_for_everyone()
@@ -436,7 +436,7 @@ def save(settings, accelerator, models, unet, ema: TargetAndAverage, step: int, 
         model = accelerator.unwrap_model(unet)
         model.eval()
         with ema.swapped_into(model):
-            grids = lcm_validation(settings, models, model, step, defaults)
+            grids = student_validation(settings, models, model, step, defaults)
     append_card_section(out, args, step, grids)
     if settings.output.push_to_hub:
         from latent_diffusion.formats.hub import push_folder
